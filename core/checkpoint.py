@@ -1,0 +1,173 @@
+"""Expert checkpoints: PEFT adapter safetensors plus JSON metadata, written atomically.
+
+Layout under a node's output directory::
+
+    checkpoints/step-00000120/adapter_model.safetensors   (PEFT, safetensors only — never pickle)
+    checkpoints/step-00000120/adapter_config.json
+    checkpoints/step-00000120/cogen.json                  (AdapterMetadata: version, lineage, sha256)
+    latest -> checkpoints/step-00000120                   (symlink, swapped atomically)
+
+A checkpoint is written into a temporary directory, fsynced and renamed into place before ``latest``
+moves to it, so a crash at any moment leaves the previous checkpoint intact and ``latest`` valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cogen.protocols.version import software_version
+
+METADATA_FILE = "cogen.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+METADATA_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable or corrupt (one-line explanation)."""
+
+
+class AdapterMetadata(BaseModel):
+    """What a saved expert adapter is: its lineage, training so far and file hashes."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    metadata_version: int = METADATA_VERSION
+    expert: str
+    base_model: str = Field(description="the model name the adapter was trained on")
+    precision: str
+    steps: int = Field(ge=0)
+    samples: int = Field(ge=0)
+    tokens: int = Field(ge=0)
+    train_loss: float | None = None
+    created_at: float = Field(default_factory=time.time)
+    software_version: str = Field(default_factory=software_version)
+    files: dict[str, str] = Field(default_factory=dict, description="file name -> sha256")
+
+
+def _upgrade(raw: dict[str, Any]) -> dict[str, Any]:
+    """Bring metadata written by older cogen versions up to :data:`METADATA_VERSION`."""
+    version = raw.get("metadata_version", 0)
+    if not isinstance(version, int) or version > METADATA_VERSION:
+        raise CheckpointError(f"checkpoint metadata version {version!r} is newer than this cogen understands")
+    if version == 0:  # pre-release checkpoints called it "loss" and had no hashes
+        raw = dict(raw)
+        raw["train_loss"] = raw.pop("loss", None)
+        raw.setdefault("files", {})
+        raw["metadata_version"] = 1
+    return raw
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_adapter(model: Any, out_dir: Path, metadata: AdapterMetadata, keep: int = 3) -> Path:
+    """Save ``model``'s adapter (a PEFT model) as a new checkpoint and point ``latest`` at it."""
+    ckpt_root = Path(out_dir) / "checkpoints"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step-{metadata.steps:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=ckpt_root))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "README.md").unlink(missing_ok=True)
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        meta = metadata.model_copy(update={"files": files})
+        (tmp / METADATA_FILE).write_text(meta.model_dump_json(indent=2))
+        for p in tmp.iterdir():
+            with open(p, "rb") as handle:
+                os.fsync(handle.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(ckpt_root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    link_tmp = Path(out_dir) / f".latest-{os.getpid()}"
+    link_tmp.unlink(missing_ok=True)
+    os.symlink(os.path.relpath(final, out_dir), link_tmp)
+    os.replace(link_tmp, Path(out_dir) / "latest")
+    _prune(ckpt_root, keep, final)
+    return final
+
+
+def _prune(ckpt_root: Path, keep: int, current: Path) -> None:
+    done = sorted(p for p in ckpt_root.glob("step-*") if (p / METADATA_FILE).exists())
+    for old in done[: max(0, len(done) - keep)]:
+        if old != current:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The checkpoint ``latest`` points at, or ``None`` if nothing was saved yet."""
+    link = Path(out_dir) / "latest"
+    return link.resolve() if link.exists() else None
+
+
+def read_metadata(ckpt: Path, verify: bool = True) -> AdapterMetadata:
+    """Read (and upgrade) a checkpoint's metadata; with ``verify``, check every file's sha256."""
+    path = Path(ckpt) / METADATA_FILE
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{ckpt} is not a cogen checkpoint (no {METADATA_FILE})") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object")
+    try:
+        meta = AdapterMetadata.model_validate(_upgrade(raw))
+    except ValidationError as e:
+        raise CheckpointError(f"{path}: {e.errors()[0]['loc']}: {e.errors()[0]['msg']}") from None
+    if verify:
+        if ADAPTER_WEIGHTS not in meta.files:
+            raise CheckpointError(f"{ckpt}: metadata lists no {ADAPTER_WEIGHTS}")
+        for name, digest in meta.files.items():
+            file = Path(ckpt) / name
+            if not file.is_file() or sha256_file(file) != digest:
+                raise CheckpointError(f"{file} is missing or does not match its sha256 in {METADATA_FILE}")
+    return meta
+
+
+def load_adapter(base: Any, ckpt: Path, trainable: bool = False) -> Any:
+    """Attach a verified checkpoint's adapter to ``base`` (a transformers model); returns a PeftModel."""
+    from peft import PeftModel
+
+    read_metadata(ckpt, verify=True)
+    return PeftModel.from_pretrained(base, str(ckpt), is_trainable=trainable)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to ``path`` through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

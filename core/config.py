@@ -1,0 +1,145 @@
+"""Configuration: one frozen pydantic model per concern.
+
+CLI flags, ``COGEN_*`` environment variables and config files (JSON or TOML) all fill these same
+models (see :mod:`cogen.settings`); nothing is declared twice. Field names are unique across the
+concerns so that each has exactly one flag (``lora_rank`` -> ``--lora-rank`` / ``COGEN_LORA_RANK``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from cogen.protocols.keys import check_swarm_name
+from cogen.protocols.records import EXPERT_PATTERN
+
+Precision = Literal["int8", "bf16", "fp32"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelConfig(_Frozen):
+    """Which base model, at which precision, with which adapters."""
+
+    model: str = Field(
+        default="smollm2-135m",
+        description="base model: a built-in alias (smollm2-135m, tiny), a local directory or a hub id",
+    )
+    precision: Precision = Field(
+        default="int8", description="base weights: int8 (bitsandbytes Linear8bitLt), bf16 or fp32"
+    )
+    device: str = Field(default="auto", description="torch device: auto, cpu, cuda, cuda:N")
+    lora_rank: int = Field(default=16, ge=1, le=1024, description="LoRA rank of the expert adapters")
+    lora_alpha: int = Field(default=32, gt=0, description="LoRA scaling numerator (scale = alpha / rank)")
+    lora_dropout: float = Field(default=0.0, ge=0, lt=1, description="dropout on the LoRA path")
+    lora_targets: tuple[str, ...] = Field(
+        default=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        description="module names that get LoRA adapters",
+    )
+    gradient_checkpointing: bool = Field(
+        default=False, description="recompute activations in the backward pass to save memory"
+    )
+    cache_dir: Path | None = Field(
+        default=None,
+        description="where converted models are cached (default: $COGEN_CACHE_DIR or ~/.cache/cogen)",
+    )
+
+
+class DataConfig(_Frozen):
+    """Which text an expert trains on, cut how."""
+
+    expert: str = Field(
+        default="medical",
+        description="the domain this node's expert learns: medical, legal, code, literature, or a directory",
+    )
+    block_size: int = Field(default=128, ge=8, le=32768, description="tokens per training sequence")
+    batch_size: int = Field(default=4, ge=1, le=4096, description="sequences per inner step")
+    num_shards: int = Field(
+        default=16, ge=1, le=65536, description="shards each domain's training data is cut into"
+    )
+    validation_fraction: float = Field(
+        default=0.05, gt=0, lt=1, description="fraction of each domain's documents held out for validation"
+    )
+    seed: int = Field(default=0, ge=0, description="seed for data order and initialisation")
+
+
+class OptimConfig(_Frozen):
+    """How the expert's adapters are trained on each node (inner steps)."""
+
+    optimizer: Literal["adamw8bit", "adamw"] = Field(
+        default="adamw8bit", description="inner optimizer: bitsandbytes 8-bit AdamW, or torch AdamW (32-bit)"
+    )
+    lr: float = Field(default=1e-3, gt=0, le=1, description="peak learning rate of the inner optimizer")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay")
+    warmup_steps: int = Field(default=10, ge=0, description="linear learning-rate warm-up")
+    max_grad_norm: float = Field(default=1.0, gt=0, description="gradient clipping norm")
+
+
+class NetworkConfig(_Frozen):
+    """How a peer joins the swarm."""
+
+    swarm: str = Field(default="cogen", description="swarm name; every DHT key is prefixed with it")
+    initial_peers: tuple[str, ...] = Field(
+        default=(), description="multiaddrs of peers already in the swarm (none: start a new swarm)"
+    )
+    host: str = Field(default="0.0.0.0", description="address the DHT listens on")
+    port: int = Field(default=0, ge=0, le=65535, description="DHT port (0: any free port)")
+    announce_host: str | None = Field(
+        default=None, description="public address to announce, if different from --host (e.g. behind NAT)"
+    )
+    record_ttl_s: float = Field(
+        default=60.0,
+        ge=5,
+        le=3600,
+        description="lifetime of this peer's DHT records; refreshed every third of it",
+    )
+
+    @field_validator("swarm")
+    @classmethod
+    def _swarm_name(cls, value: str) -> str:
+        return check_swarm_name(value)
+
+
+class NodeConfig(_Frozen):
+    """Everything ``cogen-node`` needs."""
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    network: NetworkConfig = NetworkConfig()
+    max_steps: int | None = Field(default=None, ge=1, description="stop after this many inner steps")
+    max_seconds: float | None = Field(default=None, gt=0, description="stop after training this long")
+    log_interval_s: float = Field(default=10.0, gt=0, description="seconds between summary lines and reports")
+    output_dir: Path = Field(default=Path("runs/node"), description="where the expert adapter is saved")
+    threads: int | None = Field(
+        default=None, ge=1, le=1024, description="torch CPU threads (default: torch's)"
+    )
+
+    @field_validator("data")
+    @classmethod
+    def _expert_name(cls, value: DataConfig) -> DataConfig:
+        import re
+
+        if not re.match(EXPERT_PATTERN, value.expert) and not Path(value.expert).is_dir():
+            raise ValueError(f"expert {value.expert!r} is neither a domain name nor an existing directory")
+        return value
+
+
+class CoordinatorConfig(_Frozen):
+    """Everything ``cogen-coordinator`` needs."""
+
+    network: NetworkConfig = NetworkConfig()
+    api_host: str = Field(default="127.0.0.1", description="address the HTTP API listens on")
+    api_port: int = Field(default=8765, ge=0, le=65535, description="HTTP API port (0: any free port)")
+    poll_interval_s: float = Field(default=2.0, gt=0, le=600, description="seconds between DHT reads")
+    stale_after_s: float = Field(
+        default=90.0, gt=0, description="a peer not heard from for this long is shown as stale"
+    )
+    log_interval_s: float = Field(default=30.0, gt=0, description="seconds between summary lines")
+    ready_file: Path | None = Field(
+        default=None, description="write the DHT multiaddrs and API URL here as JSON once serving"
+    )

@@ -1,0 +1,142 @@
+"""A peer's handle on the swarm: a hivemind DHT with cogen's validators, and typed record I/O.
+
+Every record is stored under ``<swarm>_<kind>`` with this peer's RSA public key as subkey, so only
+this peer can write it (hivemind's ``RSASignatureValidator`` signs on store and checks on read) and
+its schema is checked by :class:`cogen.protocols.CogenRecordValidator` on every peer.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import hivemind
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.utils import get_dht_time
+from hivemind.utils.crypto import RSAPrivateKey
+
+from cogen.config import NetworkConfig
+from cogen.protocols import (
+    PROTOCOL_VERSION,
+    IncompatibleProtocolError,
+    Record,
+    RecordRejected,
+    make_validators,
+    parse_record,
+    swarm_key,
+)
+from cogen.protocols.records import RECORD_SCHEMAS
+
+logger = logging.getLogger(__name__)
+R = TypeVar("R", bound=Record)
+
+
+class NetworkError(RuntimeError):
+    """The DHT cannot be started or joined (one-line explanation)."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One peer's record of some kind, as read from the DHT."""
+
+    owner: bytes  # the owner's public-key subkey
+    record: Record
+    expiration_time: float
+
+
+def owner_fingerprint(owner: bytes) -> str:
+    """A short, stable name for a record owner (the sha256 of its public key)."""
+    import hashlib
+
+    return hashlib.sha256(owner).hexdigest()[:16]
+
+
+class SwarmClient:
+    """Joins (or starts) a swarm's DHT and reads/writes cogen records."""
+
+    def __init__(
+        self, cfg: NetworkConfig, *, client_mode: bool = False, private_key: RSAPrivateKey | None = None
+    ):
+        self.cfg = cfg
+        self.private_key = private_key or RSAPrivateKey()
+        self.owner: bytes = RSASignatureValidator(self.private_key).local_public_key
+        host_maddrs = [f"/ip4/{cfg.host}/tcp/{cfg.port}"]
+        announce = [f"/ip4/{cfg.announce_host}/tcp/{cfg.port}"] if cfg.announce_host and cfg.port else None
+        try:
+            self.dht = hivemind.DHT(
+                initial_peers=list(cfg.initial_peers),
+                host_maddrs=host_maddrs,
+                announce_maddrs=announce,
+                client_mode=client_mode,
+                record_validators=make_validators(cfg.swarm, self.private_key),
+                start=True,
+                await_ready=True,
+            )
+        except Exception as e:  # hivemind raises several types for bad multiaddrs / unreachable peers
+            message = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise NetworkError(
+                f"cannot join the swarm via {list(cfg.initial_peers) or host_maddrs}: {message}"
+            ) from e
+
+    @property
+    def peer_id(self) -> str:
+        return str(self.dht.peer_id)
+
+    @property
+    def fingerprint(self) -> str:
+        return owner_fingerprint(self.owner)
+
+    def visible_maddrs(self) -> list[str]:
+        """Multiaddrs other peers can use as ``--initial-peers``."""
+        return [str(addr) for addr in self.dht.get_visible_maddrs()]
+
+    def publish(self, kind: str, record: Record, ttl_s: float | None = None) -> Future[Any]:
+        """Store ``record`` under this peer's subkey; returns a future (training never waits on it)."""
+        if not isinstance(record, RECORD_SCHEMAS[kind]):
+            raise TypeError(
+                f"{kind} records must be {RECORD_SCHEMAS[kind].__name__}, not {type(record).__name__}"
+            )
+        return self.dht.store(
+            swarm_key(self.cfg.swarm, kind),
+            record.to_wire(),
+            expiration_time=get_dht_time() + (ttl_s or self.cfg.record_ttl_s),
+            subkey=self.owner,
+            return_future=True,
+        )
+
+    def fetch(self, kind: str) -> list[Entry]:
+        """All unexpired, valid records of ``kind`` (the DHT has already dropped invalid ones)."""
+        found = self.dht.get(swarm_key(self.cfg.swarm, kind), latest=True)
+        if found is None or not isinstance(found.value, dict):
+            return []
+        entries = []
+        for owner, item in found.value.items():
+            try:
+                record = parse_record(kind, item.value)
+            except RecordRejected as e:  # defensive: never let one bad record break a reader
+                logger.debug("skipping a %s record: %s", kind, e)
+                continue
+            if isinstance(owner, bytes):
+                entries.append(Entry(owner=owner, record=record, expiration_time=item.expiration_time))
+        return entries
+
+    def shutdown(self) -> None:
+        if self.dht.is_alive():
+            self.dht.shutdown()
+
+
+def check_compatible(client: SwarmClient) -> None:
+    """Raise :class:`IncompatibleProtocolError` if the swarm's coordinator speaks another protocol."""
+    found = client.dht.get(swarm_key(client.cfg.swarm, "swarm"), latest=True)
+    if found is None or not isinstance(found.value, dict):
+        return
+    for item in found.value.values():
+        payload = item.value
+        theirs = payload.get("protocol_version") if isinstance(payload, dict) else None
+        if isinstance(theirs, int) and theirs != PROTOCOL_VERSION:
+            software = payload.get("software_version", "?")
+            raise IncompatibleProtocolError(
+                theirs, f"swarm {client.cfg.swarm!r} (coordinator on cogen {software})"
+            )

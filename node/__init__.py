@@ -1,0 +1,13 @@
+"""The volunteer: ``cogen-node`` trains a domain expert in the swarm.
+
+- ``service.py``  — :class:`ExpertNode`: join, load, claim a shard, train, report, save
+- ``trainer.py``  — :class:`ExpertTrainer`: inner steps on the expert's adapters
+- ``shards.py``   — :func:`claim_shard`: a data shard no other group member reads
+- ``hardware.py`` — :func:`detect_hardware` for the NodeInfo record
+- ``cli.py``      — the ``cogen-node`` command
+"""
+
+from cogen.node.service import DataError, ExpertNode, NodeResult, expert_name
+from cogen.node.trainer import ExpertTrainer, StepStats
+
+__all__ = ["DataError", "ExpertNode", "ExpertTrainer", "NodeResult", "StepStats", "expert_name"]

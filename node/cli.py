@@ -1,0 +1,45 @@
+"""``cogen-node``: join a swarm and train a domain expert."""
+
+from __future__ import annotations
+
+import argparse
+import threading
+
+from cogen.cli_common import register_failure, run_main, stop_on_signals
+from cogen.config import NodeConfig
+from cogen.exit_codes import ExitCode
+from cogen.node.service import DataError, ExpertNode
+from cogen.settings import add_config_arguments, build_config
+from cogen.telemetry import setup_logging
+
+register_failure(DataError, ExitCode.DATA, "data")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cogen-node",
+        description="Join a cogen swarm and train a domain expert: 8-bit base + LoRA, 8-bit optimizer. "
+        "SIGTERM or Ctrl+C stops it cleanly with its adapter saved.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING, ERROR (env COGEN_LOG_LEVEL)")
+    add_config_arguments(parser, NodeConfig)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def body() -> int:
+        setup_logging(args.log_level)
+        cfg = build_config(NodeConfig, args)
+        stop = threading.Event()
+        stop_on_signals(stop)
+        ExpertNode(cfg, stop).run()
+        return ExitCode.OK
+
+    return run_main("cogen-node", body)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

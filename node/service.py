@@ -1,0 +1,245 @@
+"""``ExpertNode``: a volunteer that joins the swarm and trains its domain expert.
+
+run() = join the DHT -> check the swarm's protocol -> load the 8-bit base + LoRA -> claim a data
+shard -> inner steps, with one summary line and one signed TrainingProgress record per interval ->
+on stop (max steps, max time, SIGTERM/Ctrl+C) save the adapter atomically and leave.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from hivemind.utils import get_dht_time
+from prefetch_generator import BackgroundGenerator
+
+from cogen import models
+from cogen.checkpoint import AdapterMetadata, save_adapter
+from cogen.config import NodeConfig
+from cogen.corpora import get_corpus
+from cogen.data import train_batches
+from cogen.node.hardware import detect_hardware
+from cogen.node.shards import claim_shard
+from cogen.node.trainer import ExpertTrainer
+from cogen.protocols import NodeInfo, TrainingProgress, software_version
+from cogen.swarm import SwarmClient, check_compatible
+from cogen.telemetry import format_bytes, peak_memory_bytes
+
+logger = logging.getLogger(__name__)
+
+
+class DataError(RuntimeError):
+    """The expert's domain data cannot be read (one-line explanation)."""
+
+
+def expert_name(expert: str) -> str:
+    """The expert's name on the wire: the domain name, or a slug of a data directory's name."""
+    if re.fullmatch(r"[a-z0-9][a-z0-9_\-]{0,63}", expert):
+        return expert
+    slug = re.sub(r"[^a-z0-9_\-]+", "-", Path(expert).name.lower()).strip("-_")[:64]
+    return slug or "custom"
+
+
+@dataclass(frozen=True)
+class NodeResult:
+    steps: int
+    samples: int
+    tokens: int
+    train_loss: float | None
+    checkpoint: Path | None
+    peak_memory_bytes: int
+    reason: str  # why training ended: max_steps, max_seconds, stopped
+
+
+class ExpertNode:
+    """Trains one expert; ``stop()`` (or the stop Event) ends it cleanly, saving the adapter."""
+
+    def __init__(self, cfg: NodeConfig, stop_event: threading.Event | None = None):
+        self.cfg = cfg
+        self.stop_event = stop_event or threading.Event()
+        self.expert = expert_name(cfg.data.expert)
+        self.started_at = time.time()
+        self.client: SwarmClient | None = None
+        self.shard = 0
+        self._window: list[float] = []
+        self._window_samples, self._window_time = 0, 0.0
+        self._last_loss: float | None = None
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def is_running(self) -> bool:
+        return self.client is not None and not self.stop_event.is_set()
+
+    def run(self) -> NodeResult:
+        cfg = self.cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        model_path = models.resolve_model(cfg.model.model, cfg.model.cache_dir)
+        device = models.resolve_device(cfg.model.device)
+        try:
+            corpus = get_corpus(cfg.data.expert)
+        except (ValueError, OSError) as e:
+            raise DataError(str(e)) from None
+        self.client = client = SwarmClient(cfg.network)
+        try:
+            check_compatible(client)
+            logger.info(
+                "joined swarm %r as %s; visible at %s",
+                cfg.network.swarm,
+                client.peer_id,
+                " ".join(client.visible_maddrs()),
+            )
+            self.hardware = detect_hardware(device)
+            self._announce("joining")
+            tokenizer = models.load_tokenizer(model_path)
+            base = models.load_base(model_path, cfg.model.precision, device)
+            model = models.add_lora(base, cfg.model, seed=cfg.data.seed)
+            optimizer = models.build_optimizer(models.trainable_parameters(model), cfg.optim)
+            scheduler = models.warmup_schedule(optimizer, cfg.optim.warmup_steps)
+            self.shard = claim_shard(client, self.expert, cfg.data.num_shards, cfg.network.record_ttl_s)
+            logger.info(
+                "training expert %r on shard %d/%d of %s, %s base on %s",
+                self.expert,
+                self.shard,
+                cfg.data.num_shards,
+                corpus.name,
+                cfg.model.precision,
+                device,
+            )
+            try:
+                stream = train_batches(
+                    corpus,
+                    tokenizer,
+                    block_size=cfg.data.block_size,
+                    batch_size=cfg.data.batch_size,
+                    shard=self.shard,
+                    num_shards=cfg.data.num_shards,
+                    seed=cfg.data.seed,
+                    validation_fraction=cfg.data.validation_fraction,
+                )
+            except ValueError as e:
+                raise DataError(str(e)) from None
+            trainer = ExpertTrainer(
+                model,
+                optimizer,
+                scheduler,
+                BackgroundGenerator(stream, max_prefetch=4),
+                max_grad_norm=cfg.optim.max_grad_norm,
+            )
+            self._announce("training")
+            reason = self._train(trainer, device)
+            self._announce("stopping")
+            return self._finish(model, trainer, device, reason)
+        finally:
+            client.shutdown()
+            self.client = None
+
+    def _train(self, trainer: ExpertTrainer, device: torch.device) -> str:
+        cfg = self.cfg
+        start = last_report = last_announce = time.monotonic()
+        while True:
+            if self.stop_event.is_set():
+                return "stopped"
+            if cfg.max_steps is not None and trainer.steps >= cfg.max_steps:
+                return "max_steps"
+            if cfg.max_seconds is not None and time.monotonic() - start >= cfg.max_seconds:
+                return "max_seconds"
+            stats = trainer.step()
+            self._window.append(stats.loss)
+            self._window_samples += stats.samples
+            self._window_time += stats.seconds
+            now = time.monotonic()
+            if now - last_report >= cfg.log_interval_s:
+                self._report(trainer, device)
+                last_report = now
+            if now - last_announce >= cfg.network.record_ttl_s / 3:
+                self._announce("training")
+                last_announce = now
+
+    def _report(self, trainer: ExpertTrainer, device: torch.device) -> None:
+        """Log one summary line and publish TrainingProgress for the steps since the last report."""
+        assert self.client is not None
+        losses = self._window
+        loss = sum(losses) / len(losses) if losses else math.nan
+        rate = self._window_samples / self._window_time if self._window_time > 0 else 0.0
+        self._window, self._window_samples, self._window_time = [], 0, 0.0
+        if math.isfinite(loss):
+            self._last_loss = loss
+        peak = peak_memory_bytes(device)
+        self.client.publish(
+            "progress",
+            TrainingProgress(
+                peer_id=self.client.peer_id,
+                expert=self.expert,
+                step=trainer.steps,
+                samples=trainer.samples,
+                tokens=trainer.tokens,
+                loss=loss,
+                samples_per_second=rate,
+                peak_memory_bytes=peak,
+                time=get_dht_time(),
+            ),
+        )
+        logger.info(
+            "%s | step %d | loss %.4f | %.2f samples/s | %d tokens | peak mem %s | skipped %d",
+            self.expert,
+            trainer.steps,
+            loss,
+            rate,
+            trainer.tokens,
+            format_bytes(peak),
+            trainer.skipped,
+        )
+
+    def _announce(self, state: str) -> None:
+        assert self.client is not None
+        now = time.time()
+        info = NodeInfo(
+            peer_id=self.client.peer_id,
+            expert=self.expert,
+            hardware=self.hardware,
+            software_version=software_version(),
+            model=self.cfg.model.model[:256],
+            precision=self.cfg.model.precision,
+            shard=self.shard,
+            num_shards=self.cfg.data.num_shards,
+            state=state,  # type: ignore[arg-type]
+            started_at=self.started_at,
+            updated_at=now,
+        )
+        self.client.publish("nodes", info)
+
+    def _finish(
+        self, model: torch.nn.Module, trainer: ExpertTrainer, device: torch.device, reason: str
+    ) -> NodeResult:
+        cfg = self.cfg
+        if self._window:
+            self._report(trainer, device)
+        meta = AdapterMetadata(
+            expert=self.expert,
+            base_model=cfg.model.model,
+            precision=cfg.model.precision,
+            steps=trainer.steps,
+            samples=trainer.samples,
+            tokens=trainer.tokens,
+            train_loss=self._last_loss,
+        )
+        ckpt = save_adapter(model, cfg.output_dir, meta)
+        peak = peak_memory_bytes(device)
+        logger.info(
+            "%s: %s after %d steps (%d tokens); adapter saved to %s; peak memory %s",
+            self.expert,
+            reason,
+            trainer.steps,
+            trainer.tokens,
+            ckpt,
+            format_bytes(peak),
+        )
+        return NodeResult(trainer.steps, trainer.samples, trainer.tokens, self._last_loss, ckpt, peak, reason)

@@ -1,0 +1,58 @@
+"""Choosing a data shard that no other member of the expert's group is reading."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from cogen.data import shard_for_peer
+from cogen.protocols import ShardClaim
+from cogen.swarm import SwarmClient, owner_fingerprint
+
+logger = logging.getLogger(__name__)
+
+
+def _taken(client: SwarmClient, expert: str, num_shards: int) -> dict[int, str]:
+    """shard -> fingerprint of the other peer claiming it."""
+    taken: dict[int, str] = {}
+    for entry in client.fetch("shards"):
+        claim = entry.record
+        if not isinstance(claim, ShardClaim) or entry.owner == client.owner:
+            continue
+        if claim.expert == expert and claim.num_shards == num_shards:
+            fp = owner_fingerprint(entry.owner)
+            taken[claim.shard] = min(fp, taken.get(claim.shard, fp))
+    return taken
+
+
+def _first_free(preferred: int, num_shards: int, taken: dict[int, str]) -> int:
+    for offset in range(num_shards):
+        shard = (preferred + offset) % num_shards
+        if shard not in taken:
+            return shard
+    return preferred  # more members than shards: share the preferred one
+
+
+def claim_shard(
+    client: SwarmClient, expert: str, num_shards: int, ttl_s: float, settle_s: float = 1.0, rounds: int = 3
+) -> int:
+    """Claim a free shard of ``expert``'s data on the DHT and return it.
+
+    Starts from the shard derived from this peer's id; if another member already claimed it, takes
+    the next free one. Two peers that claim at the same moment see each other after ``settle_s``:
+    the one with the larger fingerprint moves on.
+    """
+    shard = _first_free(
+        shard_for_peer(client.peer_id, num_shards), num_shards, _taken(client, expert, num_shards)
+    )
+    for _ in range(rounds):
+        claim = ShardClaim(peer_id=client.peer_id, expert=expert, shard=shard, num_shards=num_shards)
+        client.publish("shards", claim, ttl_s).result()
+        time.sleep(settle_s)
+        taken = _taken(client, expert, num_shards)
+        rival = taken.get(shard)
+        if rival is None or rival > client.fingerprint or len(taken) >= num_shards:
+            return shard
+        logger.info("shard %d of %s is also claimed by %s; moving on", shard, expert, rival)
+        shard = _first_free(shard, num_shards, taken)
+    return shard

@@ -1,0 +1,117 @@
+"""Record schemas: what peers publish on the DHT.
+
+Each record is a strict, frozen pydantic v2 model. Values travel as msgpack dicts (never pickle)
+under a swarm-prefixed key, with the owner's public key as subkey and the owner's RSA signature
+appended by hivemind's ``RSASignatureValidator``; :mod:`cogen.protocols.validation` checks them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from cogen.protocols.version import PROTOCOL_VERSION
+
+EXPERT_PATTERN = r"^[a-z0-9][a-z0-9_\-]{0,63}$"
+# libp2p peer ids are base58 multihashes, e.g. 12D3KooW...
+PEER_ID_PATTERN = r"^[1-9A-HJ-NP-Za-km-z]{20,128}$"
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    return value
+
+
+Finite = Annotated[float, AfterValidator(_finite)]
+NonNegativeFinite = Annotated[Finite, Field(ge=0.0)]
+PeerId = Annotated[str, Field(pattern=PEER_ID_PATTERN)]
+ExpertName = Annotated[str, Field(pattern=EXPERT_PATTERN)]
+Precision = Literal["int8", "bf16", "fp32"]
+
+
+class Record(BaseModel):
+    """Base of all DHT records: strict types, no extra fields, immutable, versioned."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    protocol_version: int = Field(default=PROTOCOL_VERSION, ge=0, description="cogen wire protocol version")
+
+    def to_wire(self) -> dict[str, Any]:
+        """The msgpack-ready dict stored in the DHT."""
+        return self.model_dump(mode="python")
+
+
+class Hardware(BaseModel):
+    """What a node trains on."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    device: str = Field(max_length=32, description="torch device, e.g. 'cpu' or 'cuda:0'")
+    device_name: str = Field(max_length=128, description="human-readable device name")
+    memory_bytes: int = Field(ge=0, description="device memory (RAM for CPU)")
+    cpu_count: int = Field(ge=0)
+    supports_bf16: bool
+    supports_fp16: bool
+    supports_int8: bool = Field(description="bitsandbytes 8-bit kernels are usable on this device")
+
+
+class NodeInfo(Record):
+    """A node announces itself: who it is, which expert it trains, on what."""
+
+    peer_id: PeerId
+    expert: ExpertName
+    hardware: Hardware
+    software_version: str = Field(max_length=64)
+    model: str = Field(max_length=256, description="base model name or hash")
+    precision: Precision
+    shard: int = Field(ge=0)
+    num_shards: int = Field(ge=1)
+    state: Literal["joining", "training", "stopping"]
+    started_at: NonNegativeFinite
+    updated_at: NonNegativeFinite
+
+
+class TrainingProgress(Record):
+    """A node's training progress on its expert."""
+
+    peer_id: PeerId
+    expert: ExpertName
+    step: int = Field(ge=0, description="inner steps done")
+    samples: int = Field(ge=0, description="sequences trained on")
+    tokens: int = Field(ge=0, description="tokens trained on")
+    loss: float = Field(description="mean training loss over the last interval (NaN is reported, not hidden)")
+    samples_per_second: NonNegativeFinite
+    peak_memory_bytes: int = Field(ge=0)
+    time: NonNegativeFinite = Field(description="DHT time of the report")
+
+
+class SwarmInfo(Record):
+    """The coordinator's announcement of the swarm it runs."""
+
+    swarm: str = Field(max_length=64)
+    coordinator_peer_id: PeerId
+    api_url: str | None = Field(default=None, max_length=256)
+    software_version: str = Field(max_length=64)
+    started_at: NonNegativeFinite
+    updated_at: NonNegativeFinite
+
+
+class ShardClaim(Record):
+    """A node claims a data shard of its expert's domain, so group members read different data."""
+
+    peer_id: PeerId
+    expert: ExpertName
+    shard: int = Field(ge=0)
+    num_shards: int = Field(ge=1)
+
+
+#: which record schema lives under which key kind (see :mod:`cogen.protocols.keys`)
+RECORD_SCHEMAS: dict[str, type[Record]] = {
+    "nodes": NodeInfo,
+    "progress": TrainingProgress,
+    "swarm": SwarmInfo,
+    "shards": ShardClaim,
+}

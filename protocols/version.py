@@ -1,0 +1,30 @@
+"""Protocol and software versions.
+
+`PROTOCOL_VERSION` changes whenever a record's meaning or shape changes incompatibly; peers on
+different protocol versions refuse each other's records with a clear message.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+PROTOCOL_VERSION = 1
+
+
+def software_version() -> str:
+    """The installed cogen version, e.g. ``"0.1.0"``."""
+    try:
+        return version("cogen")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "0+unknown"
+
+
+class IncompatibleProtocolError(RuntimeError):
+    """Raised when the swarm speaks a protocol version that this cogen cannot talk to."""
+
+    def __init__(self, theirs: int, where: str):
+        super().__init__(
+            f"{where} speaks cogen protocol {theirs}, this cogen {software_version()} speaks protocol "
+            f"{PROTOCOL_VERSION}: run the same cogen version as the swarm"
+        )
+        self.theirs = theirs
