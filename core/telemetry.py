@@ -38,6 +38,9 @@ def setup_logging(level: str | None = None) -> None:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-tensor loading bars; cogen logs its own progress
 
 
 def peak_memory_bytes(device: torch.device | None = None) -> int:

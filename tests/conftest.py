@@ -1,0 +1,141 @@
+"""Shared fixtures: a session cache for built models, tiny-model helpers, and real peer processes.
+
+Multi-peer tests start real ``cogen-coordinator`` / ``cogen-node`` processes on 127.0.0.1 (port 0)
+through :class:`Peers`, which waits on conditions with deadlines, always stops what it started and
+checks every child's exit code; a session fixture reaps any stray child left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from cogen.procs import read_json, spawn, stop, tail, wait_for
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Models built during the session (the tiny model) go to a private cache, inherited by children."""
+    path = tmp_path_factory.mktemp("cogen-cache")
+    old = os.environ.get("COGEN_CACHE_DIR")
+    os.environ["COGEN_CACHE_DIR"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("COGEN_CACHE_DIR", None)
+    else:
+        os.environ["COGEN_CACHE_DIR"] = old
+
+
+@pytest.fixture(scope="session", autouse=True)
+def reap_children() -> Iterator[None]:
+    """Kill any child process a test left running (and fail loudly about it)."""
+    yield
+    leftovers = psutil.Process().children(recursive=True)
+    for child in leftovers:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    psutil.wait_procs(leftovers, timeout=10)
+
+
+@pytest.fixture(scope="session")
+def tiny_path(cache_dir: Path) -> str:
+    from cogen.models import resolve_model
+
+    return resolve_model("tiny", cache_dir)
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
+
+
+TINY_NODE_ARGS = [
+    "--model", "tiny", "--block-size", "32", "--batch-size", "2", "--lr", "1e-2", "--warmup-steps", "1",
+    "--threads", "1", "--log-interval-s", "1", "--record-ttl-s", "10", "--num-shards", "4",
+]  # fmt: skip
+
+
+class Peers:
+    """Starts cogen processes for one test and always shuts them down."""
+
+    def __init__(self, workdir: Path, swarm: str = "test"):
+        self.workdir = workdir
+        self.swarm = swarm
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.expected_exit: dict[str, set[int]] = {}
+        self.coordinator_info: dict[str, Any] | None = None
+
+    def log(self, name: str) -> Path:
+        return self.workdir / f"{name}.log"
+
+    def start(
+        self, name: str, module: str, args: list[str], expect_exit: set[int] | None = None
+    ) -> subprocess.Popen[bytes]:
+        proc = spawn(module, args, self.log(name))
+        self.procs[name] = proc
+        self.expected_exit[name] = expect_exit if expect_exit is not None else {0}
+        return proc
+
+    def start_coordinator(self, *extra: str) -> dict[str, Any]:
+        ready = self.workdir / "coordinator.json"
+        proc = self.start("coordinator", "cogen.coordinator.cli", [
+            "--swarm", self.swarm, "--host", "127.0.0.1", "--port", "0", "--api-port", "0",
+            "--ready-file", str(ready), "--poll-interval-s", "0.5", "--record-ttl-s", "10", *extra,
+        ])  # fmt: skip
+        self.coordinator_info = wait_for(lambda: read_json(ready), 60, "coordinator ready", alive=[proc])
+        return self.coordinator_info
+
+    @property
+    def initial_peers(self) -> list[str]:
+        assert self.coordinator_info is not None
+        return list(self.coordinator_info["initial_peers"])
+
+    def api(self, path: str = "/api/swarm") -> Any:
+        assert self.coordinator_info is not None
+        return get_json(self.coordinator_info["api_url"] + path)
+
+    def start_node(
+        self, name: str, expert: str, *extra: str, expect_exit: set[int] | None = None
+    ) -> subprocess.Popen[bytes]:
+        return self.start(name, "cogen.node.cli", [
+            "--swarm", self.swarm, "--host", "127.0.0.1", "--initial-peers", *self.initial_peers,
+            "--expert", expert, "--output-dir", str(self.workdir / name), *TINY_NODE_ARGS, *extra,
+        ], expect_exit)  # fmt: skip
+
+    def wait_exit(self, name: str, timeout_s: float = 60) -> int:
+        try:
+            return self.procs[name].wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"{name} did not exit within {timeout_s} s:\n{tail(self.log(name))}"
+            ) from None
+
+    def terminate(self, name: str) -> None:
+        self.procs[name].send_signal(signal.SIGTERM)
+
+    def shutdown(self) -> None:
+        problems = []
+        for name, proc in reversed(list(self.procs.items())):
+            code = stop(proc, grace_s=30)
+            if code not in self.expected_exit[name] and code != -signal.SIGKILL:
+                problems.append(f"{name} exited with {code}:\n{tail(self.log(name), 30)}")
+        assert not problems, "\n".join(problems)
+
+
+@pytest.fixture
+def peers(tmp_path: Path) -> Iterator[Peers]:
+    group = Peers(tmp_path)
+    try:
+        yield group
+    finally:
+        group.shutdown()

@@ -1,0 +1,31 @@
+"""``cogen demo --model tiny`` runs the whole path: coordinator, three nodes, evaluation, table, JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_tiny_demo_trains_experts_that_beat_the_base(tmp_path: Path) -> None:
+    result_path = tmp_path / "result.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "cogen.cli", "demo", "--model", "tiny", "--out-dir", str(tmp_path / "run"),
+         "--json", str(result_path)],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(result_path.read_text())
+    assert result["model"] == "tiny"
+    assert set(result["domains"]) == {"medical", "legal", "code"}
+    for domain, row in result["domains"].items():
+        assert set(row) >= {"base_loss", "expert_loss", "tokens_trained"}
+        assert row["tokens_trained"] > 0
+        assert row["expert_loss"] < row["base_loss"], (domain, row)
+    table = proc.stdout
+    assert "expert loss" in table and all(d in table for d in ("medical", "legal", "code"))

@@ -1,0 +1,169 @@
+"""Records accept good input and reject bad input; signatures are enforced on a real DHT."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from hivemind.utils import MSGPackSerializer, get_dht_time
+
+from cogen.config import NetworkConfig
+from cogen.protocols import (
+    PROTOCOL_VERSION,
+    Hardware,
+    NodeInfo,
+    RecordRejected,
+    TrainingProgress,
+    check_record,
+    parse_record,
+    swarm_key,
+)
+from cogen.swarm import SwarmClient, check_compatible
+
+PEER = "12D3KooWGdMLJpgWr9AtogxkNPTRuP3WN2fdpN7Tmknw3J36TJfd"
+OWNER = b"[owner:ssh-rsa AAAAB3NzaC1yc2E]"
+
+
+def hardware() -> Hardware:
+    return Hardware(
+        device="cpu",
+        device_name="test cpu",
+        memory_bytes=2**34,
+        cpu_count=2,
+        supports_bf16=True,
+        supports_fp16=True,
+        supports_int8=True,
+    )
+
+
+def node_info(**overrides: Any) -> dict[str, Any]:
+    info = NodeInfo(
+        peer_id=PEER,
+        expert="medical",
+        hardware=hardware(),
+        software_version="0.1.0",
+        model="tiny",
+        precision="int8",
+        shard=3,
+        num_shards=16,
+        state="training",
+        started_at=1.0,
+        updated_at=2.0,
+    )
+    return {**info.to_wire(), **overrides}
+
+
+def progress(**overrides: Any) -> dict[str, Any]:
+    rec = TrainingProgress(
+        peer_id=PEER,
+        expert="medical",
+        step=10,
+        samples=40,
+        tokens=5120,
+        loss=2.5,
+        samples_per_second=3.0,
+        peak_memory_bytes=10**9,
+        time=100.0,
+    )
+    return {**rec.to_wire(), **overrides}
+
+
+def test_good_records_round_trip_through_msgpack() -> None:
+    for kind, payload in (("nodes", node_info()), ("progress", progress())):
+        wire = MSGPackSerializer.dumps(payload)
+        record = check_record(kind, OWNER, wire)
+        assert record is not None and record.to_wire() == payload
+        assert record.protocol_version == PROTOCOL_VERSION
+
+
+@pytest.mark.parametrize(
+    ("kind", "payload", "complaint"),
+    [
+        ("progress", progress(step="10"), "step"),  # a string where an int belongs: no coercion
+        ("progress", progress(step=-1), "step"),
+        ("progress", progress(samples_per_second=math.inf), "samples_per_second"),
+        ("progress", progress(samples_per_second=True), "samples_per_second"),
+        ("progress", progress(expert="Bad Name!"), "expert"),
+        ("progress", {k: v for k, v in progress().items() if k != "loss"}, "loss"),  # missing field
+        ("progress", progress(extra_field=1), "extra_field"),
+        ("nodes", node_info(peer_id="not a peer id"), "peer_id"),
+        ("nodes", node_info(state="dancing"), "state"),
+        ("nodes", node_info(hardware={"device": "cpu"}), "hardware"),
+        ("nodes", node_info(precision="int4"), "precision"),
+        ("nodes", [1, 2, 3], "not a dict"),
+    ],
+)
+def test_bad_records_are_rejected_with_a_reason(kind: str, payload: Any, complaint: str) -> None:
+    with pytest.raises(RecordRejected, match=complaint):
+        check_record(kind, OWNER, MSGPackSerializer.dumps(payload))
+
+
+def test_nan_loss_is_reported_not_hidden() -> None:
+    record = parse_record("progress", progress(loss=math.nan))
+    assert isinstance(record, TrainingProgress) and math.isnan(record.loss)
+
+
+def test_unsigned_and_undecodable_records_are_rejected() -> None:
+    wire = MSGPackSerializer.dumps(progress())
+    with pytest.raises(RecordRejected, match="owner"):
+        check_record("progress", MSGPackSerializer.dumps(b"anyone"), wire)
+    with pytest.raises(RecordRejected, match="msgpack"):
+        check_record("progress", OWNER, b"\xc1\xc1\xc1")
+
+
+def test_other_protocol_versions_are_refused_with_a_clear_message() -> None:
+    with pytest.raises(RecordRejected, match=f"protocol {PROTOCOL_VERSION + 1}.*speaks {PROTOCOL_VERSION}"):
+        parse_record("progress", progress(protocol_version=PROTOCOL_VERSION + 1))
+    # the swarm announcement keeps its envelope so that joiners can explain the mismatch
+    assert check_record("swarm", OWNER, MSGPackSerializer.dumps({"protocol_version": 99})) is None
+
+
+def test_swarm_keys_are_prefixed_and_names_checked() -> None:
+    assert swarm_key("lab-1", "progress") == "lab-1_progress"
+    with pytest.raises(ValueError, match="invalid swarm name"):
+        swarm_key("Bad Swarm", "progress")
+    with pytest.raises(ValueError, match="unknown record kind"):
+        swarm_key("lab", "secrets")
+
+
+@pytest.fixture(scope="module")
+def two_peers() -> Iterator[tuple[SwarmClient, SwarmClient]]:
+    first = SwarmClient(NetworkConfig(swarm="unit", host="127.0.0.1"))
+    second = SwarmClient(
+        NetworkConfig(swarm="unit", host="127.0.0.1", initial_peers=tuple(first.visible_maddrs()))
+    )
+    try:
+        yield first, second
+    finally:
+        second.shutdown()
+        first.shutdown()
+
+
+def test_signed_records_travel_between_real_peers(two_peers: tuple[SwarmClient, SwarmClient]) -> None:
+    first, second = two_peers
+    record = parse_record("progress", progress())
+    assert first.publish("progress", record).result() is True
+    entries = second.fetch("progress")
+    assert [(e.owner, e.record) for e in entries] == [(first.owner, record)]
+    check_compatible(second)  # no announcement yet: nothing to refuse
+
+
+def test_forged_and_malformed_records_are_not_stored(two_peers: tuple[SwarmClient, SwarmClient]) -> None:
+    first, second = two_peers
+    key, expiry = swarm_key("unit", "nodes"), get_dht_time() + 30
+    # second writes under first's public key: it cannot sign for it, so no peer accepts it
+    assert second.dht.store(key, node_info(), expiry, subkey=first.owner) is False
+    # second writes a malformed record under its own key: signed, but the schema check refuses it
+    assert second.dht.store(key, node_info(shard="3"), expiry, subkey=second.owner) is False
+    assert first.fetch("nodes") == [] and second.fetch("nodes") == []
+    # a well-formed one is accepted
+    info = parse_record("nodes", node_info())
+    assert second.publish("nodes", info).result() is True
+    assert [e.owner for e in first.fetch("nodes")] == [second.owner]
+
+
+def test_publish_checks_the_record_type(two_peers: tuple[SwarmClient, SwarmClient]) -> None:
+    with pytest.raises(TypeError, match="progress records must be TrainingProgress"):
+        two_peers[0].publish("progress", parse_record("nodes", node_info()))
