@@ -490,8 +490,9 @@ def run_benchmark(args: argparse.Namespace) -> int:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="samples/s of a cogen-node step vs a bare transformers + PEFT loop, and memory of "
-        "8-bit base + LoRA + 8-bit AdamW vs fp32 full fine-tuning; each configuration in a fresh process"
+        "8-bit base + LoRA + 8-bit AdamW vs fp32 full fine-tuning; each configuration in a fresh process",
     )
     parser.add_argument(
         "--model", default="smollm2-135m", help="model alias, directory or hub id (tiny: quick run)"
