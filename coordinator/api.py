@@ -1,28 +1,73 @@
-"""The coordinator's HTTP API (FastAPI, with its OpenAPI description at ``/openapi.json``)."""
+"""The coordinator's HTTP API (FastAPI, OpenAPI description at ``/openapi.json``, docs at ``/docs``).
+
+Every ``/api/*`` body is serialised once per DHT poll by the monitor (:class:`SwarmView.json`) and
+served as is, so latency does not grow with requests. ``/metrics`` is Prometheus' text format;
+``/`` is the dashboard page, which reads only ``/api/*``.
+"""
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from cogen.coordinator.view import SwarmMonitor, SwarmSnapshot
+from cogen.coordinator.dashboard import mount_dashboard
+from cogen.coordinator.metrics import make_registry
+from cogen.coordinator.schemas import AlertList, GenerationSummary, GroupSummary
+from cogen.coordinator.view import PeerSummary, SwarmMonitor, SwarmSnapshot
 from cogen.protocols import software_version
 
 
-def create_app(monitor: SwarmMonitor) -> FastAPI:
+def _json(body: bytes) -> Response:
+    return Response(content=body, media_type="application/json", headers={"Cache-Control": "no-store"})
+
+
+def create_app(
+    monitor: SwarmMonitor, registry: CollectorRegistry | None = None, observer: bool = False
+) -> FastAPI:
+    """The API over ``monitor``; ``registry`` defaults to a fresh one with the swarm's collector."""
+    registry = registry if registry is not None else make_registry(monitor)
     app = FastAPI(
-        title="cogen coordinator",
+        title="cogen " + ("dashboard (observer)" if observer else "coordinator"),
         version=software_version(),
-        description="Live view of a cogen swarm, read from its DHT.",
+        description="Live view of a cogen swarm, read from its DHT: peers, expert groups, generations, "
+        "alerts. Bodies are rebuilt after every DHT poll.",
     )
 
+    @app.get("/api/swarm", response_model=SwarmSnapshot, summary="The swarm: summary, peers and experts")
+    def swarm() -> Response:
+        return _json(monitor.view().json["swarm"])
+
+    @app.get("/api/peers", response_model=list[PeerSummary], summary="Every known peer, online or stale")
+    def peers() -> Response:
+        return _json(monitor.view().json["peers"])
+
     @app.get(
-        "/api/swarm", response_model=SwarmSnapshot, summary="The swarm: peers, their experts and progress"
+        "/api/groups",
+        response_model=list[GroupSummary],
+        summary="Expert groups: members, outer step, last averaging round, loss curves",
     )
-    def swarm() -> SwarmSnapshot:
-        return monitor.snapshot()
+    def groups() -> Response:
+        return _json(monitor.view().json["groups"])
+
+    @app.get(
+        "/api/generations",
+        response_model=list[GenerationSummary],
+        summary="Published generations: lineage, evaluation matrix, ranking, manifest (oldest first)",
+    )
+    def generations() -> Response:
+        return _json(monitor.view().json["generations"])
+
+    @app.get("/api/alerts", response_model=AlertList, summary="Current alerts, most severe first")
+    def alerts() -> Response:
+        return _json(monitor.view().json["alerts"])
+
+    @app.get("/metrics", summary="Prometheus metrics (text exposition format)", response_class=Response)
+    def metrics() -> Response:
+        return Response(content=generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz", summary="Liveness: the DHT monitor is polling")
     def healthz() -> dict[str, object]:
-        return {"ok": monitor.is_running(), "polls": monitor.polls}
+        return {"ok": monitor.is_running(), "polls": monitor.polls, "observer": observer}
 
+    mount_dashboard(app)
     return app

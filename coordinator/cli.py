@@ -1,4 +1,7 @@
-"""``cogen-coordinator``: start (or join) a swarm, watch it and serve its API."""
+"""``cogen-coordinator``: start (or join) a swarm, watch it and serve its dashboard, API and metrics.
+
+``cogen dashboard`` runs the same service as a read-only observer peer (:func:`dashboard_main`).
+"""
 
 from __future__ import annotations
 
@@ -9,33 +12,57 @@ from cogen.cli_common import run_main, stop_on_signals
 from cogen.config import CoordinatorConfig
 from cogen.coordinator.service import Coordinator
 from cogen.exit_codes import ExitCode
-from cogen.settings import add_config_arguments, build_config
+from cogen.settings import ConfigError, add_config_arguments, build_config
 from cogen.telemetry import setup_logging
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="cogen-coordinator",
-        description="Start (or join) a cogen swarm, print the multiaddrs nodes join with, keep a live "
-        "view of the swarm and serve it as JSON at /api/swarm.",
-    )
+def build_parser(observer: bool = False) -> argparse.ArgumentParser:
+    if observer:
+        parser = argparse.ArgumentParser(
+            prog="cogen dashboard",
+            description="Watch a running cogen swarm as a read-only observer peer (a DHT client that "
+            "announces nothing) and serve its dashboard at http://API_HOST:API_PORT/, the JSON API "
+            "under /api/ and Prometheus metrics at /metrics.",
+        )
+    else:
+        parser = argparse.ArgumentParser(
+            prog="cogen-coordinator",
+            description="Start (or join) a cogen swarm, print the multiaddrs nodes join with, keep a "
+            "live view of the swarm and serve its dashboard at http://API_HOST:API_PORT/, the JSON "
+            "API under /api/ and Prometheus metrics at /metrics.",
+        )
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING, ERROR (env COGEN_LOG_LEVEL)")
     add_config_arguments(parser, CoordinatorConfig)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _run(argv: list[str] | None, observer: bool) -> int:
+    command = "cogen dashboard" if observer else "cogen-coordinator"
+    args = build_parser(observer).parse_args(argv)
 
     def body() -> int:
         setup_logging(args.log_level)
-        cfg = build_config(CoordinatorConfig, args)
+        if observer:
+            cfg = build_config(CoordinatorConfig, args, observer=True)
+        else:
+            cfg = build_config(CoordinatorConfig, args)
+        if cfg.observer and not cfg.network.initial_peers:
+            raise ConfigError("--initial-peers: an observer needs the multiaddr of a peer in the swarm")
         stop = threading.Event()
         stop_on_signals(stop)
         Coordinator(cfg, stop).run()
         return ExitCode.OK
 
-    return run_main("cogen-coordinator", body)
+    return run_main(command, body)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return _run(argv, observer=False)
+
+
+def dashboard_main(argv: list[str] | None = None) -> int:
+    """``cogen dashboard``: the coordinator's view, API and metrics as a read-only observer."""
+    return _run(argv, observer=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """``Coordinator``: runs (or joins) the swarm's DHT, announces the swarm, watches it, serves the API.
 
 Ranking, merging and publishing generations plug in here in later steps; today the coordinator
-keeps a live view of the swarm and serves it at ``/api/swarm``.
+keeps a live view of the swarm (with its history in SQLite) and serves the dashboard, the JSON API
+and ``/metrics``. With ``observer=True`` (``cogen dashboard``) it is a read-only DHT client that
+announces nothing: the same view and API, for anyone who wants to watch a swarm.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -16,7 +19,10 @@ import uvicorn
 from cogen.checkpoint import write_json_atomic
 from cogen.config import CoordinatorConfig
 from cogen.coordinator.api import create_app
+from cogen.coordinator.history import History
+from cogen.coordinator.metrics import NodeScraper, make_registry
 from cogen.coordinator.view import SwarmMonitor
+from cogen.models import cache_root
 from cogen.protocols import SwarmInfo, software_version
 from cogen.swarm import NetworkError, SwarmClient, check_compatible
 
@@ -67,6 +73,15 @@ class Coordinator:
         self.client: SwarmClient | None = None
         self.monitor: SwarmMonitor | None = None
         self.api: ApiServer | None = None
+        self.history: History | None = None
+        self.scraper: NodeScraper | None = None
+
+    @property
+    def name(self) -> str:
+        return "cogen dashboard" if self.cfg.observer else "cogen-coordinator"
+
+    def history_path(self) -> Path:
+        return self.cfg.history_path or cache_root() / f"history-{self.cfg.network.swarm}.sqlite3"
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -76,18 +91,29 @@ class Coordinator:
 
     def run(self) -> None:
         cfg = self.cfg
-        self.client = client = SwarmClient(cfg.network)
+        self.client = client = SwarmClient(cfg.network, client_mode=cfg.observer)
         try:
             check_compatible(client)
-            self.monitor = SwarmMonitor(client, cfg.poll_interval_s, cfg.stale_after_s)
+            if cfg.keep_history:
+                self.history = History(self.history_path(), cfg.history_max_points, cfg.history_retention_s)
+            self.monitor = SwarmMonitor(client, cfg.poll_interval_s, cfg.stale_after_s, history=self.history)
             self.monitor.start()
-            self.api = ApiServer(create_app(self.monitor), cfg.api_host, cfg.api_port)
+            self.scraper = NodeScraper(self.monitor, interval_s=max(cfg.poll_interval_s, 2.0))
+            self.scraper.start()
+            app = create_app(self.monitor, make_registry(self.monitor, self.scraper), observer=cfg.observer)
+            self.api = ApiServer(app, cfg.api_host, cfg.api_port)
             self.api.start()
             maddrs = client.visible_maddrs()
-            self._announce()
-            print(f"cogen-coordinator: swarm {cfg.network.swarm!r} is up", flush=True)
-            print(f"  nodes join with: --initial-peers {' '.join(maddrs)}", flush=True)
-            print(f"  API: {self.api.url}/api/swarm", flush=True)
+            if cfg.observer:
+                print(f"cogen dashboard: watching swarm {cfg.network.swarm!r} (read-only)", flush=True)
+            else:
+                self._announce()
+                print(f"cogen-coordinator: swarm {cfg.network.swarm!r} is up", flush=True)
+                print(f"  nodes join with: --initial-peers {' '.join(maddrs)}", flush=True)
+            print(
+                f"  dashboard: {self.api.url}/  (API: {self.api.url}/api/swarm, {self.api.url}/metrics)",
+                flush=True,
+            )
             if cfg.ready_file is not None:
                 write_json_atomic(
                     cfg.ready_file,
@@ -95,12 +121,13 @@ class Coordinator:
                 )
             self._serve()
         finally:
-            if self.api is not None:
-                self.api.stop()
-            if self.monitor is not None:
-                self.monitor.stop()
+            for service in (self.api, self.scraper, self.monitor):
+                if service is not None:
+                    service.stop()
+            if self.history is not None:
+                self.history.close()
             client.shutdown()
-            logger.info("coordinator stopped")
+            logger.info("%s stopped", self.name)
 
     def _announce(self) -> None:
         assert self.client is not None and self.api is not None
@@ -121,7 +148,7 @@ class Coordinator:
         last_announce = last_log = time.monotonic()
         while not self.stop_event.wait(1.0):
             now = time.monotonic()
-            if now - last_announce >= self.cfg.network.record_ttl_s / 3:
+            if not self.cfg.observer and now - last_announce >= self.cfg.network.record_ttl_s / 3:
                 self._announce()
                 last_announce = now
             if now - last_log >= self.cfg.log_interval_s:

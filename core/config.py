@@ -104,12 +104,50 @@ class NetworkConfig(_Frozen):
         return check_swarm_name(value)
 
 
+class GroupConfig(_Frozen):
+    """How the nodes of one expert average what they learn (DiLoCo outer steps over hivemind)."""
+
+    inner_steps: int = Field(default=50, ge=1, description="inner steps (H) between outer steps")
+    outer_lr: float = Field(default=0.7, gt=0, le=10, description="outer SGD learning rate (DiLoCo: 0.7)")
+    outer_momentum: float = Field(
+        default=0.9, ge=0, lt=1, description="outer Nesterov momentum (DiLoCo: 0.9)"
+    )
+    group_size: int = Field(
+        default=16, ge=2, le=1024, description="target number of peers in one averaging round"
+    )
+    matchmaking_s: float = Field(
+        default=5.0, gt=0, description="how long peers gather before an averaging round"
+    )
+    averaging_timeout_s: float = Field(
+        default=120.0, gt=0, description="deadline of one averaging round; a slower peer joins the next one"
+    )
+    compression: Literal["8bit", "fp16", "none"] = Field(
+        default="8bit",
+        description="wire format of the pseudo-gradients: blockwise 8-bit (fp16 for small tensors)",
+    )
+    compression_threshold: int = Field(
+        default=4096,
+        ge=1,
+        description="tensors with fewer elements than this travel as fp16 instead of 8-bit",
+    )
+    sync_every: int = Field(
+        default=10,
+        ge=1,
+        description="every this many outer steps, also average the weights and momentum exactly",
+    )
+    join_timeout_s: float = Field(
+        default=20.0, gt=0, description="how long a joining node looks for the group's state"
+    )
+    solo: bool = Field(default=False, description="train alone: no outer steps, no averaging")
+
+
 class NodeConfig(_Frozen):
     """Everything ``cogen-node`` needs."""
 
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
+    group: GroupConfig = GroupConfig()
     network: NetworkConfig = NetworkConfig()
     max_steps: int | None = Field(default=None, ge=1, description="stop after this many inner steps")
     max_seconds: float | None = Field(default=None, gt=0, description="stop after training this long")
@@ -118,6 +156,13 @@ class NodeConfig(_Frozen):
     threads: int | None = Field(
         default=None, ge=1, le=1024, description="torch CPU threads (default: torch's)"
     )
+    metrics_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="serve this node's Prometheus /metrics on this port (0: any free)",
+    )
+    metrics_host: str = Field(default="127.0.0.1", description="address the node's /metrics listens on")
 
     @field_validator("data")
     @classmethod
@@ -142,4 +187,21 @@ class CoordinatorConfig(_Frozen):
     log_interval_s: float = Field(default=30.0, gt=0, description="seconds between summary lines")
     ready_file: Path | None = Field(
         default=None, description="write the DHT multiaddrs and API URL here as JSON once serving"
+    )
+    observer: bool = Field(
+        default=False,
+        description="join as a read-only observer (a DHT client that announces nothing); `cogen dashboard`",
+    )
+    keep_history: bool = Field(
+        default=True, description="keep loss and averaging history in SQLite so it survives a restart"
+    )
+    history_path: Path | None = Field(
+        default=None,
+        description="SQLite file of the dashboard's history (default: <cache dir>/history-<swarm>.sqlite3)",
+    )
+    history_max_points: int = Field(
+        default=2000, ge=10, le=1_000_000, description="loss points kept per peer; older ones are pruned"
+    )
+    history_retention_s: float = Field(
+        default=7 * 86400.0, gt=0, description="history of peers not heard from for this long is dropped"
     )

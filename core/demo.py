@@ -1,8 +1,9 @@
 """``cogen demo``: a whole swarm on this machine, start to finish.
 
-Starts a coordinator and one node per domain as separate processes on 127.0.0.1, trains for a
-bounded time while printing the swarm's progress from the coordinator's API, then evaluates the
-base and each domain's expert on that domain's validation split and prints the table.
+Starts a coordinator and the nodes as separate processes on 127.0.0.1 — one per domain listed; a
+domain listed twice gets a group of two nodes that average their expert with outer steps — trains
+for a bounded time while printing the swarm's progress from the coordinator's API, then evaluates
+the base and each domain's expert on that domain's validation split and prints the table.
 """
 
 from __future__ import annotations
@@ -30,7 +31,10 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class DemoOptions:
     model: str = "smollm2-135m"
-    domains: tuple[str, ...] = ("medical", "legal", "code")
+    domains: tuple[str, ...] = ("medical", "medical", "legal", "code")
+    inner_steps: int = 10
+    outer_lr: float = 1.0
+    outer_momentum: float = 0.0
     train_seconds: float = 240.0
     precision: Precision = "int8"
     block_size: int = 128
@@ -51,6 +55,7 @@ class DomainResult:
     expert_loss: float
     tokens_trained: int
     steps: int
+    nodes: int
 
 
 def _get_json(url: str) -> Any:
@@ -71,7 +76,7 @@ def _progress_line(snapshot: dict[str, Any]) -> str:
     )
 
 
-def train_swarm(opts: DemoOptions, model_path: str) -> dict[str, Path]:
+def train_swarm(opts: DemoOptions, model_path: str) -> dict[str, list[Path]]:
     """Run the coordinator and the nodes; return each domain's saved expert checkpoint."""
     out = opts.out_dir
     ready = out / "coordinator.json"
@@ -101,8 +106,8 @@ def train_swarm(opts: DemoOptions, model_path: str) -> dict[str, Path]:
     try:
         info = wait_for(lambda: read_json(ready), 120, "coordinator start", alive=[coordinator])
         print(f"coordinator up: API {info['api_url']}/api/swarm", flush=True)
-        for domain in opts.domains:
-            nodes[domain] = spawn(
+        for name, domain in _node_names(opts.domains):
+            nodes[name] = spawn(
                 "cogen.node.cli",
                 [
                     "--swarm",
@@ -126,7 +131,15 @@ def train_swarm(opts: DemoOptions, model_path: str) -> dict[str, Path]:
                     "--max-seconds",
                     str(opts.train_seconds),
                     "--output-dir",
-                    str(out / "experts" / domain),
+                    str(out / "experts" / name),
+                    "--inner-steps",
+                    str(opts.inner_steps),
+                    "--matchmaking-s",
+                    "3",
+                    "--outer-lr",
+                    str(opts.outer_lr),
+                    "--outer-momentum",
+                    str(opts.outer_momentum),
                     "--lora-targets",
                     *ModelConfig().lora_targets,
                     *opts.extra_lora_targets,
@@ -139,7 +152,7 @@ def train_swarm(opts: DemoOptions, model_path: str) -> dict[str, Path]:
                     "--record-ttl-s",
                     "30",
                 ],
-                out / f"node-{domain}.log",
+                out / f"node-{name}.log",
             )
         deadline = time.monotonic() + opts.train_seconds + 600
         last_print = 0.0
@@ -161,45 +174,59 @@ def train_swarm(opts: DemoOptions, model_path: str) -> dict[str, Path]:
         for proc in nodes.values():
             stop(proc)
         stop(coordinator)
-    checkpoints = {}
-    for domain in opts.domains:
-        ckpt = latest_checkpoint(out / "experts" / domain)
+    checkpoints: dict[str, list[Path]] = {}
+    for name, domain in _node_names(opts.domains):
+        ckpt = latest_checkpoint(out / "experts" / name)
         if ckpt is None:
-            raise ChildFailed(f"node {domain} saved no adapter")
-        checkpoints[domain] = ckpt
+            raise ChildFailed(f"node {name} saved no adapter")
+        checkpoints.setdefault(domain, []).append(ckpt)
     return checkpoints
 
 
-def evaluate(opts: DemoOptions, model_path: str, checkpoints: dict[str, Path]) -> list[DomainResult]:
+def _node_names(domains: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(node name, domain): ``medical-1``, ``medical-2`` for a group of two, plain ``legal`` alone."""
+    names = []
+    for i, domain in enumerate(domains):
+        members = domains.count(domain)
+        index = domains[:i].count(domain) + 1
+        names.append((f"{domain}-{index}" if members > 1 else domain, domain))
+    return names
+
+
+def evaluate(opts: DemoOptions, model_path: str, checkpoints: dict[str, list[Path]]) -> list[DomainResult]:
     """Validation loss of the base and of each domain's expert on that domain."""
     device = models.resolve_device("cpu")
     tokenizer = models.load_tokenizer(model_path)
     base = models.load_base(model_path, opts.precision, device)
     results = []
-    for domain in opts.domains:
+    for domain, ckpts in checkpoints.items():
         blocks = validation_blocks(
             get_corpus(domain), tokenizer, block_size=opts.block_size, max_blocks=opts.eval_blocks
         )
         base_loss = validation_loss(base, blocks)
-        expert = load_adapter(base, checkpoints[domain])
+        expert = load_adapter(base, ckpts[0])  # a group's members end on the same outer step
         expert_loss = validation_loss(expert, blocks)
         base = expert.unload()  # take the adapter off again for the next domain
-        meta = read_metadata(checkpoints[domain], verify=False)
-        results.append(DomainResult(domain, base_loss, expert_loss, meta.tokens, meta.steps))
+        metas = [read_metadata(c, verify=False) for c in ckpts]
+        tokens = sum(m.tokens for m in metas)
+        results.append(
+            DomainResult(domain, base_loss, expert_loss, tokens, max(m.steps for m in metas), len(ckpts))
+        )
     return results
 
 
 def format_table(model: str, results: list[DomainResult]) -> str:
     head = (
         f"{'domain':<12} {'base loss':>10} {'base ppl':>10} {'expert loss':>12} {'expert ppl':>11} "
-        f"{'change':>8} {'steps':>6} {'tokens':>9}"
+        f"{'change':>8} {'nodes':>5} {'steps':>6} {'tokens':>9}"
     )
     rows = [f"validation loss per domain, base {model} vs that domain's expert", head, "-" * len(head)]
     for r in results:
         change = (r.expert_loss - r.base_loss) / r.base_loss * 100
         rows.append(
             f"{r.domain:<12} {r.base_loss:>10.4f} {perplexity(r.base_loss):>10.2f} {r.expert_loss:>12.4f} "
-            f"{perplexity(r.expert_loss):>11.2f} {change:>7.1f}% {r.steps:>6} {r.tokens_trained:>9}"
+            f"{perplexity(r.expert_loss):>11.2f} {change:>7.1f}% {r.nodes:>5} {r.steps:>6} "
+            f"{r.tokens_trained:>9}"
         )
     return "\n".join(rows)
 
@@ -228,6 +255,7 @@ def run_demo(opts: DemoOptions) -> list[DomainResult]:
                         "base_loss": r.base_loss,
                         "expert_loss": r.expert_loss,
                         "tokens_trained": r.tokens_trained,
+                        "nodes": r.nodes,
                         "steps": r.steps,
                     }
                     for r in results

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -74,9 +75,16 @@ def stop(proc: subprocess.Popen[bytes], grace_s: float = 30.0) -> int:
         try:
             proc.wait(grace_s)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            kill_group(proc)
             proc.wait()
     return proc.returncode
+
+
+def kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a child and everything it started (hivemind's DHT and averager processes): children
+    are started in their own session, so their process group is theirs alone."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def tail(path: Path, lines: int = 20) -> str:

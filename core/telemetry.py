@@ -71,8 +71,12 @@ def model_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None 
     grads = sum(_tensor_bytes(p) for p in model.parameters() if p.requires_grad)
     state = 0
     if optimizer is not None:
+        seen: set[tuple[int, int]] = set()  # bitsandbytes shares its quantization maps between parameters
         for per_param in optimizer.state.values():
-            state += sum(_tensor_bytes(v) for v in per_param.values() if isinstance(v, torch.Tensor))
+            for v in per_param.values():
+                if isinstance(v, torch.Tensor) and (v.data_ptr(), v.nbytes) not in seen:
+                    seen.add((v.data_ptr(), v.nbytes))
+                    state += _tensor_bytes(v)
     return {"weights": weights, "gradients": grads, "optimizer": state, "total": weights + grads + state}
 
 

@@ -24,10 +24,12 @@ from cogen.checkpoint import AdapterMetadata, save_adapter
 from cogen.config import NodeConfig
 from cogen.corpora import get_corpus
 from cogen.data import train_batches
+from cogen.node.group import GroupAverager
 from cogen.node.hardware import detect_hardware
+from cogen.node.metrics import NodeMetrics
 from cogen.node.shards import claim_shard
 from cogen.node.trainer import ExpertTrainer
-from cogen.protocols import NodeInfo, TrainingProgress, software_version
+from cogen.protocols import GroupProgress, NodeInfo, TrainingProgress, software_version
 from cogen.swarm import SwarmClient, check_compatible
 from cogen.telemetry import format_bytes, peak_memory_bytes
 
@@ -70,6 +72,11 @@ class ExpertNode:
         self._window: list[float] = []
         self._window_samples, self._window_time = 0, 0.0
         self._last_loss: float | None = None
+        self.group: GroupAverager | None = None
+        self._samples_at_outer = 0
+        self._alone_logged = False
+        self.metrics: NodeMetrics | None = None
+        self.metrics_url: str | None = None
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -87,6 +94,10 @@ class ExpertNode:
             corpus = get_corpus(cfg.data.expert)
         except (ValueError, OSError) as e:
             raise DataError(str(e)) from None
+        if cfg.metrics_port is not None:
+            self.metrics = NodeMetrics(expert=self.expert)
+            self.metrics_url = self.metrics.start(cfg.metrics_host, cfg.metrics_port)
+            logger.info("serving node metrics at %s", self.metrics_url)
         self.client = client = SwarmClient(cfg.network)
         try:
             check_compatible(client)
@@ -133,13 +144,69 @@ class ExpertNode:
                 BackgroundGenerator(stream, max_prefetch=4),
                 max_grad_norm=cfg.optim.max_grad_norm,
             )
+            self.group = self._join_group(model)
             self._announce("training")
             reason = self._train(trainer, device)
+            if self.group is not None and reason != "stopped" and trainer.samples > self._samples_at_outer:
+                self._outer_step(trainer)  # end on an outer step, so the group's members agree
             self._announce("stopping")
             return self._finish(model, trainer, device, reason)
         finally:
+            if self.group is not None:
+                self.group.shutdown()
+            if self.metrics is not None:
+                self.metrics.stop()
             client.shutdown()
             self.client = None
+
+    def _join_group(self, model: torch.nn.Module) -> GroupAverager | None:
+        """Set up outer steps with the expert's group, loading the group's state if it already trains."""
+        if self.cfg.group.solo:
+            return None
+        assert self.client is not None
+        group = GroupAverager(
+            self.client.dht, f"{self.cfg.network.swarm}_{self.expert}", models.trainable_parameters(model),
+            self.cfg.group,
+        )  # fmt: skip
+        if group.join():
+            logger.info("joined expert group %r at outer step %d", self.expert, group.outer_step)
+        return group
+
+    def _groupmates_online(self) -> bool:
+        """Whether another node announces itself on this expert (a cheap DHT read, no matchmaking)."""
+        assert self.client is not None
+        return any(
+            entry.owner != self.client.owner and isinstance(entry.record, NodeInfo)
+            and entry.record.expert == self.expert and entry.record.state != "stopping"
+            for entry in self.client.fetch("nodes")
+        )  # fmt: skip
+
+    def _outer_step(self, trainer: ExpertTrainer) -> None:
+        """Average with the group (blocking; bounded by the averaging timeout) and publish the result."""
+        assert self.client is not None and self.group is not None
+        if not self._groupmates_online():
+            if not self._alone_logged:
+                logger.info("%s: no other node trains this expert right now; training alone until one joins",
+                            self.expert)  # fmt: skip
+                self._alone_logged = True
+            return  # the pseudo-gradient keeps accumulating until there is someone to average with
+        self._alone_logged = False
+        self._announce("averaging")
+        weight = float(trainer.samples - self._samples_at_outer)
+        report = self.group.outer_step_now(weight)
+        if self.group.params_at_anchor:  # applied, or reset: the next pseudo-gradient starts here
+            self._samples_at_outer = trainer.samples
+        self.client.publish("groups", GroupProgress(
+            peer_id=self.client.peer_id, expert=self.expert, outer_step=self.group.outer_step,
+            inner_steps=self.cfg.group.inner_steps, compression=self.cfg.group.compression,
+            rounds_ok=self.group.rounds_ok, rounds_failed=self.group.rounds_failed, last_round=report,
+        ))  # fmt: skip
+        logger.info(
+            "%s | outer step %d %s | group of %d | %.1f s | %s sent",
+            self.expert, self.group.outer_step, "applied" if report.ok else f"skipped ({report.reason})",
+            report.group_size, report.duration_s, format_bytes(report.bytes_sent),
+        )  # fmt: skip
+        self._announce("training")
 
     def _train(self, trainer: ExpertTrainer, device: torch.device) -> str:
         cfg = self.cfg
@@ -152,6 +219,11 @@ class ExpertNode:
             if cfg.max_seconds is not None and time.monotonic() - start >= cfg.max_seconds:
                 return "max_seconds"
             stats = trainer.step()
+            if self.metrics is not None:
+                self.metrics.observe_step(stats.loss, stats.samples, stats.tokens, stats.seconds)
+            if self.group is not None and trainer.steps % self.cfg.group.inner_steps == 0:
+                self._outer_step(trainer)
+                last_announce = time.monotonic()
             self._window.append(stats.loss)
             self._window_samples += stats.samples
             self._window_time += stats.seconds
@@ -213,8 +285,11 @@ class ExpertNode:
             state=state,  # type: ignore[arg-type]
             started_at=self.started_at,
             updated_at=now,
+            metrics_url=self.metrics_url,
         )
         self.client.publish("nodes", info)
+        if self.metrics is not None:
+            self.metrics.set_state(state)
 
     def _finish(
         self, model: torch.nn.Module, trainer: ExpertTrainer, device: torch.device, reason: str

@@ -12,7 +12,8 @@ NODES: Final = "nodes"
 PROGRESS: Final = "progress"
 SWARM: Final = "swarm"
 SHARDS: Final = "shards"
-KEY_KINDS: Final = (NODES, PROGRESS, SWARM, SHARDS)
+GROUPS: Final = "groups"
+KEY_KINDS: Final = (NODES, PROGRESS, SWARM, SHARDS, GROUPS)
 
 
 def check_swarm_name(name: str) -> str:

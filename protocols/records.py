@@ -69,7 +69,13 @@ class NodeInfo(Record):
     precision: Precision
     shard: int = Field(ge=0)
     num_shards: int = Field(ge=1)
-    state: Literal["joining", "training", "stopping"]
+    state: Literal["joining", "training", "averaging", "stopping"]
+    metrics_url: str | None = Field(
+        default=None,
+        max_length=256,
+        pattern=r"^http://",
+        description="the node's own Prometheus /metrics, if served",
+    )
     started_at: NonNegativeFinite
     updated_at: NonNegativeFinite
 
@@ -108,10 +114,39 @@ class ShardClaim(Record):
     num_shards: int = Field(ge=1)
 
 
+class RoundReport(BaseModel):
+    """The outcome of one averaging round, as one member saw it."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    outer_step: int = Field(ge=0, description="the outer step this round produced (or tried to)")
+    ok: bool
+    reason: str = Field(max_length=200, description="why a round failed; empty when it succeeded")
+    group_size: int = Field(ge=0)
+    duration_s: NonNegativeFinite
+    bytes_sent: int = Field(ge=0, description="bytes this member sent (estimated from the wire format)")
+    weight: NonNegativeFinite = Field(description="this member's weight: samples since its last outer step")
+    time: NonNegativeFinite
+
+
+class GroupProgress(Record):
+    """A group member's view of its expert group's outer steps."""
+
+    peer_id: PeerId
+    expert: ExpertName
+    outer_step: int = Field(ge=0)
+    inner_steps: int = Field(ge=1, description="H: inner steps per outer step")
+    compression: Literal["8bit", "fp16", "none"]
+    rounds_ok: int = Field(ge=0)
+    rounds_failed: int = Field(ge=0)
+    last_round: RoundReport | None = None
+
+
 #: which record schema lives under which key kind (see :mod:`cogen.protocols.keys`)
 RECORD_SCHEMAS: dict[str, type[Record]] = {
     "nodes": NodeInfo,
     "progress": TrainingProgress,
     "swarm": SwarmInfo,
     "shards": ShardClaim,
+    "groups": GroupProgress,
 }

@@ -25,7 +25,7 @@ fi
 fingerprint() {
   {
     cat "$ROOT/requirements/lock.txt" "$ROOT/requirements/torch.txt" "$ROOT/pyproject.toml" "$ROOT/scripts/bootstrap.sh"
-    (cd "$ROOT" && find core node coordinator protocols -name '*.py' -o -name 'py.typed' | LC_ALL=C sort)
+    (cd "$ROOT" && find core node coordinator protocols -name '*.py' -o -name 'py.typed' -o -path '*/static/*' | LC_ALL=C sort)
   } | sha256sum | cut -d' ' -f1
 }
 WANT="$(fingerprint)"

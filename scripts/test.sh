@@ -9,4 +9,9 @@ ruff check core node coordinator protocols tests bench
 ruff format --check core node coordinator protocols tests bench
 # from outside the source tree, so mypy reads the installed cogen.* (node/, coordinator/, protocols/ mapped in)
 (cd "$ROOT/build" && mypy --config-file "$ROOT/pyproject.toml" -p cogen)
+# the dashboard's browser test drives Debian's headless Chromium through Playwright
+if [[ ! -x /usr/bin/chromium ]]; then
+  echo "[test] installing Debian's chromium for the browser test" >&2
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
 exec pytest "$@"

@@ -1,10 +1,12 @@
-"""bench/node_overhead.py end to end on the tiny model: real children, real 8-bit training steps."""
+"""bench/node_overhead.py end to end on the tiny model: real children, real 8-bit training steps.
+
+The children build the tiny model in the session cache that ``conftest.py`` puts in ``COGEN_CACHE_DIR``.
+"""
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +20,6 @@ RATIOS = ("throughput_ratio", "state_memory_ratio", "peak_memory_ratio")
 @pytest.mark.slow
 def test_node_overhead_tiny(tmp_path: Path) -> None:
     out = tmp_path / "x.json"
-    env = {**os.environ, "COGEN_CACHE_DIR": str(tmp_path / "cache")}
     cmd = [
         sys.executable,
         str(SCRIPT),
@@ -36,9 +37,7 @@ def test_node_overhead_tiny(tmp_path: Path) -> None:
         "--json",
         str(out),
     ]
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=240, check=False
-    )
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=240, check=False)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     report = json.loads(out.read_text())

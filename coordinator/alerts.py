@@ -1,0 +1,167 @@
+"""What deserves a person's attention, computed from the swarm view (pure functions, no I/O).
+
+- ``stale_peer``: a peer stopped reporting (its records expired or are older than the stale limit)
+- ``loss_nan``: a peer of a group reports a NaN loss
+- ``loss_rising``: a group member's recent losses are clearly above its best earlier ones
+- ``averaging_failed``: a group's latest averaging round failed
+- ``version_mismatch``: a peer runs another cogen software or protocol version than the coordinator
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+AlertKind = Literal["stale_peer", "loss_nan", "loss_rising", "averaging_failed", "version_mismatch"]
+
+
+class Alert(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    kind: AlertKind
+    severity: Literal["warning", "critical"]
+    subject: str = Field(description="the peer id or expert the alert is about")
+    expert: str | None = None
+    message: str
+
+
+class PeerFacts(Protocol):
+    @property
+    def id(self) -> str: ...
+    @property
+    def expert(self) -> str: ...
+    @property
+    def state(self) -> str: ...
+    @property
+    def loss_is_nan(self) -> bool: ...
+    @property
+    def last_seen_s(self) -> float: ...
+    @property
+    def software_version(self) -> str: ...
+    @property
+    def protocol_version(self) -> int: ...
+
+
+class RoundFacts(Protocol):
+    @property
+    def outer_step(self) -> int: ...
+    @property
+    def ok(self) -> bool: ...
+    @property
+    def error(self) -> str | None: ...
+
+
+@dataclass(frozen=True)
+class RisingRule:
+    """A curve rises when the mean of its last ``window`` losses exceeds the lowest mean of any earlier
+    ``window`` consecutive losses by more than ``tolerance`` (relative)."""
+
+    window: int = 5
+    tolerance: float = 0.10
+
+
+def loss_rise(losses: Sequence[float], rule: RisingRule = RisingRule()) -> float | None:
+    """The relative rise of a loss curve's recent mean over its best earlier mean, if it is rising."""
+    finite = [x for x in losses if math.isfinite(x)]
+    w = rule.window
+    if len(finite) < 2 * w:
+        return None
+    recent = sum(finite[-w:]) / w
+    window_sum = sum(finite[:w])
+    best_sum = window_sum
+    for i in range(w, len(finite) - w):  # windows ending before the recent one, in O(n)
+        window_sum += finite[i] - finite[i - w]
+        best_sum = min(best_sum, window_sum)
+    best = best_sum / w
+    if best <= 0:
+        return None
+    rise = recent / best - 1.0
+    return rise if rise > rule.tolerance else None
+
+
+def compute_alerts(
+    peers: Sequence[PeerFacts],
+    losses: Mapping[str, Mapping[str, Sequence[float]]],
+    last_rounds: Mapping[str, RoundFacts | None],
+    software_version: str,
+    protocol_version: int,
+    rule: RisingRule = RisingRule(),
+) -> list[Alert]:
+    """All current alerts, most severe first.
+
+    ``losses`` maps expert -> peer id -> that peer's losses in time order (NaN included);
+    ``last_rounds`` maps expert -> its latest averaging round, or ``None`` before any.
+    """
+    alerts: list[Alert] = []
+    for p in peers:
+        if p.state == "stale":
+            alerts.append(
+                Alert(
+                    kind="stale_peer",
+                    severity="warning",
+                    subject=p.id,
+                    expert=p.expert,
+                    message=f"peer {p.id} ({p.expert}) not heard from for {p.last_seen_s:.0f} s",
+                )
+            )
+            continue
+        if p.protocol_version != protocol_version or p.software_version != software_version:
+            alerts.append(
+                Alert(
+                    kind="version_mismatch",
+                    severity="critical" if p.protocol_version != protocol_version else "warning",
+                    subject=p.id,
+                    expert=p.expert,
+                    message=f"peer {p.id} runs cogen {p.software_version} (protocol {p.protocol_version}); "
+                    f"the coordinator runs {software_version} (protocol {protocol_version})",
+                )
+            )
+    online = {p.id for p in peers if p.state != "stale"}
+    nan_peers = {p.id for p in peers if p.loss_is_nan and p.id in online}
+    for expert, by_peer in sorted(losses.items()):
+        nan = sorted(
+            pid for pid in by_peer if pid in online and (pid in nan_peers or _ends_nan(by_peer[pid]))
+        )
+        if nan:
+            alerts.append(
+                Alert(
+                    kind="loss_nan",
+                    severity="critical",
+                    subject=expert,
+                    expert=expert,
+                    message=f"group {expert}: loss is NaN on {', '.join(nan)}",
+                )
+            )
+        rising = {pid: loss_rise(series, rule) for pid, series in by_peer.items() if pid in online}
+        worst = max(((r, pid) for pid, r in rising.items() if r is not None), default=None)
+        if worst is not None:
+            alerts.append(
+                Alert(
+                    kind="loss_rising",
+                    severity="warning",
+                    subject=expert,
+                    expert=expert,
+                    message=f"group {expert}: loss rose {worst[0]:.0%} above its best (peer {worst[1]})",
+                )
+            )
+    for expert, last in sorted(last_rounds.items()):
+        if last is not None and not last.ok:
+            alerts.append(
+                Alert(
+                    kind="averaging_failed",
+                    severity="critical",
+                    subject=expert,
+                    expert=expert,
+                    message=f"group {expert}: averaging round {last.outer_step} failed"
+                    + (f": {last.error}" if last.error else ""),
+                )
+            )
+    return sorted(alerts, key=lambda a: (a.severity != "critical", a.kind, a.subject))
+
+
+def _ends_nan(series: Sequence[float]) -> bool:
+    return bool(series) and math.isnan(series[-1])

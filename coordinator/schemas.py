@@ -1,0 +1,79 @@
+"""The API's response models beyond the live peer view: expert groups, averaging rounds, generations.
+
+Averaging (outer steps) and generations (merges) fill these as they land; until then a group has
+``outer_step=None`` and ``last_round=None``, and the generation list is empty.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cogen.coordinator.alerts import Alert
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class RoundSummary(_Frozen):
+    """One averaging round (outer step) of an expert group."""
+
+    outer_step: int
+    finished_at: float = Field(description="unix time the round ended")
+    group_size: int = Field(description="peers that took part")
+    duration_s: float
+    bytes_sent: int = Field(description="bytes sent by the group's members in this round")
+    ok: bool = Field(description="the round completed and its average was applied")
+    error: str | None = None
+
+
+class LossSeries(_Frozen):
+    """One peer's training loss over time (parallel lists; ``null`` where the loss was NaN)."""
+
+    peer: str = Field(description="the peer's short id")
+    t: list[float] = Field(description="unix times of the reports")
+    step: list[int]
+    loss: list[float | None]
+
+
+class GroupSummary(_Frozen):
+    """The peers training one expert, and how their averaging goes."""
+
+    expert: str
+    members: int = Field(description="online peers training this expert")
+    peers: list[str] = Field(description="short ids of the group's known peers, online or stale")
+    samples_per_second: float
+    tokens: int
+    mean_loss: float | None
+    outer_step: int | None = Field(default=None, description="the group's latest outer step; null before any")
+    last_round: RoundSummary | None = Field(default=None, description="null: no averaging rounds yet")
+    rounds_ok: int = 0
+    rounds_failed: int = 0
+    bytes_sent: int = Field(default=0, description="bytes sent in all averaging rounds seen")
+    loss: list[LossSeries] = Field(default_factory=list, description="loss curve of each member")
+
+
+class DomainScore(_Frozen):
+    domain: str
+    expert: str
+    loss: float | None
+    rank: int | None = None
+
+
+class GenerationSummary(_Frozen):
+    """One published checkpoint generation and how its experts scored."""
+
+    generation: int
+    base_hash: str = Field(description="content hash of the generation's base checkpoint")
+    parent_hash: str | None = Field(description="base hash of the generation it was merged from")
+    created_at: float
+    manifest_hash: str
+    signature_ok: bool | None = Field(description="the coordinator's signature verified; null: unchecked")
+    merge_method: str | None = None
+    ranking: list[str] = Field(default_factory=list, description="experts, best first")
+    scores: list[DomainScore] = Field(default_factory=list, description="per-domain evaluation matrix")
+
+
+class AlertList(_Frozen):
+    generated_at: float
+    alerts: list[Alert]

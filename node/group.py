@@ -1,0 +1,339 @@
+"""Outer steps: the nodes of one expert average what they learned (DiLoCo over hivemind averaging).
+
+Every member keeps an *anchor* copy of the trainable weights, the same on all members. After H
+inner steps it computes the pseudo-gradient ``delta = anchor - weights`` and averages it with the
+group through a hivemind ``DecentralizedAverager`` (8-bit blockwise on the wire by default),
+weighted by the samples each member processed since its last outer step. Each member then applies
+the same outer step to its anchor (SGD with Nesterov momentum) and continues from the new anchor.
+
+hivemind's all-reduce can return a partial average without raising (a part that did not arrive
+or did not decode stays local). So every member also sends, through the round's all-gather, a
+random projection and the squared norm of each chunk of its delta; after the round it checks that
+each chunk of the result projects to the weighted mean of the members' projections, within what
+the wire format can explain. A round that fails the check, or produces a non-finite value, is not
+applied: the member keeps its weights and its next delta simply covers more inner steps.
+
+Drift: members decode slightly different averages (the wire is lossy), so their anchors and
+momenta would slowly walk apart. Every ``sync_every`` outer steps they average anchors and momenta
+exactly (fp32) with a second averager, which also serves a joining node the group's state.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from hivemind import DHT, DecentralizedAverager
+from hivemind.averaging.control import AveragingStage
+from hivemind.compression import (
+    BlockwiseQuantization,
+    CompressionBase,
+    CompressionInfo,
+    Float16Compression,
+    NoCompression,
+    SizeAdaptiveCompression,
+)
+from hivemind.utils import get_dht_time
+
+from cogen.config import GroupConfig
+from cogen.protocols import RoundReport
+
+logger = logging.getLogger(__name__)
+
+CHUNK = 16384  # elements per verified chunk of the delta
+#: relative error of one trip through each wire format (measured on N(0,1): 8-bit ≈ 1.3 %, fp16 ≈ 0.02 %)
+WIRE_ERROR = {"8bit": 0.015, "fp16": 3e-4, "none": 1e-6}
+SIGMAS = 8.0  # how many standard deviations of wire noise a chunk's projection may be off
+
+
+def wire_compression(kind: str, threshold: int) -> CompressionBase:
+    """hivemind compression for the pseudo-gradients: 8-bit for large tensors, fp16 for small ones."""
+    if kind == "8bit":
+        return SizeAdaptiveCompression(
+            threshold, less=Float16Compression(), greater_equal=BlockwiseQuantization()
+        )
+    if kind == "fp16":
+        return Float16Compression()
+    return NoCompression()
+
+
+def estimate_bytes_sent(
+    tensors: Sequence[torch.Tensor], compression: CompressionBase, group_size: int
+) -> int:
+    """Bytes one member sends in a butterfly all-reduce: its parts out, the reduced parts back."""
+    if group_size < 2:
+        return 0
+    payload = sum(
+        t.numel() * t.element_size() * compression.estimate_compression_ratio(CompressionInfo.from_tensor(t))
+        for t in tensors
+    )
+    return int(2 * payload * (group_size - 1) / group_size)
+
+
+class _StateAverager(DecentralizedAverager):
+    """Averages anchors + momenta exactly, and shares them (with the outer step) with joining peers."""
+
+    def __init__(self, *args: Any, metadata: Callable[[], dict[str, Any]], **kwargs: Any):
+        self._metadata = metadata
+        super().__init__(*args, **kwargs)
+
+    def get_current_state(self) -> tuple[Any, Sequence[torch.Tensor], Any]:
+        # hivemind's documented override point: what a joining peer downloads
+        with self.get_tensors() as tensors:
+            return self._metadata(), [t.clone() for t in tensors], self.tensor_infos
+
+
+@dataclass
+class _Checks:
+    projections: list[float]
+    sq_norms: list[float]
+
+
+class GroupAverager:
+    """Outer steps of one expert group. Construct in the main thread; ``shutdown()`` when done."""
+
+    def __init__(self, dht: DHT, prefix: str, params: Sequence[torch.nn.Parameter], cfg: GroupConfig):
+        self.cfg = cfg
+        self.params = list(params)
+        self.outer_step = 0
+        self.rounds_ok = 0
+        self.rounds_failed = 0
+        self.last_round: RoundReport | None = None
+        self.params_at_anchor = True  # False while the weights hold progress not yet averaged
+        self.compression = wire_compression(cfg.compression, cfg.compression_threshold)
+        with torch.no_grad():
+            self.anchor = [p.detach().float().cpu().clone() for p in self.params]
+            self.momentum = [torch.zeros_like(a) for a in self.anchor]
+            delta = [torch.zeros_like(a) for a in self.anchor]
+        signs = torch.Generator().manual_seed(0x636F67656E)  # the same probe vectors on every member
+        self._probes = [
+            (torch.randint(0, 2, a.shape, generator=signs, dtype=torch.int8) * 2 - 1) for a in self.anchor
+        ]
+        common: dict[str, Any] = dict(
+            target_group_size=cfg.group_size,
+            min_group_size=2,
+            min_matchmaking_time=cfg.matchmaking_s,
+            request_timeout=cfg.matchmaking_s / 2,
+            allreduce_timeout=cfg.averaging_timeout_s,
+            next_chunk_timeout=min(30.0, cfg.averaging_timeout_s),
+            start=True,
+        )
+        self.delta_averager = DecentralizedAverager(
+            delta,
+            dht,
+            prefix=f"{prefix}_delta",
+            compression=self.compression,
+            allow_state_sharing=False,
+            **common,
+        )
+        self.state_averager = _StateAverager(
+            [*self.anchor, *self.momentum], dht, prefix=f"{prefix}_state", compression=NoCompression(),
+            state_compression=NoCompression(), allow_state_sharing=True, metadata=self._state_metadata,
+            **common,
+        )  # fmt: skip
+
+    @property
+    def _find_group_timeout(self) -> float:
+        """How long to look for groupmates before giving up on this round (the all-reduce itself is
+        bounded by ``averaging_timeout_s``): a lone or late member goes back to training quickly."""
+        return self.cfg.matchmaking_s * 2 + 5.0
+
+    def _run_round(self, averager: DecentralizedAverager, **kwargs: Any) -> Any:
+        """One hivemind averaging round that gives up on matchmaking after the find-group timeout.
+
+        hivemind's own ``timeout`` can overrun by up to the all-reduce timeout when no groupmate
+        shows up, so the round runs in the background and is cancelled if it is still looking for
+        a group when the deadline passes. Raises what the round raised; returns the gathered data.
+        """
+        control = averager.step(timeout=self._find_group_timeout, allow_retries=False, wait=False, **kwargs)
+        deadline = time.monotonic() + self._find_group_timeout
+        while not control.done():
+            if control.stage == AveragingStage.LOOKING_FOR_GROUP and time.monotonic() > deadline:
+                control.cancel()
+                raise TimeoutError(f"no groupmates within {self._find_group_timeout:.0f} s")
+            time.sleep(0.05)
+        return control.result()
+
+    def _state_metadata(self) -> dict[str, Any]:
+        return {"outer_step": self.outer_step}
+
+    # ---- joining -------------------------------------------------------------------------------------
+
+    def join(self) -> bool:
+        """Load the group's anchor, momentum and outer step from a member, if there is one."""
+        try:
+            loaded = self.state_averager.load_state_from_peers(timeout=self.cfg.join_timeout_s)
+        except Exception as e:  # a peer that vanished mid-download: start fresh instead
+            logger.warning("could not load the group's state: %s", e)
+            return False
+        if loaded is None:
+            return False
+        metadata, tensors = loaded[0], loaded[1]
+        n = len(self.anchor)
+        if not isinstance(metadata, dict) or len(tensors) != 2 * n or not self._shapes_match(tensors[:n]):
+            logger.warning("ignoring a group state that does not match this model")
+            return False
+        if not all(torch.isfinite(t).all() for t in tensors):
+            logger.warning("ignoring a group state with non-finite values")
+            return False
+        self._set_state(tensors[:n], tensors[n:])
+        step = metadata.get("outer_step")
+        self.outer_step = int(step) if isinstance(step, int) and step >= 0 else 0
+        logger.info("loaded the group's state at outer step %d", self.outer_step)
+        return True
+
+    def _shapes_match(self, tensors: Sequence[torch.Tensor]) -> bool:
+        return all(t.shape == a.shape for t, a in zip(tensors, self.anchor, strict=True))
+
+    @torch.no_grad()
+    def _set_state(self, anchor: Sequence[torch.Tensor], momentum: Sequence[torch.Tensor]) -> None:
+        with self.state_averager.get_tensors() as shared:
+            for dst, src in zip(shared, [*anchor, *momentum], strict=True):
+                dst.copy_(src)
+        for p, a in zip(self.params, self.anchor, strict=True):
+            p.copy_(a.to(p.device, p.dtype))
+
+    # ---- one outer step ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def outer_step_now(self, weight: float) -> RoundReport:
+        """Average the pseudo-gradient with the group and apply the outer step (or leave it on failure)."""
+        start = time.monotonic()
+        self.params_at_anchor = False
+        with self.delta_averager.get_tensors() as delta:
+            for d, a, p in zip(delta, self.anchor, self.params, strict=True):
+                d.copy_(a - p.detach().float().cpu())
+            finite = all(bool(torch.isfinite(d).all()) for d in delta)
+            checks = self._checks(delta) if finite else None
+        if checks is None:
+            self._reset_to_anchor()
+            return self._report(False, "non-finite pseudo-gradient: left out of the round", 0, start, weight)
+        gather = {
+            "step": self.outer_step,
+            "weight": weight,
+            "proj": checks.projections,
+            "sq": checks.sq_norms,
+        }
+        try:
+            gathered = self._run_round(self.delta_averager, gather=gather, weight=max(weight, 1e-6))
+        except TimeoutError as e:
+            return self._report(False, str(e), 0, start, weight)
+        except Exception as e:  # hivemind raises its own exception types when a round breaks
+            return self._report(False, f"averaging failed: {type(e).__name__}", 0, start, weight)
+        if not gathered:
+            return self._report(False, "no group formed", 0, start, weight)
+        with self.delta_averager.get_tensors() as delta:
+            problem = self._verify(delta, list(gathered.values()))
+            if problem is None:
+                self._apply(delta)
+        group_size = len(gathered)
+        if problem is not None:
+            return self._report(False, problem, group_size, start, weight)
+        steps = [
+            g["step"] for g in gathered.values() if isinstance(g, dict) and isinstance(g.get("step"), int)
+        ]
+        behind = bool(steps) and max(steps) > self.outer_step
+        self.outer_step = max([self.outer_step, *steps]) + 1
+        report = self._report(True, "", group_size, start, weight)
+        if behind:
+            logger.info("this member was behind the group; loading the group's state")
+            self.join()
+        elif self.outer_step % self.cfg.sync_every == 0:
+            self._sync_state()
+        return report
+
+    def _checks(self, delta: Sequence[torch.Tensor]) -> _Checks:
+        projections, sq_norms = [], []
+        for d, probe in zip(delta, self._probes, strict=True):
+            flat_d, flat_p = d.reshape(-1).double(), probe.reshape(-1).double()
+            for start in range(0, flat_d.numel(), CHUNK):
+                chunk = flat_d[start : start + CHUNK]
+                projections.append(float(chunk @ flat_p[start : start + CHUNK]))
+                sq_norms.append(float(chunk @ chunk))
+        return _Checks(projections, sq_norms)
+
+    def _verify(self, averaged: Sequence[torch.Tensor], gathered: list[Any]) -> str | None:
+        """``None`` if ``averaged`` is the weighted mean of what the members sent, else why not."""
+        if not all(bool(torch.isfinite(t).all()) for t in averaged):
+            return "the average is not finite: a member sent NaN/Inf"
+        members = [g for g in gathered if isinstance(g, dict)]
+        try:
+            weights = [float(g["weight"]) for g in members]
+            projections = [[float(x) for x in g["proj"]] for g in members]
+            sq_norms = [[float(x) for x in g["sq"]] for g in members]
+        except (KeyError, TypeError, ValueError):
+            return "a member sent malformed round metadata"
+        got = self._checks(averaged)
+        n_chunks = len(got.projections)
+        if len(members) != len(gathered) or any(
+            len(p) != n_chunks or len(q) != n_chunks for p, q in zip(projections, sq_norms, strict=True)
+        ):
+            return "a member's round metadata does not match this model"  # fmt: skip
+        total = sum(weights)
+        if not (total > 0 and all(math.isfinite(w) and w >= 0 for w in weights)):
+            return "members sent invalid weights"
+        error = WIRE_ERROR[self.cfg.compression]
+        for c in range(n_chunks):
+            expected = sum(w * p[c] for w, p in zip(weights, projections, strict=True)) / total
+            scale = max(math.sqrt(max(q[c], 0.0)) for q in sq_norms) + math.sqrt(got.sq_norms[c])
+            if not abs(got.projections[c] - expected) <= SIGMAS * error * scale + 1e-7 * (1 + abs(expected)):
+                return f"incomplete round: chunk {c} of the average does not match the members' inputs"
+        return None
+
+    def _apply(self, delta_avg: Sequence[torch.Tensor]) -> None:
+        """Nesterov SGD on the anchor with the averaged pseudo-gradient; every member does the same."""
+        lr, mu = self.cfg.outer_lr, self.cfg.outer_momentum
+        with self.state_averager.get_tensors() as shared:
+            n = len(self.anchor)
+            for a, m, d, p in zip(shared[:n], shared[n:], delta_avg, self.params, strict=True):
+                m.mul_(mu).add_(d)
+                a.sub_(d + mu * m, alpha=lr)
+                p.copy_(a.to(p.device, p.dtype))
+        self.params_at_anchor = True
+
+    def _reset_to_anchor(self) -> None:
+        with self.state_averager.get_tensors() as shared:
+            for p, a in zip(self.params, shared[: len(self.anchor)], strict=True):
+                p.copy_(a.to(p.device, p.dtype))
+        self.params_at_anchor = True
+
+    def _sync_state(self) -> None:
+        """Average anchors and momenta exactly, so that the members' lossy decodes do not drift apart."""
+        try:
+            done = self._run_round(self.state_averager)
+        except Exception as e:
+            logger.warning(
+                "state sync at outer step %d failed (%s); will retry next time", self.outer_step, e
+            )
+            return
+        if done:
+            self._reset_to_anchor()
+
+    def _report(self, ok: bool, reason: str, group_size: int, start: float, weight: float) -> RoundReport:
+        if ok:
+            self.rounds_ok += 1
+        else:
+            self.rounds_failed += 1
+            logger.warning("outer step %d not applied: %s", self.outer_step, reason)
+        with self.delta_averager.get_tensors() as delta:
+            sent = estimate_bytes_sent(delta, self.compression, group_size)
+        self.last_round = RoundReport(
+            outer_step=self.outer_step, ok=ok, reason=reason[:200], group_size=group_size,
+            duration_s=time.monotonic() - start, bytes_sent=sent, weight=float(weight), time=get_dht_time(),
+        )  # fmt: skip
+        return self.last_round
+
+    def anchor_state(self) -> list[torch.Tensor]:
+        """A copy of the anchor weights (for tests and drift reports)."""
+        with self.state_averager.get_tensors() as shared:
+            return [t.clone() for t in shared[: len(self.anchor)]]
+
+    def shutdown(self) -> None:
+        for averager in (self.delta_averager, self.state_averager):
+            if averager.is_alive():
+                averager.shutdown()
