@@ -48,6 +48,7 @@ class AdapterMetadata(BaseModel):
     samples: int = Field(ge=0)
     tokens: int = Field(ge=0)
     train_loss: float | None = None
+    outer_step: int | None = Field(default=None, description="the group's outer step the weights belong to")
     created_at: float = Field(default_factory=time.time)
     software_version: str = Field(default_factory=software_version)
     files: dict[str, str] = Field(default_factory=dict, description="file name -> sha256")

@@ -305,6 +305,7 @@ class ExpertNode:
             samples=trainer.samples,
             tokens=trainer.tokens,
             train_loss=self._last_loss,
+            outer_step=self.group.outer_step if self.group is not None else None,
         )
         ckpt = save_adapter(model, cfg.output_dir, meta)
         peak = peak_memory_bytes(device)
