@@ -81,6 +81,9 @@ def train_swarm(opts: DemoOptions, model_path: str) -> dict[str, list[Path]]:
     out = opts.out_dir
     ready = out / "coordinator.json"
     ready.unlink(missing_ok=True)
+    history = out / "history.sqlite3"  # this run's dashboard history, not an earlier demo's
+    for stale in out.glob("history.sqlite3*"):
+        stale.unlink()
     coord_log = out / "coordinator.log"
     coordinator = spawn(
         "cogen.coordinator.cli",
@@ -99,6 +102,8 @@ def train_swarm(opts: DemoOptions, model_path: str) -> dict[str, list[Path]]:
             "1",
             "--record-ttl-s",
             "30",
+            "--history-path",
+            str(history),
         ],
         coord_log,
     )

@@ -5,8 +5,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/bootstrap.sh"
 cd "$ROOT"
 export PATH="$ROOT/.venv/bin:$PATH"
-ruff check core node coordinator protocols tests bench
-ruff format --check core node coordinator protocols tests bench
+ruff check core node coordinator protocols tests bench scripts
+ruff format --check core node coordinator protocols tests bench scripts
 # from outside the source tree, so mypy reads the installed cogen.* (node/, coordinator/, protocols/ mapped in)
 (cd "$ROOT/build" && mypy --config-file "$ROOT/pyproject.toml" -p cogen)
 # the dashboard's browser test drives Debian's headless Chromium through Playwright
