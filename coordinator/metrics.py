@@ -10,7 +10,6 @@ thread (only ``cogen_node_*`` families, bounded size and time) and the collector
 from __future__ import annotations
 
 import logging
-import threading
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -21,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from cogen.coordinator.view import SwarmMonitor
+from cogen.periodic import PeriodicService
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ NODE_PREFIX = "cogen_node_"
 _MAX_BODY = 256 * 1024
 
 
-class NodeScraper:
+class NodeScraper(PeriodicService):
     """Fetches each online node's ``/metrics`` every ``interval_s``; ``start`` / ``stop`` / ``is_running``."""
 
     def __init__(self, monitor: SwarmMonitor, interval_s: float = 5.0, timeout_s: float = 1.0):
@@ -36,33 +36,15 @@ class NodeScraper:
         self.interval_s = interval_s
         self.timeout_s = timeout_s
         self.families: dict[str, list[Metric]] = {}  # peer id -> its cogen_node_* families
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        super().__init__("node-scraper", interval_s, run_first=False)
 
-    def start(self) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="node-scraper", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-
-    def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                self.scrape_once()
-            except Exception:
-                logger.warning("scraping node metrics failed", exc_info=True)
+    def tick(self) -> None:
+        self.scrape_once()
 
     def scrape_once(self) -> None:
         found: dict[str, list[Metric]] = {}
         for peer_id, url in self.monitor.metrics_urls().items():
-            if self._stop.is_set():
+            if self.stopping:
                 return
             try:
                 found[peer_id] = scrape(url, self.timeout_s)

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from cogen.coordinator.alerts import Alert, compute_alerts
 from cogen.coordinator.history import History, LossPoint, RoundRow
 from cogen.coordinator.schemas import AlertList, GenerationSummary, GroupSummary, LossSeries, RoundSummary
+from cogen.periodic import PeriodicService
 from cogen.protocols import PROTOCOL_VERSION, RECORD_SCHEMAS, NodeInfo, TrainingProgress, software_version
 from cogen.swarm import SwarmClient, owner_fingerprint
 
@@ -116,7 +117,7 @@ def _finite_or_none(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
-class SwarmMonitor:
+class SwarmMonitor(PeriodicService):
     """Polls the DHT every ``poll_interval_s``; ``start`` / ``stop`` / ``is_running``."""
 
     def __init__(
@@ -138,34 +139,15 @@ class SwarmMonitor:
         self._generations: list[GenerationSummary] = []
         self._seen_rounds: set[tuple[str, int, bool]] = set()
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        super().__init__("swarm-monitor", poll_interval_s)
         self._view: SwarmView | None = None
         self._last_prune = time.monotonic()
         self.polls = 0
         if history is not None:
             self._load_history(history)
 
-    def start(self) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="swarm-monitor", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-
-    def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.poll()
-            except Exception:  # a DHT hiccup must not kill the view
-                logger.warning("polling the swarm failed; retrying", exc_info=True)
-            self._stop.wait(self.poll_interval_s)
+    def tick(self) -> None:
+        self.poll()
 
     def _load_history(self, history: History) -> None:
         since = time.time() - history.retention_s
