@@ -181,15 +181,17 @@ class ExpertNode:
             for entry in self.client.fetch("nodes")
         )  # fmt: skip
 
-    def _outer_step(self, trainer: ExpertTrainer) -> None:
-        """Average with the group (blocking; bounded by the averaging timeout) and publish the result."""
+    def _outer_step(self, trainer: ExpertTrainer) -> bool:
+        """Average with the group (blocking; bounded by the averaging timeout) and publish the result.
+
+        Returns whether a round was attempted (False while no groupmate is online)."""
         assert self.client is not None and self.group is not None
         if not self._groupmates_online():
             if not self._alone_logged:
                 logger.info("%s: no other node trains this expert right now; training alone until one joins",
                             self.expert)  # fmt: skip
                 self._alone_logged = True
-            return  # the pseudo-gradient keeps accumulating until there is someone to average with
+            return False  # the pseudo-gradient keeps accumulating until there is someone to average with
         self._alone_logged = False
         self._announce("averaging")
         weight = float(trainer.samples - self._samples_at_outer)
@@ -207,6 +209,7 @@ class ExpertNode:
             report.group_size, report.duration_s, format_bytes(report.bytes_sent),
         )  # fmt: skip
         self._announce("training")
+        return True
 
     def _train(self, trainer: ExpertTrainer, device: torch.device) -> str:
         cfg = self.cfg
@@ -222,8 +225,8 @@ class ExpertNode:
             if self.metrics is not None:
                 self.metrics.observe_step(stats.loss, stats.samples, stats.tokens, stats.seconds)
             if self.group is not None and trainer.steps % self.cfg.group.inner_steps == 0:
-                self._outer_step(trainer)
-                last_announce = time.monotonic()
+                if self._outer_step(trainer):  # it re-announced this node twice
+                    last_announce = time.monotonic()
             self._window.append(stats.loss)
             self._window_samples += stats.samples
             self._window_time += stats.seconds

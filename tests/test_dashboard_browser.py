@@ -58,9 +58,9 @@ def test_dashboard_shows_the_live_swarm_and_a_killed_node_turning_stale(peers: P
     info = peers.start_coordinator(
         "--stale-after-s", "4", "--record-ttl-s", "6", "--history-path", str(tmp_path / "history.sqlite3")
     )
-    # one node per expert: each group has a single member, so no averaging rounds (--solo)
-    peers.start_node("node-medical", "medical", "--record-ttl-s", "6", "--solo")
-    peers.start_node("node-legal", "legal", "--record-ttl-s", "6", "--solo")
+    # one node per expert: each trains alone (no groupmate online, so no averaging rounds)
+    peers.start_node("node-medical", "medical", "--record-ttl-s", "6")
+    peers.start_node("node-legal", "legal", "--record-ttl-s", "6")
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
