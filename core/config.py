@@ -139,6 +139,11 @@ class GroupConfig(_Frozen):
         default=20.0, gt=0, description="how long a joining node looks for the group's state"
     )
     solo: bool = Field(default=False, description="train alone: no outer steps, no averaging")
+    overlap: bool = Field(
+        default=False,
+        description="average in the background while the next inner steps run, applying each outer step "
+        "one round late (off until bench/communication.py shows it holds the loss)",
+    )
 
 
 class NodeConfig(_Frozen):
@@ -205,3 +210,65 @@ class CoordinatorConfig(_Frozen):
     history_retention_s: float = Field(
         default=7 * 86400.0, gt=0, description="history of peers not heard from for this long is dropped"
     )
+
+
+class MergeConfig(_Frozen):
+    """``cogen-coordinator merge``: fuse expert checkpoints on disk into a new base, offline."""
+
+    experts: tuple[Path, ...] = Field(
+        default=(),
+        validate_default=True,
+        description="expert checkpoints: a node's output directory (with `latest`) or a checkpoint directory",
+    )
+    method: str = Field(default="ties", description="merge method: dare, dare_ties, linear, ties")
+    density: float = Field(
+        default=0.5, gt=0, le=1, description="fraction of each delta kept by ties / dare (1: keep all)"
+    )
+    seed: int = Field(default=0, ge=0, description="seed of DARE's random drops (per module, order-free)")
+    majority_sign: Literal["total", "frequency"] = Field(
+        default="total", description="how ties / dare_ties elect each parameter's sign"
+    )
+    weights: tuple[float, ...] = Field(
+        default=(),
+        description="one weight per expert, in --experts order (default: from the evaluation, else equal)",
+    )
+    out: Path = Field(
+        default=Path("runs/merged"), description="publish under OUT/generations/gen-N, with OUT/latest"
+    )
+    generation: int | None = Field(
+        default=None,
+        ge=1,
+        description="generation number to publish (default: one above the parent's and OUT's newest)",
+    )
+    model: str | None = Field(
+        default=None, description="base model the experts are merged into (default: the experts' own)"
+    )
+    eval_domains: tuple[str, ...] = Field(
+        default=(), description="evaluate base, experts and merge on these domains' validation splits"
+    )
+    eval_blocks: int = Field(default=8, ge=1, le=100_000, description="validation blocks per domain")
+    eval_block_size: int = Field(default=128, ge=8, le=32768, description="tokens per validation block")
+    identity: Path | None = Field(
+        default=None,
+        description="the coordinator's PEM private key, created on first use "
+        "(default: <cache dir>/coordinator-identity.pem)",
+    )
+    device: str = Field(default="cpu", description="torch device for merging and evaluation: cpu, cuda, auto")
+    cache_dir: Path | None = Field(
+        default=None,
+        description="where converted models are cached (default: $COGEN_CACHE_DIR or ~/.cache/cogen)",
+    )
+
+    @field_validator("experts")
+    @classmethod
+    def _some_experts(cls, value: tuple[Path, ...]) -> tuple[Path, ...]:
+        if not value:
+            raise ValueError("give at least one expert checkpoint directory")
+        return value
+
+    @field_validator("weights")
+    @classmethod
+    def _non_negative(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if not all(0 <= w < float("inf") for w in value):  # NaN fails every comparison
+            raise ValueError("weights must be finite and non-negative")
+        return value

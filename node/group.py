@@ -89,6 +89,17 @@ class _StateAverager(DecentralizedAverager):
 
 
 @dataclass
+class _Pending:
+    """A round in flight."""
+
+    control: Any  # hivemind StepControl
+    start: float
+    weight: float
+    total_samples: int
+    snapshot: list[torch.Tensor] | None  # the weights when it started, to keep the progress made since
+
+
+@dataclass
 class _Checks:
     projections: list[float]
     sq_norms: list[float]
@@ -104,7 +115,8 @@ class GroupAverager:
         self.rounds_ok = 0
         self.rounds_failed = 0
         self.last_round: RoundReport | None = None
-        self.params_at_anchor = True  # False while the weights hold progress not yet averaged
+        self._samples_at_anchor = 0  # samples behind the anchor: the next round's weight is the rest
+        self._pending: _Pending | None = None
         self.compression = wire_compression(cfg.compression, cfg.compression_threshold)
         with torch.no_grad():
             self.anchor = [p.detach().float().cpu().clone() for p in self.params]
@@ -144,18 +156,22 @@ class GroupAverager:
         return self.cfg.matchmaking_s * 2 + 5.0
 
     def _run_round(self, averager: DecentralizedAverager, **kwargs: Any) -> Any:
-        """One hivemind averaging round that gives up on matchmaking after the find-group timeout.
+        """One blocking hivemind averaging round (see :meth:`_wait`)."""
+        control = averager.step(timeout=self._find_group_timeout, allow_retries=False, wait=False, **kwargs)
+        return self._wait(control, time.monotonic() + self._find_group_timeout)
+
+    @staticmethod
+    def _wait(control: Any, deadline: float) -> Any:
+        """Wait for a round, giving up on matchmaking at ``deadline`` (monotonic time).
 
         hivemind's own ``timeout`` can overrun by up to the all-reduce timeout when no groupmate
-        shows up, so the round runs in the background and is cancelled if it is still looking for
-        a group when the deadline passes. Raises what the round raised; returns the gathered data.
+        shows up, so a round still looking for a group after the deadline is cancelled. Raises what
+        the round raised; returns the gathered data.
         """
-        control = averager.step(timeout=self._find_group_timeout, allow_retries=False, wait=False, **kwargs)
-        deadline = time.monotonic() + self._find_group_timeout
         while not control.done():
             if control.stage == AveragingStage.LOOKING_FOR_GROUP and time.monotonic() > deadline:
                 control.cancel()
-                raise TimeoutError(f"no groupmates within {self._find_group_timeout:.0f} s")
+                raise TimeoutError("no groupmates showed up in time")
             time.sleep(0.05)
         return control.result()
 
@@ -201,10 +217,30 @@ class GroupAverager:
     # ---- one outer step ------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def outer_step_now(self, weight: float) -> RoundReport:
-        """Average the pseudo-gradient with the group and apply the outer step (or leave it on failure)."""
+    def outer_step_now(self, total_samples: int) -> RoundReport:
+        """Average the pseudo-gradient with the group and apply the outer step now (blocking)."""
+        self.finish_round()  # a round still in flight from overlapped mode comes first
+        if self.begin_round(total_samples, keep_progress=False):
+            report = self.finish_round()
+            assert report is not None
+            return report
+        assert self.last_round is not None  # begin_round reported why it did not start
+        return self.last_round
+
+    def has_unaveraged(self, total_samples: int) -> bool:
+        """Whether the weights hold progress the group has not averaged yet (or a round is in flight)."""
+        return self._pending is not None or total_samples > self._samples_at_anchor
+
+    @torch.no_grad()
+    def begin_round(self, total_samples: int, keep_progress: bool = True) -> bool:
+        """Start averaging the pseudo-gradient in the background; training may go on meanwhile.
+
+        With ``keep_progress``, the inner steps taken while the round runs are kept: when it is
+        applied, the weights become the new anchor plus that progress (a one-round-delayed outer
+        step), and the progress counts in the next round. Returns whether a round was started.
+        """
         start = time.monotonic()
-        self.params_at_anchor = False
+        weight = float(total_samples - self._samples_at_anchor)
         with self.delta_averager.get_tensors() as delta:
             for d, a, p in zip(delta, self.anchor, self.params, strict=True):
                 d.copy_(a - p.detach().float().cpu())
@@ -212,15 +248,32 @@ class GroupAverager:
             checks = self._checks(delta) if finite else None
         if checks is None:
             self._reset_to_anchor()
-            return self._report(False, "non-finite pseudo-gradient: left out of the round", 0, start, weight)
+            self._samples_at_anchor = total_samples
+            self._report(False, "non-finite pseudo-gradient: left out of the round", 0, start, weight)
+            return False
         gather = {
             "step": self.outer_step,
             "weight": weight,
             "proj": checks.projections,
             "sq": checks.sq_norms,
         }
+        snapshot = [p.detach().float().cpu().clone() for p in self.params] if keep_progress else None
+        control = self.delta_averager.step(
+            gather=gather, weight=max(weight, 1e-6), timeout=self._find_group_timeout, allow_retries=False,
+            wait=False,
+        )  # fmt: skip
+        self._pending = _Pending(control, start, weight, total_samples, snapshot)
+        return True
+
+    @torch.no_grad()
+    def finish_round(self) -> RoundReport | None:
+        """Wait for the round in flight, verify it and apply it (or leave it); ``None`` if none was."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        start, weight = pending.start, pending.weight
         try:
-            gathered = self._run_round(self.delta_averager, gather=gather, weight=max(weight, 1e-6))
+            gathered = self._wait(pending.control, start + self._find_group_timeout)
         except TimeoutError as e:
             return self._report(False, str(e), 0, start, weight)
         except Exception as e:  # hivemind raises its own exception types when a round breaks
@@ -230,7 +283,14 @@ class GroupAverager:
         with self.delta_averager.get_tensors() as delta:
             problem = self._verify(delta, list(gathered.values()))
             if problem is None:
-                self._apply(delta)
+                progress = None
+                if pending.snapshot is not None:
+                    progress = [
+                        p.detach().float().cpu() - s
+                        for p, s in zip(self.params, pending.snapshot, strict=True)
+                    ]
+                self._apply(delta, progress)
+                self._samples_at_anchor = pending.total_samples
         group_size = len(gathered)
         if problem is not None:
             return self._report(False, problem, group_size, start, weight)
@@ -285,22 +345,26 @@ class GroupAverager:
                 return f"incomplete round: chunk {c} of the average does not match the members' inputs"
         return None
 
-    def _apply(self, delta_avg: Sequence[torch.Tensor]) -> None:
-        """Nesterov SGD on the anchor with the averaged pseudo-gradient; every member does the same."""
+    def _apply(
+        self, delta_avg: Sequence[torch.Tensor], progress: Sequence[torch.Tensor] | None = None
+    ) -> None:
+        """Nesterov SGD on the anchor with the averaged pseudo-gradient; every member does the same.
+        The weights become the new anchor, plus ``progress`` made while the round ran (if any)."""
         lr, mu = self.cfg.outer_lr, self.cfg.outer_momentum
         with self.state_averager.get_tensors() as shared:
             n = len(self.anchor)
-            for a, m, d, p in zip(shared[:n], shared[n:], delta_avg, self.params, strict=True):
+            for i, (a, m, d, p) in enumerate(
+                zip(shared[:n], shared[n:], delta_avg, self.params, strict=True)
+            ):
                 m.mul_(mu).add_(d)
                 a.sub_(d + mu * m, alpha=lr)
-                p.copy_(a.to(p.device, p.dtype))
-        self.params_at_anchor = True
+                new = a if progress is None else a + progress[i]
+                p.copy_(new.to(p.device, p.dtype))
 
     def _reset_to_anchor(self) -> None:
         with self.state_averager.get_tensors() as shared:
             for p, a in zip(self.params, shared[: len(self.anchor)], strict=True):
                 p.copy_(a.to(p.device, p.dtype))
-        self.params_at_anchor = True
 
     def _sync_state(self) -> None:
         """Average anchors and momenta exactly, so that the members' lossy decodes do not drift apart."""
@@ -334,6 +398,9 @@ class GroupAverager:
             return [t.clone() for t in shared[: len(self.anchor)]]
 
     def shutdown(self) -> None:
+        if self._pending is not None:  # leave a round in flight: the others complete it without us
+            self._pending.control.cancel()
+            self._pending = None
         for averager in (self.delta_averager, self.state_averager):
             if averager.is_alive():
                 averager.shutdown()

@@ -73,7 +73,6 @@ class ExpertNode:
         self._window_samples, self._window_time = 0, 0.0
         self._last_loss: float | None = None
         self.group: GroupAverager | None = None
-        self._samples_at_outer = 0
         self._alone_logged = False
         self.metrics: NodeMetrics | None = None
         self.metrics_url: str | None = None
@@ -147,8 +146,8 @@ class ExpertNode:
             self.group = self._join_group(model)
             self._announce("training")
             reason = self._train(trainer, device)
-            if self.group is not None and reason != "stopped" and trainer.samples > self._samples_at_outer:
-                self._outer_step(trainer)  # end on an outer step, so the group's members agree
+            if self.group is not None and reason != "stopped" and self.group.has_unaveraged(trainer.samples):
+                self._outer_step(trainer, final=True)  # end on an outer step, so the group's members agree
             self._announce("stopping")
             return self._finish(model, trainer, device, reason)
         finally:
@@ -181,7 +180,7 @@ class ExpertNode:
             for entry in self.client.fetch("nodes")
         )  # fmt: skip
 
-    def _outer_step(self, trainer: ExpertTrainer) -> bool:
+    def _outer_step(self, trainer: ExpertTrainer, final: bool = False) -> bool:
         """Average with the group (blocking; bounded by the averaging timeout) and publish the result.
 
         Returns whether a round was attempted (False while no groupmate is online)."""
@@ -194,10 +193,14 @@ class ExpertNode:
             return False  # the pseudo-gradient keeps accumulating until there is someone to average with
         self._alone_logged = False
         self._announce("averaging")
-        weight = float(trainer.samples - self._samples_at_outer)
-        report = self.group.outer_step_now(weight)
-        if self.group.params_at_anchor:  # applied, or reset: the next pseudo-gradient starts here
-            self._samples_at_outer = trainer.samples
+        if self.cfg.group.overlap and not final:
+            report = self.group.finish_round()  # the round started H inner steps ago
+            self.group.begin_round(trainer.samples)
+            if report is None:  # the first round is only starting
+                self._announce("training")
+                return True
+        else:
+            report = self.group.outer_step_now(trainer.samples)
         self.client.publish("groups", GroupProgress(
             peer_id=self.client.peer_id, expert=self.expert, outer_step=self.group.outer_step,
             inner_steps=self.cfg.group.inner_steps, compression=self.cfg.group.compression,
@@ -224,9 +227,9 @@ class ExpertNode:
             stats = trainer.step()
             if self.metrics is not None:
                 self.metrics.observe_step(stats.loss, stats.samples, stats.tokens, stats.seconds)
-            if self.group is not None and trainer.steps % self.cfg.group.inner_steps == 0:
-                if self._outer_step(trainer):  # it re-announced this node twice
-                    last_announce = time.monotonic()
+            at_boundary = self.group is not None and trainer.steps % self.cfg.group.inner_steps == 0
+            if at_boundary and self._outer_step(trainer):  # it re-announced this node
+                last_announce = time.monotonic()
             self._window.append(stats.loss)
             self._window_samples += stats.samples
             self._window_time += stats.seconds

@@ -59,10 +59,10 @@ def make_group() -> Iterator:
 
 
 def _step_all(members: list[Member], weights: list[float]) -> list[RoundReport]:
+    """One blocking outer step on every member at once; ``weights`` = samples since the last one."""
+    totals = [m.group._samples_at_anchor + int(w) for m, w in zip(members, weights, strict=True)]
     with ThreadPoolExecutor(len(members)) as pool:
-        return list(
-            pool.map(lambda mw: mw[0].group.outer_step_now(mw[1]), zip(members, weights, strict=True))
-        )
+        return list(pool.map(lambda mt: mt[0].group.outer_step_now(mt[1]), zip(members, totals, strict=True)))
 
 
 def _deltas(seed: int) -> list[torch.Tensor]:
@@ -170,3 +170,29 @@ def test_byte_estimate_reflects_the_wire_format() -> None:
     assert fp32 == 4 << 16  # half out, half back, 4 bytes per element
     assert estimate_bytes_sent(tensors, wire_compression("8bit", 4096), 2) == fp32 // 4
     assert estimate_bytes_sent(tensors, wire_compression("8bit", 4096), 1) == 0
+
+
+def test_overlapped_rounds_keep_the_progress_made_while_averaging(make_group) -> None:
+    members = make_group(2, "overlap", compression="none")
+    deltas = [_deltas(seed) for seed in (1, 2)]
+    for member, delta in zip(members, deltas, strict=True):
+        member.train(delta)
+    with ThreadPoolExecutor(2) as pool:
+        assert all(pool.map(lambda m: m.group.begin_round(10), members))
+    # training goes on while the round runs: each member moves its weights a little more
+    progress = [_deltas(seed + 10) for seed in (1, 2)]
+    for member, extra in zip(members, progress, strict=True):
+        with torch.no_grad():
+            for p, e in zip(member.params, extra, strict=True):
+                p.sub_(e)
+    with ThreadPoolExecutor(2) as pool:
+        reports = list(pool.map(lambda m: m.group.finish_round(), members))
+    assert all(r is not None and r.ok and r.group_size == 2 for r in reports), reports
+    anchor = _expected_anchor(deltas, [10.0, 10.0], members[0].group.cfg)
+    for member, extra in zip(members, progress, strict=True):
+        for got, want in zip(member.group.anchor_state(), anchor, strict=True):
+            assert torch.allclose(got, want, atol=1e-5)
+        for p, a, e in zip(member.params, anchor, extra, strict=True):
+            assert torch.allclose(p.detach(), a - e, atol=1e-5)  # new anchor + the progress made meanwhile
+        assert not member.group.has_unaveraged(10)  # the anchor holds all samples up to the round start
+        assert member.group.has_unaveraged(11)  # later samples go into the next round

@@ -30,10 +30,11 @@ def _weights(peers: Peers, name: str) -> dict[str, torch.Tensor]:
     return load_file(ckpt / "adapter_model.safetensors")
 
 
-def test_group_members_end_with_the_same_weights(peers: Peers) -> None:
+@pytest.mark.parametrize("overlap", ["--no-overlap", "--overlap"])
+def test_group_members_end_with_the_same_weights(peers: Peers, overlap: str) -> None:
     peers.start_coordinator()
     for name in ("med-a", "med-b"):
-        peers.start_node(name, "medical", *GROUP_ARGS, "--max-steps", "8", "--compression", "none")
+        peers.start_node(name, "medical", *GROUP_ARGS, "--max-steps", "8", "--compression", "none", overlap)
     for name in ("med-a", "med-b"):
         assert peers.wait_exit(name, 120) == 0, tail(peers.log(name))
     rounds = {name: _applied(peers, name) for name in ("med-a", "med-b")}
