@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,11 +39,14 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture(scope="session", autouse=True)
 def reap_children() -> Iterator[None]:
-    """Kill any child process a test left running (and fail loudly about it)."""
+    """Kill any child process a test left running, and say which."""
     yield
-    leftovers = psutil.Process().children(recursive=True)
+    # torch's shared-memory manager (started for averaged tensors) belongs to this process and exits
+    # with it; killing it makes torch abort at interpreter exit
+    leftovers = [c for c in psutil.Process().children(recursive=True) if c.name() != "torch_shm_manager"]
     for child in leftovers:
         with contextlib.suppress(psutil.NoSuchProcess):
+            print(f"reaping a stray child process: {child.pid} {child.name()}", file=sys.stderr)
             child.kill()
     psutil.wait_procs(leftovers, timeout=10)
 
