@@ -1,15 +1,18 @@
 """``cogen-coordinator``: start (or join) a swarm, watch it and serve its dashboard, API and metrics.
 
 ``cogen dashboard`` runs the same service as a read-only observer peer (:func:`dashboard_main`).
+``cogen-coordinator merge ...`` merges expert checkpoints on disk into a new base, offline
+(:func:`merge_main`).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import threading
 
 from cogen.cli_common import run_main, stop_on_signals
-from cogen.config import CoordinatorConfig
+from cogen.config import CoordinatorConfig, MergeConfig
 from cogen.coordinator.service import Coordinator
 from cogen.exit_codes import ExitCode
 from cogen.settings import ConfigError, add_config_arguments, build_config
@@ -56,7 +59,51 @@ def _run(argv: list[str] | None, observer: bool) -> int:
     return run_main(command, body)
 
 
+def build_merge_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cogen-coordinator merge",
+        description="Merge expert checkpoints on disk into a new base, offline: verify the experts, "
+        "optionally evaluate the base and each expert on domains' validation splits (their weights then "
+        "come from the ranking), merge their LoRA deltas with a method (dare, dare_ties, linear, ties), "
+        "and publish OUT/generations/gen-N (a Hugging Face checkpoint plus a signed manifest.json) with "
+        "OUT/latest pointing at it.",
+    )
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING, ERROR (env COGEN_LOG_LEVEL)")
+    add_config_arguments(parser, MergeConfig)
+    return parser
+
+
+def _register_merge_failures() -> None:
+    """Exit codes of the merge's own errors (imported lazily: the swarm service does not need PEFT)."""
+    from cogen.cli_common import FAILURES, register_failure
+    from cogen.coordinator.merging import ManifestError, MergeError
+    from cogen.coordinator.merging.registry import UnknownMethodError
+
+    if not any(exc is MergeError for exc, _, _ in FAILURES):
+        register_failure(UnknownMethodError, ExitCode.CONFIG, "bad configuration")
+        register_failure(MergeError, ExitCode.DATA, "merge")
+        register_failure(ManifestError, ExitCode.DATA, "manifest")
+
+
+def merge_main(argv: list[str] | None = None) -> int:
+    """``cogen-coordinator merge``: parse, build :class:`MergeConfig`, run ``merge_experts``."""
+    args = build_merge_parser().parse_args(argv)
+
+    def body() -> int:
+        setup_logging(args.log_level)
+        from cogen.coordinator.merging import merge_experts
+
+        _register_merge_failures()
+        merge_experts(build_config(MergeConfig, args))
+        return ExitCode.OK
+
+    return run_main("cogen-coordinator merge", body)
+
+
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["merge"]:
+        return merge_main(args[1:])
     return _run(argv, observer=False)
 
 

@@ -75,7 +75,8 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in directory ``path`` durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -101,15 +102,21 @@ def save_adapter(model: Any, out_dir: Path, metadata: AdapterMetadata, keep: int
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(ckpt_root)
+        fsync_dir(ckpt_root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    link_tmp = Path(out_dir) / f".latest-{os.getpid()}"
-    link_tmp.unlink(missing_ok=True)
-    os.symlink(os.path.relpath(final, out_dir), link_tmp)
-    os.replace(link_tmp, Path(out_dir) / "latest")
+    swap_symlink(Path(out_dir) / "latest", final)
     _prune(ckpt_root, keep, final)
     return final
+
+
+def swap_symlink(link: Path, target: Path) -> None:
+    """Point ``link`` at ``target`` (relative), atomically: readers see the old or the new target."""
+    link_tmp = link.parent / f".{link.name}-{os.getpid()}"
+    link_tmp.unlink(missing_ok=True)
+    os.symlink(os.path.relpath(target, link.parent), link_tmp)
+    os.replace(link_tmp, link)
+    fsync_dir(link.parent)
 
 
 def _prune(ckpt_root: Path, keep: int, current: Path) -> None:

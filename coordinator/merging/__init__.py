@@ -1,0 +1,35 @@
+"""Merging experts into the next base, offline or for the coordinator (issue 5).
+
+- ``registry.py`` — :class:`MergeMethod` (ABC), :func:`register` / :func:`get`, :class:`MergeError`
+- ``linear.py``, ``ties.py``, ``dare.py`` — the built-in methods (``linear``, ``ties``, ``dare``,
+  ``dare_ties``), each a thin wrapper of PEFT's ``peft.utils.merge_utils``
+- ``experts.py`` — find and verify expert checkpoints, stream their dense LoRA deltas module by module
+- ``weights.py`` — :class:`EvalMatrix`, per-expert weights and per-domain ranking from it
+- ``evaluate.py`` — validation losses of the base, each expert and the merge on each domain
+- ``manifest.py`` — the signed :class:`Manifest`, the coordinator's :class:`Identity` key,
+  :func:`verify_manifest`
+- ``publish.py`` — write a generation (HF checkpoint + manifest) atomically and swap ``OUT/latest``
+- ``merge.py`` — :func:`merge_experts`, the whole offline pipeline behind ``cogen-coordinator merge``
+"""
+
+from cogen.coordinator.merging import dare, linear, ties  # noqa: F401 - register the built-in methods
+from cogen.coordinator.merging.manifest import Identity, Manifest, ManifestError, verify_manifest
+from cogen.coordinator.merging.merge import merge_experts
+from cogen.coordinator.merging.registry import MergeError, MergeMethod, MergeParams, get, known, register
+from cogen.coordinator.merging.weights import EvalMatrix, ranking_weights
+
+__all__ = [
+    "EvalMatrix",
+    "Identity",
+    "Manifest",
+    "ManifestError",
+    "MergeError",
+    "MergeMethod",
+    "MergeParams",
+    "get",
+    "known",
+    "merge_experts",
+    "ranking_weights",
+    "register",
+    "verify_manifest",
+]

@@ -1,0 +1,105 @@
+"""Publish a merged base: a Hugging Face checkpoint plus its signed manifest, written atomically.
+
+Layout::
+
+    OUT/generations/gen-000001/   model.safetensors, config.json, generation_config.json,
+                                  tokenizer files, manifest.json
+    OUT/latest -> generations/gen-000001      (symlink, swapped atomically)
+
+A generation is written into a hidden temporary directory next to its final place, every file is
+fsynced, the directory is renamed into place, and only then does ``latest`` move: a crash at any
+moment leaves ``latest`` on the previous, complete generation. Published generations are never
+overwritten.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from cogen.checkpoint import fsync_dir, sha256_file, swap_symlink, write_json_atomic
+from cogen.coordinator.merging.manifest import (
+    MANIFEST_FILE,
+    Identity,
+    Manifest,
+    file_hashes,
+    sign_manifest,
+    verify_manifest,
+)
+from cogen.coordinator.merging.registry import MergeError
+
+logger = logging.getLogger(__name__)
+
+GENERATIONS = "generations"
+LATEST = "latest"
+_GEN_DIR = re.compile(r"^gen-(\d{6,})$")
+
+
+def generation_dir(out: Path, generation: int) -> Path:
+    return Path(out) / GENERATIONS / f"gen-{generation:06d}"
+
+
+def newest_generation(out: Path) -> int:
+    """The highest generation number published under ``out`` (0: none)."""
+    root = Path(out) / GENERATIONS
+    numbers = [
+        int(m.group(1))
+        for p in (root.iterdir() if root.is_dir() else [])
+        if (m := _GEN_DIR.match(p.name)) and (p / MANIFEST_FILE).is_file()
+    ]
+    return max(numbers, default=0)
+
+
+def latest_generation(out: Path) -> Path | None:
+    """The generation directory ``OUT/latest`` points at, or ``None``."""
+    link = Path(out) / LATEST
+    return link.resolve() if link.exists() else None
+
+
+def parent_info(model_path: str) -> tuple[int, dict[str, str], str | None]:
+    """A base's generation, the sha256 of its weight files and of its manifest (when local).
+
+    A base published by cogen (it holds a manifest) must verify: a tampered parent is refused.
+    """
+    path = Path(model_path)
+    if not path.is_dir():
+        return 0, {}, None  # a hub id: nothing local to hash
+    files = {p.name: sha256_file(p) for p in sorted(path.glob("*.safetensors"))}
+    if not (path / MANIFEST_FILE).is_file():
+        return 0, files, None
+    return verify_manifest(path).generation, files, sha256_file(path / MANIFEST_FILE)
+
+
+def publish(model: Any, tokenizer: Any, out: Path, manifest: Manifest, identity: Identity) -> Path:
+    """Write ``model`` + ``tokenizer`` and the signed ``manifest`` as generation ``manifest.generation``.
+
+    The manifest's ``files`` are filled in here; returns the generation directory.
+    """
+    out = Path(out)
+    final = generation_dir(out, manifest.generation)
+    if final.exists():
+        raise MergeError(f"generation {manifest.generation} is already published at {final}")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        signed = sign_manifest(manifest.model_copy(update={"files": file_hashes(tmp)}), identity)
+        write_json_atomic(tmp / MANIFEST_FILE, signed.model_dump(mode="json"))
+        for p in tmp.rglob("*"):
+            if p.is_file():
+                with open(p, "rb") as handle:
+                    os.fsync(handle.fileno())
+        tmp.chmod(0o755)  # mkdtemp made it private; a published base is for everyone to read
+        os.rename(tmp, final)
+        fsync_dir(final.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    swap_symlink(out / LATEST, final)
+    logger.info("published generation %d at %s", manifest.generation, final)
+    return final

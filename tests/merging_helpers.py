@@ -1,0 +1,38 @@
+"""Expert checkpoints for the merging tests: seeded LoRA adapters on the tiny model, saved for real."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from cogen import models
+from cogen.checkpoint import AdapterMetadata, save_adapter
+from cogen.config import ModelConfig
+
+CPU = torch.device("cpu")
+
+
+def make_expert(
+    tiny_path: str,
+    out_dir: Path,
+    seed: int,
+    *,
+    expert: str = "medical",
+    base_model: str = "tiny",
+    targets: tuple[str, ...] = ("q_proj", "v_proj", "down_proj"),
+    std: float = 0.05,
+) -> Path:
+    """A LoRA adapter on the tiny model with seeded random A and B, saved as a cogen checkpoint."""
+    model = models.add_lora(
+        models.load_base(tiny_path, "fp32", CPU), ModelConfig(lora_rank=4, lora_targets=targets), seed=seed
+    )
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in models.trainable_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=generator) * std)
+    meta = AdapterMetadata(
+        expert=expert, base_model=base_model, precision="fp32", steps=3, samples=12, tokens=384
+    )
+    save_adapter(model, out_dir, meta)
+    return out_dir

@@ -1,0 +1,207 @@
+"""Merging experts: the method registry, PEFT parity, weights from a ranking, publishing, the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from merging_helpers import CPU, make_expert
+from peft.utils import merge_utils
+
+from cogen import models
+from cogen.checkpoint import load_adapter
+from cogen.config import MergeConfig
+from cogen.coordinator.merging import EvalMatrix, MergeError, ranking_weights, registry, verify_manifest
+from cogen.coordinator.merging.dare import module_seed
+from cogen.coordinator.merging.experts import dense_delta, iter_deltas, load_experts
+from cogen.coordinator.merging.merge import merge_experts
+from cogen.coordinator.merging.publish import generation_dir
+from cogen.coordinator.merging.weights import ranking
+
+
+@pytest.fixture(scope="module")
+def experts(tiny_path: str, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    root = tmp_path_factory.mktemp("experts")
+    return [
+        make_expert(tiny_path, root / "medical", 1, expert="medical"),
+        make_expert(tiny_path, root / "legal", 2, expert="legal"),
+    ]
+
+
+def first_module(paths: list[Path]) -> tuple[str, list[torch.Tensor]]:
+    return next(iter_deltas(load_experts(paths)))
+
+
+def cfg(tmp_path: Path, experts: list[Path], **kw: object) -> MergeConfig:
+    return MergeConfig.model_validate(
+        {"experts": experts, "out": tmp_path / "out", "identity": tmp_path / "id.pem", "device": "cpu", **kw}
+    )
+
+
+def test_registry_names_and_errors() -> None:
+    assert registry.known() == ["dare", "dare_ties", "linear", "ties"]
+    with pytest.raises(ValueError, match=r"^unknown merge method 'x'; known: dare, dare_ties, linear, ties$"):
+        registry.get("x")
+    with pytest.raises(MergeError, match="already registered"):
+        registry.register("ties", registry.get("linear"))
+    with pytest.raises(MergeError, match="density"):
+        registry.create("ties", registry.MergeParams(density=0.0))
+
+
+def test_dense_delta_equals_peft_delta_weight(tiny_path: str, experts: list[Path]) -> None:
+    expert = load_experts(experts[:1])[0]
+    peft_model = load_adapter(models.load_base(tiny_path, "fp32", CPU), expert.path)
+    layer = peft_model.get_submodule("base_model.model.model.layers.1.self_attn.v_proj")
+    from safetensors import safe_open
+
+    with safe_open(str(expert.path / "adapter_model.safetensors"), framework="pt") as handle:
+        ours = dense_delta(handle, expert, "model.layers.1.self_attn.v_proj")
+    assert torch.allclose(ours, layer.get_delta_weight("default"), atol=1e-7)
+
+
+def test_linear_selects_and_averages(experts: list[Path]) -> None:
+    module, (d1, d2) = first_module(experts)
+    linear = registry.create("linear")
+    assert torch.equal(linear.merge(module, d1, [d1, d2], torch.tensor([1.0, 0.0])), d1)
+    assert torch.allclose(linear.merge(module, d1, [d1, d2], torch.tensor([3.0, 3.0])), (d1 + d2) / 2)
+
+
+def test_ties_and_dare_match_peft_and_dare_is_seeded(experts: list[Path]) -> None:
+    module, deltas = first_module(experts)
+    w = torch.tensor([1.0, 3.0])
+    params = registry.MergeParams(density=0.3, seed=7)
+    ties = registry.create("ties", params).merge(module, deltas[0], deltas, w)
+    assert torch.equal(ties, merge_utils.ties(deltas, w * 2 / 4, 0.3))  # weights rescaled to mean 1
+    for name, peft_fn, scaled in [
+        ("dare", merge_utils.dare_linear, w / 4),
+        ("dare_ties", merge_utils.dare_ties, w * 2 / 4),
+    ]:
+        ours = registry.create(name, params).merge(module, deltas[0], deltas, w)
+        with torch.random.fork_rng():
+            torch.manual_seed(module_seed(7, module))
+            assert torch.equal(ours, peft_fn(deltas, scaled, 0.3))
+        torch.manual_seed(123)  # the global generator's state does not matter
+        assert torch.equal(ours, registry.create(name, params).merge(module, deltas[0], deltas, w))
+        other = registry.create(name, registry.MergeParams(density=0.3, seed=8))
+        assert not torch.equal(ours, other.merge(module, deltas[0], deltas, w))
+
+
+def test_ranking_weights_leave_out_an_expert_worse_everywhere() -> None:
+    matrix = EvalMatrix(
+        domains=["medical", "legal"],
+        tokens_per_domain={"medical": 64, "legal": 64},
+        base={"medical": 4.0, "legal": 5.0},
+        experts={
+            "medical": {"medical": 3.0, "legal": 5.5},  # better on its domain, worse elsewhere
+            "legal": {"medical": 4.2, "legal": 4.0},
+            "broken": {"medical": 4.5, "legal": None},  # worse / not finite everywhere
+        },
+    )
+    weights = ranking_weights(matrix)
+    assert weights == {"medical": pytest.approx(0.25), "legal": pytest.approx(0.2), "broken": 0.0}
+    assert ranking(matrix) == {
+        "medical": ["medical", "legal", "broken"],
+        "legal": ["legal", "medical", "broken"],
+    }
+
+
+def test_published_base_loads_and_equals_base_plus_merged_delta(
+    tmp_path: Path, tiny_path: str, experts: list[Path]
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    final = merge_experts(cfg(tmp_path, experts, method="ties", density=0.4, weights=(1.0, 2.0)))
+    assert final == generation_dir(tmp_path / "out", 1) and (tmp_path / "out/latest").resolve() == final
+    manifest = verify_manifest(final)
+    assert manifest.method == "ties" and manifest.parent.model == "tiny" and manifest.parent.generation == 0
+    assert [(e.name, e.weight) for e in manifest.experts] == [("medical", 1.0), ("legal", 2.0)]
+    merged = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32)
+    base = models.load_base(tiny_path, "fp32", CPU)
+    ties = registry.create("ties", registry.MergeParams(density=0.4))
+    for module, deltas in iter_deltas(load_experts(experts)):
+        expected = base.get_parameter(f"{module}.weight") + ties.merge(
+            module, deltas[0], deltas, torch.tensor([1.0, 2.0])
+        )
+        assert torch.allclose(merged.get_parameter(f"{module}.weight"), expected, atol=1e-6), module
+    untouched = "model.layers.0.self_attn.k_proj.weight"  # not adapted by the experts
+    assert torch.equal(merged.get_parameter(untouched), base.get_parameter(untouched))
+    # a second merge of the same base becomes the next generation
+    again = merge_experts(cfg(tmp_path, experts, method="linear", weights=(1.0, 0.0)))
+    assert again == generation_dir(tmp_path / "out", 2) and verify_manifest(again).experts[1].weight == 0.0
+    # merging into a published generation records it as the parent
+    child = verify_manifest(merge_experts(cfg(tmp_path, experts, method="linear", model=str(final))))
+    assert child.generation == 3 and child.parent.generation == 1 and child.parent.manifest_sha256
+
+
+def test_evaluation_goes_into_the_manifest(tmp_path: Path, experts: list[Path]) -> None:
+    final = merge_experts(
+        cfg(tmp_path, experts, method="dare", weights=(1.0, 1.0), eval_domains=("medical",), eval_blocks=2,
+            eval_block_size=32)
+    )  # fmt: skip
+    evaluation = verify_manifest(final).evaluation
+    assert evaluation is not None and evaluation.merged is not None
+    assert set(evaluation.experts) == {"medical", "legal"} and evaluation.tokens_per_domain == {"medical": 64}
+    assert sorted(verify_manifest(final).ranking["medical"]) == ["legal", "medical"]
+
+
+class _FailsMidway(registry.MergeMethod):
+    name = "test-fails-midway"
+    calls = 0
+
+    def merge(
+        self, module: str, base: torch.Tensor, deltas: list[torch.Tensor], weights: torch.Tensor
+    ) -> torch.Tensor:
+        type(self).calls += 1
+        if type(self).calls > 2:
+            raise RuntimeError("crash in the middle of the merge")
+        return deltas[0]
+
+
+def test_a_failed_merge_leaves_latest_on_the_previous_generation(tmp_path: Path, experts: list[Path]) -> None:
+    first = merge_experts(cfg(tmp_path, experts, method="linear"))
+    registry.register(_FailsMidway.name, _FailsMidway)
+    try:
+        with pytest.raises(RuntimeError, match="crash in the middle"):
+            merge_experts(cfg(tmp_path, experts, method=_FailsMidway.name))
+    finally:
+        registry.unregister(_FailsMidway.name)
+    with pytest.raises(MergeError, match="already published"):
+        merge_experts(cfg(tmp_path, experts, method="linear", generation=1))
+    assert (tmp_path / "out/latest").resolve() == first
+    assert sorted(p.name for p in (tmp_path / "out/generations").iterdir()) == ["gen-000001"]
+    verify_manifest(first)
+
+
+def test_incompatible_experts_are_refused(tmp_path: Path, tiny_path: str, experts: list[Path]) -> None:
+    other_base = make_expert(tiny_path, tmp_path / "other", 3, base_model="smollm2-135m")
+    with pytest.raises(MergeError, match="different base models"):
+        load_experts([experts[0], other_base])
+    other_modules = make_expert(tiny_path, tmp_path / "mods", 4, targets=("q_proj",))
+    with pytest.raises(MergeError, match="adapt different modules"):
+        load_experts([experts[0], other_modules])
+    with pytest.raises(MergeError, match="does not exist"):
+        load_experts([tmp_path / "nowhere"])
+
+
+def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COGEN_LOG_LEVEL": "WARNING"}
+    return subprocess.run(
+        [sys.executable, "-m", "cogen.coordinator.cli", "merge", *args],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_cli_merges_end_to_end_and_names_the_known_methods(tmp_path: Path, experts: list[Path]) -> None:
+    common = ["--experts", *map(str, experts), "--identity", "id.pem", "--out", "merged"]
+    done = _cli(tmp_path, *common, "--method", "dare_ties", "--density", "0.2", "--seed", "0")
+    assert done.returncode == 0, done.stderr
+    assert "published generation 1" in done.stdout
+    verify_manifest(tmp_path / "merged/latest")
+    bad = _cli(tmp_path, *common, "--method", "nope")
+    lines = [line for line in bad.stderr.splitlines() if "nope" in line]
+    assert bad.returncode == 2 and len(lines) == 1, bad.stderr
+    assert lines[0].endswith("unknown merge method 'nope'; known: dare, dare_ties, linear, ties")
