@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
+import urllib.request
 from pathlib import Path
 
 import hivemind
 import pytest
 from conftest import Peers
 from hivemind.utils import get_dht_time
+from prometheus_client.parser import text_string_to_metric_families
 
 from cogen.checkpoint import latest_checkpoint, read_metadata
 from cogen.config import NetworkConfig
@@ -18,6 +20,11 @@ from cogen.protocols import swarm_key
 from cogen.swarm import SwarmClient
 
 pytestmark = pytest.mark.slow
+
+
+def _get_text(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode()
 
 
 def _peers_by_expert(snapshot: dict) -> dict[str, dict]:
@@ -36,7 +43,7 @@ def _snapshot_if_trained(peers: Peers, experts: set[str]) -> dict | None:
 
 def test_two_nodes_appear_with_progress_and_stop_cleanly(peers: Peers) -> None:
     peers.start_coordinator()
-    peers.start_node("node-medical", "medical")
+    peers.start_node("node-medical", "medical", "--metrics-port", "0")
     peers.start_node("node-legal", "legal")
     snap = wait_for(
         lambda: _snapshot_if_trained(peers, {"medical", "legal"}),
@@ -55,6 +62,17 @@ def test_two_nodes_appear_with_progress_and_stop_cleanly(peers: Peers) -> None:
     assert by_expert["medical"]["peer_id"] != by_expert["legal"]["peer_id"]
     assert {e["expert"] for e in snap["experts"]} == {"medical", "legal"}
     assert snap["peers_online"] == 2
+
+    # the medical node serves its own /metrics; the coordinator scrapes it and re-exposes it per peer
+    medical_id = by_expert["medical"]["id"]
+
+    def scraped() -> str | None:
+        text = _get_text(peers.coordinator_info["api_url"] + "/metrics")
+        return text if f'peer="{medical_id}"' in text and "cogen_node_steps_total" in text else None
+
+    text = wait_for(scraped, 60, "node metrics in the coordinator's /metrics", interval_s=0.5)
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert "cogen_node_steps" in families or "cogen_node_steps_total" in families
 
     # SIGTERM: the node finishes its step, saves its adapter and exits 0 within seconds
     started = time.monotonic()
