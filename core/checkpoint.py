@@ -90,6 +90,7 @@ def save_adapter(model: Any, out_dir: Path, metadata: AdapterMetadata, keep: int
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{metadata.steps:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=ckpt_root))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is meant to be shared
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         (tmp / "README.md").unlink(missing_ok=True)
