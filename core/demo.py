@@ -76,7 +76,7 @@ def _progress_line(snapshot: dict[str, Any]) -> str:
     )
 
 
-def train_swarm(opts: DemoOptions, model_path: str) -> dict[str, list[Path]]:
+def train_swarm(opts: DemoOptions) -> dict[str, list[Path]]:
     """Run the coordinator and the nodes; return each domain's saved expert checkpoint."""
     out = opts.out_dir
     ready = out / "coordinator.json"
@@ -124,7 +124,7 @@ def train_swarm(opts: DemoOptions, model_path: str) -> dict[str, list[Path]]:
                     "--expert",
                     domain,
                     "--model",
-                    model_path,
+                    opts.model,  # the name (already resolved and cached above), so checkpoints record it
                     "--precision",
                     opts.precision,
                     "--block-size",
@@ -245,7 +245,7 @@ def run_demo(opts: DemoOptions) -> list[DomainResult]:
         flush=True,
     )
     model_path = models.resolve_model(opts.model)
-    checkpoints = train_swarm(opts, model_path)
+    checkpoints = train_swarm(opts)
     print("training done; evaluating base and experts on each domain's validation split", flush=True)
     results = evaluate(opts, model_path, checkpoints)
     print(format_table(opts.model, results))
