@@ -45,7 +45,9 @@ from cogen.protocols import RoundReport
 
 logger = logging.getLogger(__name__)
 
-CHUNK = 16384  # elements per verified chunk of the delta
+MIN_CHUNK = 16384  # elements per verified chunk of the delta, at least
+MAX_CHUNKS = 512  # at most: the all-gather must stay small (hivemind passes it through a pipe; messages
+#                  over 16 KB can be read half-written and kill the averager's command loop)
 #: relative error of one trip through each wire format (measured on N(0,1): 8-bit ≈ 1.3 %, fp16 ≈ 0.02 %)
 WIRE_ERROR = {"8bit": 0.015, "fp16": 3e-4, "none": 1e-6}
 SIGMAS = 8.0  # how many standard deviations of wire noise a chunk's projection may be off
@@ -123,6 +125,8 @@ class GroupAverager:
             self.momentum = [torch.zeros_like(a) for a in self.anchor]
             delta = [torch.zeros_like(a) for a in self.anchor]
         signs = torch.Generator().manual_seed(0x636F67656E)  # the same probe vectors on every member
+        total = sum(a.numel() for a in self.anchor)
+        self._chunk = max(MIN_CHUNK, math.ceil(total / MAX_CHUNKS))  # the same on every member
         self._probes = [
             (torch.randint(0, 2, a.shape, generator=signs, dtype=torch.int8) * 2 - 1) for a in self.anchor
         ]
@@ -160,18 +164,22 @@ class GroupAverager:
         control = averager.step(timeout=self._find_group_timeout, allow_retries=False, wait=False, **kwargs)
         return self._wait(control, time.monotonic() + self._find_group_timeout)
 
-    @staticmethod
-    def _wait(control: Any, deadline: float) -> Any:
+    def _wait(self, control: Any, deadline: float) -> Any:
         """Wait for a round, giving up on matchmaking at ``deadline`` (monotonic time).
 
         hivemind's own ``timeout`` can overrun by up to the all-reduce timeout when no groupmate
         shows up, so a round still looking for a group after the deadline is cancelled. Raises what
         the round raised; returns the gathered data.
         """
+        hard_deadline = deadline + self.cfg.averaging_timeout_s + 10.0  # a dead averager never finishes
         while not control.done():
-            if control.stage == AveragingStage.LOOKING_FOR_GROUP and time.monotonic() > deadline:
+            now = time.monotonic()
+            if control.stage in (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP) and now > deadline:
                 control.cancel()
                 raise TimeoutError("no groupmates showed up in time")
+            if now > hard_deadline:
+                control.cancel()
+                raise TimeoutError("the averaging round did not finish in time")
             time.sleep(0.05)
         return control.result()
 
@@ -244,9 +252,8 @@ class GroupAverager:
         with self.delta_averager.get_tensors() as delta:
             for d, a, p in zip(delta, self.anchor, self.params, strict=True):
                 d.copy_(a - p.detach().float().cpu())
-            finite = all(bool(torch.isfinite(d).all()) for d in delta)
-            checks = self._checks(delta) if finite else None
-        if checks is None:
+            checks = self._checks(delta)
+        if not all(math.isfinite(q) for q in checks.sq_norms):  # a NaN/Inf anywhere shows in its chunk
             self._reset_to_anchor()
             self._samples_at_anchor = total_samples
             self._report(False, "non-finite pseudo-gradient: left out of the round", 0, start, weight)
@@ -308,18 +315,20 @@ class GroupAverager:
         return report
 
     def _checks(self, delta: Sequence[torch.Tensor]) -> _Checks:
-        projections, sq_norms = [], []
-        for d, probe in zip(delta, self._probes, strict=True):
-            flat_d, flat_p = d.reshape(-1).double(), probe.reshape(-1).double()
-            for start in range(0, flat_d.numel(), CHUNK):
-                chunk = flat_d[start : start + CHUNK]
-                projections.append(float(chunk @ flat_p[start : start + CHUNK]))
-                sq_norms.append(float(chunk @ chunk))
-        return _Checks(projections, sq_norms)
+        """Per chunk of the concatenated delta: its projection on the probe and its squared norm."""
+        flat_d = torch.cat([d.reshape(-1) for d in delta]).double()
+        flat_p = torch.cat([p.reshape(-1) for p in self._probes]).double()
+        pad = -flat_d.numel() % self._chunk
+        rows_d = torch.nn.functional.pad(flat_d, (0, pad)).view(-1, self._chunk)
+        rows_p = torch.nn.functional.pad(flat_p, (0, pad)).view(-1, self._chunk)
+        projections = (rows_d * rows_p).sum(dim=1)
+        sq_norms = (rows_d * rows_d).sum(dim=1)
+        return _Checks(projections.tolist(), sq_norms.tolist())
 
     def _verify(self, averaged: Sequence[torch.Tensor], gathered: list[Any]) -> str | None:
         """``None`` if ``averaged`` is the weighted mean of what the members sent, else why not."""
-        if not all(bool(torch.isfinite(t).all()) for t in averaged):
+        got = self._checks(averaged)
+        if not all(math.isfinite(q) for q in got.sq_norms):
             return "the average is not finite: a member sent NaN/Inf"
         members = [g for g in gathered if isinstance(g, dict)]
         try:
@@ -328,7 +337,6 @@ class GroupAverager:
             sq_norms = [[float(x) for x in g["sq"]] for g in members]
         except (KeyError, TypeError, ValueError):
             return "a member sent malformed round metadata"
-        got = self._checks(averaged)
         n_chunks = len(got.projections)
         if len(members) != len(gathered) or any(
             len(p) != n_chunks or len(q) != n_chunks for p, q in zip(projections, sq_norms, strict=True)
