@@ -112,7 +112,8 @@ class Peer:
         from hivemind import DecentralizedAverager
 
         from cogen.config import GroupConfig
-        from cogen.node.group import GroupAverager, wire_compression
+        from cogen.node.group import GroupAverager
+        from cogen.node.wire import wire_compression
 
         cfg = GroupConfig.model_validate(
             {

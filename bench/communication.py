@@ -47,7 +47,8 @@ from hivemind.compression import CompressionBase, CompressionInfo, NoCompression
 
 from cogen import models
 from cogen.config import GroupConfig, OptimConfig
-from cogen.node.group import GroupAverager, estimate_bytes_sent, wire_compression
+from cogen.node.group import GroupAverager
+from cogen.node.wire import estimate_bytes_sent, wire_compression
 
 logger = logging.getLogger("cogen.bench.communication")
 

@@ -1,18 +1,20 @@
-"""The coordinator: watches the swarm and serves its dashboard (ranking and merging come next).
+"""The coordinator: watches the swarm, serves its dashboard, and merges experts into new bases.
 
 - ``service.py``   — :class:`Coordinator`: DHT peer (or read-only observer), swarm announcement, API server
 - ``view.py``      — :class:`SwarmMonitor`: live view of peers, groups and alerts from DHT records
 - ``history.py``   — :class:`History`: loss points and averaging rounds in a bounded SQLite file
 - ``alerts.py``    — pure alert rules (stale peer, NaN or rising loss, failed round, version mismatch)
-- ``schemas.py``   — API models for groups, averaging rounds and generations
+- ``schemas.py``   — API response models: swarm snapshot, peers, groups, averaging rounds, generations
 - ``api.py``       — the FastAPI app (``/api/*``, ``/metrics``, OpenAPI at ``/openapi.json``)
 - ``metrics.py``   — Prometheus collector of the swarm and scraper of nodes' own ``/metrics``
 - ``dashboard.py`` — the page (``static/``) and plotly.js from the installed ``plotly`` package
+- ``merging/``     — merge methods, ranking weights, signed manifests, published generations
 - ``cli.py``       — the ``cogen-coordinator`` and ``cogen dashboard`` commands
 """
 
 from cogen.coordinator.history import History
+from cogen.coordinator.schemas import PeerSummary, SwarmSnapshot
 from cogen.coordinator.service import ApiServer, Coordinator
-from cogen.coordinator.view import PeerSummary, SwarmMonitor, SwarmSnapshot, SwarmView
+from cogen.coordinator.view import SwarmMonitor, SwarmView
 
 __all__ = ["ApiServer", "Coordinator", "History", "PeerSummary", "SwarmMonitor", "SwarmSnapshot", "SwarmView"]

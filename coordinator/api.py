@@ -12,8 +12,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from cogen.coordinator.dashboard import mount_dashboard
 from cogen.coordinator.metrics import make_registry
-from cogen.coordinator.schemas import AlertList, GenerationSummary, GroupSummary
-from cogen.coordinator.view import PeerSummary, SwarmMonitor, SwarmSnapshot
+from cogen.coordinator.schemas import AlertList, GenerationSummary, GroupSummary, PeerSummary, SwarmSnapshot
+from cogen.coordinator.view import SwarmMonitor
 from cogen.protocols import software_version
 
 

@@ -1,4 +1,4 @@
-"""The API's response models beyond the live peer view: expert groups, averaging rounds, generations.
+"""The API's response models: the swarm snapshot and its peers, expert groups, averaging rounds, generations.
 
 Averaging (outer steps) and generations (merges) fill these as they land; until then a group has
 ``outer_step=None`` and ``last_round=None``, and the generation list is empty.
@@ -77,3 +77,52 @@ class GenerationSummary(_Frozen):
 class AlertList(_Frozen):
     generated_at: float
     alerts: list[Alert]
+
+
+class PeerSummary(_Frozen):
+    id: str = Field(description="short, stable id: sha256 of the peer's public key")
+    peer_id: str
+    expert: str
+    state: str = Field(description="joining, training, stopping, or stale (not heard from recently)")
+    online: bool
+    device: str
+    device_name: str
+    memory_bytes: int
+    precision: str
+    software_version: str
+    protocol_version: int
+    shard: int
+    step: int
+    samples: int
+    tokens: int
+    loss: float | None = Field(description="mean training loss of the last interval; null if unknown or NaN")
+    loss_is_nan: bool
+    samples_per_second: float
+    peak_memory_bytes: int
+    last_seen_s: float = Field(description="seconds since this peer's last record")
+
+
+class ExpertSummary(_Frozen):
+    expert: str
+    members: int = Field(description="online peers training this expert")
+    samples_per_second: float
+    tokens: int
+    mean_loss: float | None
+
+
+class SwarmSnapshot(_Frozen):
+    swarm: str
+    protocol_version: int
+    software_version: str
+    coordinator_peer_id: str
+    initial_peers: list[str]
+    generated_at: float
+    peers_online: int
+    samples_per_second: float
+    generation: int | None = Field(
+        default=None, description="the current generation; null before the first merge"
+    )
+    last_merge_at: float | None = Field(default=None, description="unix time of the last merge")
+    alert_count: int = 0
+    peers: list[PeerSummary]
+    experts: list[ExpertSummary]

@@ -19,71 +19,25 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, TypeAdapter
 
 from cogen.coordinator.alerts import Alert, compute_alerts
 from cogen.coordinator.history import History, LossPoint, RoundRow
-from cogen.coordinator.schemas import AlertList, GenerationSummary, GroupSummary, LossSeries, RoundSummary
+from cogen.coordinator.schemas import (
+    AlertList,
+    ExpertSummary,
+    GenerationSummary,
+    GroupSummary,
+    LossSeries,
+    PeerSummary,
+    RoundSummary,
+    SwarmSnapshot,
+)
 from cogen.periodic import PeriodicService
 from cogen.protocols import PROTOCOL_VERSION, RECORD_SCHEMAS, NodeInfo, TrainingProgress, software_version
 from cogen.swarm import SwarmClient, owner_fingerprint
 
 logger = logging.getLogger(__name__)
-
-
-class PeerSummary(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    id: str = Field(description="short, stable id: sha256 of the peer's public key")
-    peer_id: str
-    expert: str
-    state: str = Field(description="joining, training, stopping, or stale (not heard from recently)")
-    online: bool
-    device: str
-    device_name: str
-    memory_bytes: int
-    precision: str
-    software_version: str
-    protocol_version: int
-    shard: int
-    step: int
-    samples: int
-    tokens: int
-    loss: float | None = Field(description="mean training loss of the last interval; null if unknown or NaN")
-    loss_is_nan: bool
-    samples_per_second: float
-    peak_memory_bytes: int
-    last_seen_s: float = Field(description="seconds since this peer's last record")
-
-
-class ExpertSummary(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    expert: str
-    members: int = Field(description="online peers training this expert")
-    samples_per_second: float
-    tokens: int
-    mean_loss: float | None
-
-
-class SwarmSnapshot(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    swarm: str
-    protocol_version: int
-    software_version: str
-    coordinator_peer_id: str
-    initial_peers: list[str]
-    generated_at: float
-    peers_online: int
-    samples_per_second: float
-    generation: int | None = Field(
-        default=None, description="the current generation; null before the first merge"
-    )
-    last_merge_at: float | None = Field(default=None, description="unix time of the last merge")
-    alert_count: int = 0
-    peers: list[PeerSummary]
-    experts: list[ExpertSummary]
 
 
 @dataclass

@@ -1,6 +1,8 @@
 """The volunteer: ``cogen-node`` trains a domain expert in the swarm.
 
 - ``service.py``  — :class:`ExpertNode`: join, load, claim a shard, train, report, save
+- ``group.py``    — :class:`GroupAverager`: DiLoCo outer steps with the expert's group
+- ``wire.py``     — wire compression of pseudo-gradients and the check of each averaging round
 - ``trainer.py``  — :class:`ExpertTrainer`: inner steps on the expert's adapters
 - ``shards.py``   — :func:`claim_shard`: a data shard no other group member reads
 - ``hardware.py`` — :func:`detect_hardware` for the NodeInfo record

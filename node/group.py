@@ -6,12 +6,9 @@ group through a hivemind ``DecentralizedAverager`` (8-bit blockwise on the wire 
 weighted by the samples each member processed since its last outer step. Each member then applies
 the same outer step to its anchor (SGD with Nesterov momentum) and continues from the new anchor.
 
-hivemind's all-reduce can return a partial average without raising (a part that did not arrive
-or did not decode stays local). So every member also sends, through the round's all-gather, a
-random projection and the squared norm of each chunk of its delta; after the round it checks that
-each chunk of the result projects to the weighted mean of the members' projections, within what
-the wire format can explain. A round that fails the check, or produces a non-finite value, is not
-applied: the member keeps its weights and its next delta simply covers more inner steps.
+hivemind's all-reduce can return a partial average without raising, so every round is checked
+(:mod:`cogen.node.wire`); a round that fails the check is not applied: the member keeps its weights
+and its next pseudo-gradient simply covers more inner steps.
 
 Drift: members decode slightly different averages (the wire is lossy), so their anchors and
 momenta would slowly walk apart. Every ``sync_every`` outer steps they average anchors and momenta
@@ -31,50 +28,15 @@ import torch
 from hivemind import DHT, DecentralizedAverager
 from hivemind.averaging.control import AveragingStage
 from hivemind.compression import (
-    BlockwiseQuantization,
-    CompressionBase,
-    CompressionInfo,
-    Float16Compression,
     NoCompression,
-    SizeAdaptiveCompression,
 )
 from hivemind.utils import get_dht_time
 
 from cogen.config import GroupConfig
+from cogen.node.wire import RoundVerifier, estimate_bytes_sent, wire_compression
 from cogen.protocols import RoundReport
 
 logger = logging.getLogger(__name__)
-
-MIN_CHUNK = 16384  # elements per verified chunk of the delta, at least
-MAX_CHUNKS = 512  # at most: the all-gather must stay small (hivemind passes it through a pipe; messages
-#                  over 16 KB can be read half-written and kill the averager's command loop)
-#: relative error of one trip through each wire format (measured on N(0,1): 8-bit ≈ 1.3 %, fp16 ≈ 0.02 %)
-WIRE_ERROR = {"8bit": 0.015, "fp16": 3e-4, "none": 1e-6}
-SIGMAS = 8.0  # how many standard deviations of wire noise a chunk's projection may be off
-
-
-def wire_compression(kind: str, threshold: int) -> CompressionBase:
-    """hivemind compression for the pseudo-gradients: 8-bit for large tensors, fp16 for small ones."""
-    if kind == "8bit":
-        return SizeAdaptiveCompression(
-            threshold, less=Float16Compression(), greater_equal=BlockwiseQuantization()
-        )
-    if kind == "fp16":
-        return Float16Compression()
-    return NoCompression()
-
-
-def estimate_bytes_sent(
-    tensors: Sequence[torch.Tensor], compression: CompressionBase, group_size: int
-) -> int:
-    """Bytes one member sends in a butterfly all-reduce: its parts out, the reduced parts back."""
-    if group_size < 2:
-        return 0
-    payload = sum(
-        t.numel() * t.element_size() * compression.estimate_compression_ratio(CompressionInfo.from_tensor(t))
-        for t in tensors
-    )
-    return int(2 * payload * (group_size - 1) / group_size)
 
 
 class _StateAverager(DecentralizedAverager):
@@ -101,12 +63,6 @@ class _Pending:
     snapshot: list[torch.Tensor] | None  # the weights when it started, to keep the progress made since
 
 
-@dataclass
-class _Checks:
-    projections: list[float]
-    sq_norms: list[float]
-
-
 class GroupAverager:
     """Outer steps of one expert group. Construct in the main thread; ``shutdown()`` when done."""
 
@@ -124,12 +80,7 @@ class GroupAverager:
             self.anchor = [p.detach().float().cpu().clone() for p in self.params]
             self.momentum = [torch.zeros_like(a) for a in self.anchor]
             delta = [torch.zeros_like(a) for a in self.anchor]
-        signs = torch.Generator().manual_seed(0x636F67656E)  # the same probe vectors on every member
-        total = sum(a.numel() for a in self.anchor)
-        self._chunk = max(MIN_CHUNK, math.ceil(total / MAX_CHUNKS))  # the same on every member
-        self._probes = [
-            (torch.randint(0, 2, a.shape, generator=signs, dtype=torch.int8) * 2 - 1) for a in self.anchor
-        ]
+        self.verifier = RoundVerifier(self.anchor, cfg.compression)
         common: dict[str, Any] = dict(
             target_group_size=cfg.group_size,
             min_group_size=2,
@@ -252,7 +203,7 @@ class GroupAverager:
         with self.delta_averager.get_tensors() as delta:
             for d, a, p in zip(delta, self.anchor, self.params, strict=True):
                 d.copy_(a - p.detach().float().cpu())
-            checks = self._checks(delta)
+            checks = self.verifier.checks(delta)
         if not all(math.isfinite(q) for q in checks.sq_norms):  # a NaN/Inf anywhere shows in its chunk
             self._reset_to_anchor()
             self._samples_at_anchor = total_samples
@@ -288,7 +239,7 @@ class GroupAverager:
         if not gathered:
             return self._report(False, "no group formed", 0, start, weight)
         with self.delta_averager.get_tensors() as delta:
-            problem = self._verify(delta, list(gathered.values()))
+            problem = self.verifier.verify(delta, list(gathered.values()))
             if problem is None:
                 progress = None
                 if pending.snapshot is not None:
@@ -313,45 +264,6 @@ class GroupAverager:
         elif self.outer_step % self.cfg.sync_every == 0:
             self._sync_state()
         return report
-
-    def _checks(self, delta: Sequence[torch.Tensor]) -> _Checks:
-        """Per chunk of the concatenated delta: its projection on the probe and its squared norm."""
-        flat_d = torch.cat([d.reshape(-1) for d in delta]).double()
-        flat_p = torch.cat([p.reshape(-1) for p in self._probes]).double()
-        pad = -flat_d.numel() % self._chunk
-        rows_d = torch.nn.functional.pad(flat_d, (0, pad)).view(-1, self._chunk)
-        rows_p = torch.nn.functional.pad(flat_p, (0, pad)).view(-1, self._chunk)
-        projections = (rows_d * rows_p).sum(dim=1)
-        sq_norms = (rows_d * rows_d).sum(dim=1)
-        return _Checks(projections.tolist(), sq_norms.tolist())
-
-    def _verify(self, averaged: Sequence[torch.Tensor], gathered: list[Any]) -> str | None:
-        """``None`` if ``averaged`` is the weighted mean of what the members sent, else why not."""
-        got = self._checks(averaged)
-        if not all(math.isfinite(q) for q in got.sq_norms):
-            return "the average is not finite: a member sent NaN/Inf"
-        members = [g for g in gathered if isinstance(g, dict)]
-        try:
-            weights = [float(g["weight"]) for g in members]
-            projections = [[float(x) for x in g["proj"]] for g in members]
-            sq_norms = [[float(x) for x in g["sq"]] for g in members]
-        except (KeyError, TypeError, ValueError):
-            return "a member sent malformed round metadata"
-        n_chunks = len(got.projections)
-        if len(members) != len(gathered) or any(
-            len(p) != n_chunks or len(q) != n_chunks for p, q in zip(projections, sq_norms, strict=True)
-        ):
-            return "a member's round metadata does not match this model"  # fmt: skip
-        total = sum(weights)
-        if not (total > 0 and all(math.isfinite(w) and w >= 0 for w in weights)):
-            return "members sent invalid weights"
-        error = WIRE_ERROR[self.cfg.compression]
-        for c in range(n_chunks):
-            expected = sum(w * p[c] for w, p in zip(weights, projections, strict=True)) / total
-            scale = max(math.sqrt(max(q[c], 0.0)) for q in sq_norms) + math.sqrt(got.sq_norms[c])
-            if not abs(got.projections[c] - expected) <= SIGMAS * error * scale + 1e-7 * (1 + abs(expected)):
-                return f"incomplete round: chunk {c} of the average does not match the members' inputs"
-        return None
 
     def _apply(
         self, delta_avg: Sequence[torch.Tensor], progress: Sequence[torch.Tensor] | None = None

@@ -50,7 +50,7 @@ def test_communication_tiny(tmp_path: Path) -> None:
     # the bytes are H-times-fewer rounds of the 8-bit size against every step's fp32 size
     from hivemind.compression import NoCompression
 
-    from cogen.node.group import estimate_bytes_sent, wire_compression
+    from cogen.node.wire import estimate_bytes_sent, wire_compression
 
     comm = _communication()
     settings = comm.Settings(

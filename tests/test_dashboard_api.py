@@ -16,8 +16,15 @@ from pydantic import TypeAdapter
 from cogen.config import NetworkConfig
 from cogen.coordinator.api import create_app
 from cogen.coordinator.history import History
-from cogen.coordinator.schemas import AlertList, GenerationSummary, GroupSummary, RoundSummary
-from cogen.coordinator.view import PeerSummary, SwarmMonitor, SwarmSnapshot
+from cogen.coordinator.schemas import (
+    AlertList,
+    GenerationSummary,
+    GroupSummary,
+    PeerSummary,
+    RoundSummary,
+    SwarmSnapshot,
+)
+from cogen.coordinator.view import SwarmMonitor
 from cogen.procs import wait_for
 from cogen.protocols import Hardware, NodeInfo, TrainingProgress, software_version
 from cogen.swarm import SwarmClient

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from cogen.config import GroupConfig
-from cogen.node.group import GroupAverager, estimate_bytes_sent, wire_compression
+from cogen.node.group import GroupAverager
+from cogen.node.wire import estimate_bytes_sent, wire_compression
 from cogen.protocols import RoundReport
 
 SHAPES = [(64, 512), (300,), (16, 64)]  # one 8-bit tensor, two small fp16 ones
@@ -131,15 +132,15 @@ def test_an_incomplete_average_is_detected_and_not_applied(make_group) -> None:
     mine, theirs = _deltas(1), _deltas(2)
     mean = [(a + b) / 2 for a, b in zip(mine, theirs, strict=True)]
     gathered = [{"step": 0, "weight": 1.0, "proj": c.projections, "sq": c.sq_norms}
-                for c in (group._checks(mine), group._checks(theirs))]  # fmt: skip
-    assert group._verify(mean, gathered) is None
+                for c in (group.verifier.checks(mine), group.verifier.checks(theirs))]  # fmt: skip
+    assert group.verifier.verify(mean, gathered) is None
     # the failure mode of hivemind's all-reduce: part of the vector stays local, no exception
     partial = [t.clone() for t in mean]
     partial[0].view(-1)[: partial[0].numel() // 2] = mine[0].view(-1)[: partial[0].numel() // 2]
-    assert "incomplete round" in (group._verify(partial, gathered) or "")
+    assert "incomplete round" in (group.verifier.verify(partial, gathered) or "")
     nan = [t.clone() for t in mean]
     nan[2][0, 0] = float("inf")
-    assert "not finite" in (group._verify(nan, gathered) or "")
+    assert "not finite" in (group.verifier.verify(nan, gathered) or "")
 
 
 def test_a_late_joiner_loads_the_group_state(make_group) -> None:
