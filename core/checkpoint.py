@@ -13,7 +13,6 @@ moves to it, so a crash at any moment leaves the previous checkpoint intact and 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,6 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from cogen.protocols.manifest import sha256_file
 from cogen.protocols.version import software_version
 
 METADATA_FILE = "cogen.json"
@@ -65,14 +65,6 @@ def _upgrade(raw: dict[str, Any]) -> dict[str, Any]:
         raw.setdefault("files", {})
         raw["metadata_version"] = 1
     return raw
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fsync_dir(path: Path) -> None:

@@ -13,7 +13,7 @@ from merging_helpers import make_expert
 
 from cogen.config import MergeConfig
 from cogen.coordinator.merging import Identity, ManifestError, merge_experts, verify_manifest
-from cogen.coordinator.merging.manifest import MANIFEST_FILE, read_manifest
+from cogen.protocols.manifest import MANIFEST_FILE, read_manifest
 
 
 @pytest.fixture(scope="module")

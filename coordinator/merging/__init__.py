@@ -4,19 +4,20 @@
 - ``linear.py``, ``ties.py``, ``dare.py`` — the built-in methods (``linear``, ``ties``, ``dare``,
   ``dare_ties``), each a thin wrapper of PEFT's ``peft.utils.merge_utils``
 - ``experts.py`` — find and verify expert checkpoints, stream their dense LoRA deltas module by module
-- ``weights.py`` — :class:`EvalMatrix`, per-expert weights and per-domain ranking from it
+- ``weights.py`` — per-expert weights and per-domain ranking from an :class:`EvalMatrix`
 - ``evaluate.py`` — validation losses of the base, each expert and the merge on each domain
-- ``manifest.py`` — the signed :class:`Manifest`, the coordinator's :class:`Identity` key,
-  :func:`verify_manifest`
+- ``manifest.py`` — the coordinator's :class:`Identity` key that signs manifests (their schema and
+  :func:`verify_manifest` are in :mod:`cogen.protocols.manifest`)
 - ``publish.py`` — write a generation (HF checkpoint + manifest) atomically and swap ``OUT/latest``
 - ``merge.py`` — :func:`merge_experts`, the whole offline pipeline behind ``cogen-coordinator merge``
 """
 
 from cogen.coordinator.merging import dare, linear, ties  # noqa: F401 - register the built-in methods
-from cogen.coordinator.merging.manifest import Identity, Manifest, ManifestError, verify_manifest
+from cogen.coordinator.merging.manifest import Identity
 from cogen.coordinator.merging.merge import merge_experts
 from cogen.coordinator.merging.registry import MergeError, MergeMethod, MergeParams, get, known, register
-from cogen.coordinator.merging.weights import EvalMatrix, ranking_weights
+from cogen.coordinator.merging.weights import ranking_weights
+from cogen.protocols.manifest import EvalMatrix, Manifest, ManifestError, verify_manifest
 
 __all__ = [
     "EvalMatrix",

@@ -12,10 +12,10 @@ from torch import nn
 from cogen.checkpoint import load_adapter
 from cogen.coordinator.merging.experts import Expert
 from cogen.coordinator.merging.registry import MergeError
-from cogen.coordinator.merging.weights import EvalMatrix
 from cogen.corpora import get_corpus
 from cogen.data import validation_blocks
 from cogen.evaluation import validation_loss
+from cogen.protocols.manifest import EvalMatrix
 
 logger = logging.getLogger(__name__)
 

@@ -26,10 +26,11 @@ from cogen.config import MergeConfig
 from cogen.coordinator.merging import dare, linear, ties  # noqa: F401 - register the built-in methods
 from cogen.coordinator.merging.evaluate import domain_blocks, evaluate_experts, losses
 from cogen.coordinator.merging.experts import Expert, iter_deltas, load_experts
-from cogen.coordinator.merging.manifest import ExpertEntry, Identity, Manifest, ParentInfo
+from cogen.coordinator.merging.manifest import Identity
 from cogen.coordinator.merging.publish import newest_generation, parent_info, publish
 from cogen.coordinator.merging.registry import MergeError, MergeMethod, MergeParams, create
-from cogen.coordinator.merging.weights import EvalMatrix, format_matrix, ranking, ranking_weights
+from cogen.coordinator.merging.weights import format_matrix, ranking, ranking_weights
+from cogen.protocols.manifest import EvalMatrix, ExpertEntry, Manifest, ParentInfo
 
 logger = logging.getLogger(__name__)
 

@@ -23,15 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from cogen.checkpoint import fsync_dir, sha256_file, swap_symlink, write_json_atomic
-from cogen.coordinator.merging.manifest import (
-    MANIFEST_FILE,
-    Identity,
-    Manifest,
-    file_hashes,
-    sign_manifest,
-    verify_manifest,
-)
+from cogen.coordinator.merging.manifest import Identity, sign_manifest
 from cogen.coordinator.merging.registry import MergeError
+from cogen.protocols.manifest import MANIFEST_FILE, Manifest, file_hashes, verify_manifest
 
 logger = logging.getLogger(__name__)
 

@@ -15,19 +15,7 @@ from __future__ import annotations
 
 import math
 
-from pydantic import BaseModel, ConfigDict, Field
-
-
-class EvalMatrix(BaseModel):
-    """Validation losses (nats per token) on each domain: the base, every expert, and the merge."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    domains: list[str]
-    tokens_per_domain: dict[str, int] = Field(description="tokens each domain's losses were measured on")
-    base: dict[str, float | None] = Field(description="domain -> loss of the base (null: not finite)")
-    experts: dict[str, dict[str, float | None]] = Field(description="expert -> domain -> loss")
-    merged: dict[str, float | None] | None = Field(default=None, description="domain -> loss of the merge")
+from cogen.protocols.manifest import EvalMatrix
 
 
 def _finite(value: float | None) -> bool:

@@ -1,0 +1,157 @@
+"""The manifest of a published base: its schema, and how anyone checks one.
+
+``manifest.json`` records a generation's lineage (parent base and its hashes, the experts and their
+hashes), how it was made (method, parameters, weights), how it scored (evaluation matrix, ranking), the
+sha256 of every other file in the directory, and an RSA signature over the canonical JSON of all that
+(sorted keys, no whitespace, the ``signature`` field left out). The signature scheme is hivemind's
+(RSA-PSS over SHA-256, base64), so anyone verifies it with ``hivemind.utils.crypto.RSAPublicKey``.
+Signing lives with the coordinator (``cogen.coordinator.merging.manifest``); this module is what a node
+needs to trust a checkpoint it fetched: :func:`verify_manifest`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from hivemind.utils.crypto import RSAPublicKey
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cogen.protocols.version import software_version
+
+MANIFEST_FILE = "manifest.json"
+MANIFEST_VERSION = 1
+
+
+class ManifestError(RuntimeError):
+    """A manifest is missing, malformed, unsigned or does not match the files (one line)."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class EvalMatrix(BaseModel):
+    """Validation losses (nats per token) on each domain: the base, every expert, and the merge."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    domains: list[str]
+    tokens_per_domain: dict[str, int] = Field(description="tokens each domain's losses were measured on")
+    base: dict[str, float | None] = Field(description="domain -> loss of the base (null: not finite)")
+    experts: dict[str, dict[str, float | None]] = Field(description="expert -> domain -> loss")
+    merged: dict[str, float | None] | None = Field(default=None, description="domain -> loss of the merge")
+
+
+class ParentInfo(BaseModel):
+    """The base the experts were trained on."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str = Field(description="its name: an alias, a local directory or a hub id")
+    generation: int = Field(ge=0, description="its generation (0: a pretrained model)")
+    files: dict[str, str] = Field(default_factory=dict, description="weight file -> sha256, when local")
+    manifest_sha256: str | None = Field(default=None, description="sha256 of its manifest.json, if any")
+
+
+class ExpertEntry(BaseModel):
+    """One expert that went into (or was left out of) the merge."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(description="unique label in this merge (domain, -2/-3 on repeats)")
+    expert: str = Field(description="the domain the expert was trained on")
+    sha256: str = Field(description="sha256 of its adapter_model.safetensors")
+    weight: float = Field(ge=0, description="its merge weight before the method's rescaling; 0: left out")
+    steps: int = Field(ge=0)
+    tokens: int = Field(ge=0)
+
+
+class Manifest(BaseModel):
+    """The signed record of one published generation."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    manifest_version: int = MANIFEST_VERSION
+    generation: int = Field(ge=1)
+    parent: ParentInfo
+    experts: list[ExpertEntry]
+    method: str
+    params: dict[str, float | int | str] = Field(default_factory=dict)
+    weight_source: str = Field(description="where the weights came from: flags, evaluation or equal")
+    evaluation: EvalMatrix | None = None
+    ranking: dict[str, list[str]] = Field(default_factory=dict, description="domain -> experts, best first")
+    files: dict[str, str] = Field(description="every other file in the directory -> sha256")
+    created_at: float = Field(default_factory=time.time)
+    software_version: str = Field(default_factory=software_version)
+    public_key: str = Field(default="", description="the signer's RSA public key (OpenSSH format)")
+    signature: str = Field(default="", description="base64 RSA-PSS signature of canonical_bytes()")
+
+    def canonical_bytes(self) -> bytes:
+        """What is signed: the manifest without its signature, as sorted, compact JSON."""
+        data = self.model_dump(mode="json", exclude={"signature"})
+        return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def file_hashes(directory: Path) -> dict[str, str]:
+    """sha256 of every file under ``directory`` (relative POSIX paths) except the manifest."""
+    directory = Path(directory)
+    return {
+        p.relative_to(directory).as_posix(): sha256_file(p)
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.relative_to(directory).as_posix() != MANIFEST_FILE
+    }
+
+
+def read_manifest(directory: Path) -> Manifest:
+    """Parse ``directory/manifest.json`` (no checks beyond its schema)."""
+    path = Path(directory) / MANIFEST_FILE
+    try:
+        raw: Any = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ManifestError(f"{directory} has no {MANIFEST_FILE}") from None
+    except (OSError, ValueError) as e:
+        raise ManifestError(f"cannot read {path}: {e}") from None
+    if not isinstance(raw, dict) or raw.get("manifest_version") != MANIFEST_VERSION:
+        version = raw.get("manifest_version") if isinstance(raw, dict) else None
+        raise ManifestError(
+            f"{path}: unsupported manifest_version {version!r} (this cogen reads {MANIFEST_VERSION})"
+        )
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise ManifestError(f"{path}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+
+
+def verify_manifest(directory: Path, trusted_key: str | None = None) -> Manifest:
+    """Check the signature (by ``trusted_key``, if given) and every file's sha256; return the manifest."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    if not manifest.signature or not manifest.public_key:
+        raise ManifestError(f"{directory / MANIFEST_FILE} is not signed")
+    if trusted_key is not None and manifest.public_key.strip() != trusted_key.strip():
+        raise ManifestError(f"{directory / MANIFEST_FILE} is signed by an untrusted key")
+    try:
+        public = RSAPublicKey.from_bytes(manifest.public_key.encode())
+    except ValueError as e:
+        raise ManifestError(f"{directory / MANIFEST_FILE}: bad public key: {e}") from None
+    if not public.verify(manifest.canonical_bytes(), manifest.signature.encode()):
+        raise ManifestError(f"{directory / MANIFEST_FILE}: the signature does not match its contents")
+    actual = file_hashes(directory)
+    for name, digest in manifest.files.items():
+        if name not in actual:
+            raise ManifestError(f"{directory / name} is listed in the manifest but missing")
+        if actual[name] != digest:
+            raise ManifestError(f"{directory / name} does not match its sha256 in the manifest")
+    unlisted = sorted(set(actual) - set(manifest.files))
+    if unlisted:
+        raise ManifestError(f"{directory / unlisted[0]} is not listed in the manifest")
+    return manifest
