@@ -7,7 +7,10 @@ served as is, so latency does not grow with requests. ``/metrics`` is Prometheus
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fastapi import FastAPI, Response
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from cogen.coordinator.dashboard import mount_dashboard
@@ -22,9 +25,15 @@ def _json(body: bytes) -> Response:
 
 
 def create_app(
-    monitor: SwarmMonitor, registry: CollectorRegistry | None = None, observer: bool = False
+    monitor: SwarmMonitor,
+    registry: CollectorRegistry | None = None,
+    observer: bool = False,
+    checkpoints_dir: Path | None = None,
 ) -> FastAPI:
-    """The API over ``monitor``; ``registry`` defaults to a fresh one with the swarm's collector."""
+    """The API over ``monitor``; ``registry`` defaults to a fresh one with the swarm's collector.
+
+    With ``checkpoints_dir``, the published generations' files are served under ``/checkpoints/``
+    (nodes verify them against the signed manifest, so plain static files are enough)."""
     registry = registry if registry is not None else make_registry(monitor)
     app = FastAPI(
         title="cogen " + ("dashboard (observer)" if observer else "coordinator"),
@@ -69,5 +78,8 @@ def create_app(
     def healthz() -> dict[str, object]:
         return {"ok": monitor.is_running(), "polls": monitor.polls, "observer": observer}
 
+    if checkpoints_dir is not None:
+        Path(checkpoints_dir).mkdir(parents=True, exist_ok=True)
+        app.mount("/checkpoints", StaticFiles(directory=checkpoints_dir), name="checkpoints")
     mount_dashboard(app)
     return app

@@ -71,6 +71,9 @@ class GenerationSummary(_Frozen):
     signature_ok: bool | None = Field(description="the coordinator's signature verified; null: unchecked")
     merge_method: str | None = None
     ranking: list[str] = Field(default_factory=list, description="experts, best first")
+    kendall_tau: float | None = Field(
+        default=None, description="agreement of the cheap ranking (no forward passes) with the full one"
+    )
     scores: list[DomainScore] = Field(default_factory=list, description="per-domain evaluation matrix")
 
 
@@ -89,6 +92,7 @@ class PeerSummary(_Frozen):
     device_name: str
     memory_bytes: int
     precision: str
+    generation: int = Field(default=0, description="the generation of the base the peer trains on")
     software_version: str
     protocol_version: int
     shard: int

@@ -1,9 +1,10 @@
 """``Coordinator``: runs (or joins) the swarm's DHT, announces the swarm, watches it, serves the API.
 
-Ranking, merging and publishing generations plug in here in later steps; today the coordinator
-keeps a live view of the swarm (with its history in SQLite) and serves the dashboard, the JSON API
-and ``/metrics``. With ``observer=True`` (``cogen dashboard``) it is a read-only DHT client that
-announces nothing: the same view and API, for anyone who wants to watch a swarm.
+It keeps a live view of the swarm (with its history in SQLite), serves the dashboard, the JSON API
+and ``/metrics``, and — with ``generation_s`` or ``generation_outer_steps`` — ends generations:
+collects the experts from their groups, ranks and merges them, and publishes and serves the next
+base (:mod:`cogen.coordinator.generations`). With ``observer=True`` (``cogen dashboard``) it is a
+read-only DHT client that announces nothing: the same view and API, for anyone who wants to watch a swarm.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import uvicorn
 from cogen.checkpoint import write_json_atomic
 from cogen.config import CoordinatorConfig
 from cogen.coordinator.api import create_app
+from cogen.coordinator.generations import GenerationLoop
 from cogen.coordinator.history import History
+from cogen.coordinator.merging.publish import GENERATIONS
 from cogen.coordinator.metrics import NodeScraper, make_registry
 from cogen.coordinator.view import SwarmMonitor
 from cogen.models import cache_root
@@ -75,6 +78,7 @@ class Coordinator:
         self.api: ApiServer | None = None
         self.history: History | None = None
         self.scraper: NodeScraper | None = None
+        self.generations: GenerationLoop | None = None
 
     @property
     def name(self) -> str:
@@ -100,9 +104,14 @@ class Coordinator:
             self.monitor.start()
             self.scraper = NodeScraper(self.monitor, interval_s=max(cfg.poll_interval_s, 2.0))
             self.scraper.start()
-            app = create_app(self.monitor, make_registry(self.monitor, self.scraper), observer=cfg.observer)
+            merging = not cfg.observer and (cfg.generation_s or cfg.generation_outer_steps) is not None
+            checkpoints = Path(cfg.out_dir) / GENERATIONS if merging else None
+            registry = make_registry(self.monitor, self.scraper)
+            app = create_app(self.monitor, registry, observer=cfg.observer, checkpoints_dir=checkpoints)
             self.api = ApiServer(app, cfg.api_host, cfg.api_port)
             self.api.start()
+            if merging:
+                self.generations = GenerationLoop(client, cfg, self.monitor, self.api.url)
             maddrs = client.visible_maddrs()
             if cfg.observer:
                 print(f"cogen dashboard: watching swarm {cfg.network.swarm!r} (read-only)", flush=True)
@@ -121,6 +130,8 @@ class Coordinator:
                 )
             self._serve()
         finally:
+            if self.generations is not None:
+                self.generations.wait(timeout_s=5.0)
             for service in (self.api, self.scraper, self.monitor):
                 if service is not None:
                     service.stop()
@@ -137,6 +148,7 @@ class Coordinator:
                 swarm=self.cfg.network.swarm,
                 coordinator_peer_id=self.client.peer_id,
                 api_url=self.api.url,
+                manifest_key=self.generations.manifest_key if self.generations is not None else None,
                 software_version=software_version(),
                 started_at=self.started_at,
                 updated_at=time.time(),
@@ -147,6 +159,8 @@ class Coordinator:
         assert self.monitor is not None
         last_announce = last_log = time.monotonic()
         while not self.stop_event.wait(1.0):
+            if self.generations is not None:
+                self.generations.poll()  # collecting needs the main thread; merging runs in the background
             now = time.monotonic()
             if not self.cfg.observer and now - last_announce >= self.cfg.network.record_ttl_s / 3:
                 self._announce()

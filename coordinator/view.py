@@ -231,6 +231,7 @@ class SwarmMonitor(PeriodicService):
                     device_name=info.hardware.device_name,
                     memory_bytes=info.hardware.memory_bytes,
                     precision=info.precision,
+                    generation=info.generation,
                     software_version=info.software_version,
                     protocol_version=info.protocol_version,
                     shard=info.shard,

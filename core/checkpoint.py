@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,7 @@ class AdapterMetadata(BaseModel):
     samples: int = Field(ge=0)
     tokens: int = Field(ge=0)
     train_loss: float | None = None
+    first_loss: float | None = Field(default=None, description="the first training loss reported")
     outer_step: int | None = Field(default=None, description="the group's outer step the weights belong to")
     created_at: float = Field(default_factory=time.time)
     software_version: str = Field(default_factory=software_version)
@@ -78,14 +80,40 @@ def fsync_dir(path: Path) -> None:
 
 def save_adapter(model: Any, out_dir: Path, metadata: AdapterMetadata, keep: int = 3) -> Path:
     """Save ``model``'s adapter (a PEFT model) as a new checkpoint and point ``latest`` at it."""
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "README.md").unlink(missing_ok=True)
+
+    return _write_checkpoint(out_dir, metadata, write, keep)
+
+
+def save_adapter_tensors(
+    tensors: dict[str, Any], adapter_config: dict[str, Any], out_dir: Path, metadata: AdapterMetadata
+) -> Path:
+    """Save LoRA tensors (PEFT's saved names, e.g. ``base_model.model.<module>.lora_A.weight``) and their
+    ``adapter_config.json`` as a checkpoint, exactly as :func:`save_adapter` lays one out."""
+    from safetensors.torch import save_file
+
+    def write(tmp: Path) -> None:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / ADAPTER_WEIGHTS))
+        (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
+
+    return _write_checkpoint(out_dir, metadata, write, keep=1)
+
+
+def _write_checkpoint(
+    out_dir: Path, metadata: AdapterMetadata, write: Callable[[Path], None], keep: int
+) -> Path:
+    """Write a checkpoint into a temp dir (``write``), hash and fsync it, rename it into place, swap
+    ``latest`` and prune old ones: a crash leaves ``latest`` on the previous complete checkpoint."""
     ckpt_root = Path(out_dir) / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{metadata.steps:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=ckpt_root))
     tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is meant to be shared
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        (tmp / "README.md").unlink(missing_ok=True)
+        write(tmp)
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         meta = metadata.model_copy(update={"files": files})
         (tmp / METADATA_FILE).write_text(meta.model_dump_json(indent=2))

@@ -30,11 +30,14 @@ class DemoPreset:
     # with the demo's few inner steps per outer step, DiLoCo's outer Nesterov (lr 0.7, momentum 0.9,
     # tuned for H in the hundreds) overshoots; plain averaging of the members' weights does not
     outer_lr: float = 1.0
+    eval_blocks: int = 16  # validation blocks per domain, for the table and the coordinator's ranking
     outer_momentum: float = 0.0
 
 
 DEMO_PRESETS = {
-    "tiny": DemoPreset(seconds=15.0, batch_size=8, lr=2e-2, inner_steps=2, extra_lora_targets=("lm_head",)),
+    "tiny": DemoPreset(
+        seconds=30.0, eval_blocks=4, batch_size=8, lr=2e-2, inner_steps=2, extra_lora_targets=("lm_head",)
+    ),
     "smollm2-135m": DemoPreset(seconds=240.0, batch_size=4, lr=2e-3, inner_steps=8),
 }
 
@@ -57,9 +60,16 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
         help="one node per entry; a domain listed twice trains as a group of two nodes",
     )
     demo.add_argument(
-        "--seconds", type=float, default=None, help="training time per node (default: per model)"
+        "--seconds",
+        type=float,
+        default=None,
+        help="training time, split evenly over the generations (default: per model)",
     )
     demo.add_argument("--precision", choices=["int8", "bf16", "fp32"], default="int8")
+    demo.add_argument(
+        "--generations", type=int, default=2, help="how many times the experts are merged into a new base"
+    )
+    demo.add_argument("--merge-method", default="ties", help="how the coordinator merges the experts")
     demo.add_argument("--batch-size", type=int, default=None)
     demo.add_argument("--lr", type=float, default=None)
     demo.add_argument("--out-dir", type=Path, default=Path("runs/demo"), help="logs and expert checkpoints")
@@ -115,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
                 out_dir=args.out_dir,
                 json_path=args.json_path,
                 extra_lora_targets=preset.extra_lora_targets,
+                eval_blocks=preset.eval_blocks,
+                generations=args.generations,
+                merge_method=args.merge_method,
             )
         )
         return ExitCode.OK

@@ -168,6 +168,19 @@ class NodeConfig(_Frozen):
         description="serve this node's Prometheus /metrics on this port (0: any free)",
     )
     metrics_host: str = Field(default="127.0.0.1", description="address the node's /metrics listens on")
+    follow: bool = Field(
+        default=True, description="move to each newer generation the coordinator publishes, at an outer step"
+    )
+    trusted_key: str | None = Field(
+        default=None,
+        description="public key (OpenSSH text, or a file holding it) that must sign the manifests "
+        "(default: the key the swarm's coordinator announces)",
+    )
+    bases_dir: Path | None = Field(
+        default=None, description="where fetched bases are kept (default: <cache dir>/bases/<swarm>)"
+    )
+    serve_bases: bool = Field(default=True, description="serve fetched bases to other peers over HTTP")
+    serve_host: str = Field(default="127.0.0.1", description="address the base mirror listens on")
 
     @field_validator("data")
     @classmethod
@@ -210,6 +223,37 @@ class CoordinatorConfig(_Frozen):
     history_retention_s: float = Field(
         default=7 * 86400.0, gt=0, description="history of peers not heard from for this long is dropped"
     )
+    model: str = Field(default="smollm2-135m", description="the base of generation 0 (the nodes' --model)")
+    cache_dir: Path | None = Field(
+        default=None,
+        description="where converted models are cached (default: $COGEN_CACHE_DIR or ~/.cache/cogen)",
+    )
+    generation_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="end a generation after this many seconds (unset: by outer steps only)",
+    )
+    generation_outer_steps: int | None = Field(
+        default=None, ge=1, description="end a generation once every expert group made this many outer steps"
+    )
+    max_generations: int | None = Field(default=None, ge=1, description="stop merging after this many")
+    merge_method: str = Field(default="ties", description="how experts are merged into the next base")
+    merge_density: float = Field(
+        default=0.5, gt=0, le=1, description="fraction of each delta ties / dare keep"
+    )
+    eval_blocks: int = Field(default=8, ge=1, le=100_000, description="validation blocks per domain")
+    eval_block_size: int = Field(default=128, ge=8, le=32768, description="tokens per validation block")
+    collect_timeout_s: float = Field(
+        default=60.0, gt=0, description="how long to wait for a group to share its state"
+    )
+    out_dir: Path = Field(
+        default=Path("runs/coordinator"), description="generations are published under OUT/generations/"
+    )
+    identity: Path | None = Field(
+        default=None,
+        description="the PEM key that signs manifests, created on first use "
+        "(default: <cache dir>/coordinator-identity.pem)",
+    )
 
 
 class MergeConfig(_Frozen):
@@ -248,6 +292,9 @@ class MergeConfig(_Frozen):
     )
     eval_blocks: int = Field(default=8, ge=1, le=100_000, description="validation blocks per domain")
     eval_block_size: int = Field(default=128, ge=8, le=32768, description="tokens per validation block")
+    rank_bootstrap: int = Field(
+        default=200, ge=0, le=100_000, description="bootstrap resamples behind the ranking's confidence"
+    )
     identity: Path | None = Field(
         default=None,
         description="the coordinator's PEM private key, created on first use "

@@ -1,9 +1,12 @@
 """``cogen demo``: a whole swarm on this machine, start to finish.
 
 Starts a coordinator and the nodes as separate processes on 127.0.0.1 — one per domain listed; a
-domain listed twice gets a group of two nodes that average their expert with outer steps — trains
-for a bounded time while printing the swarm's progress from the coordinator's API, then evaluates
-the base and each domain's expert on that domain's validation split and prints the table.
+domain listed twice gets a group of two nodes that average their expert with outer steps. The
+experts train on generation 0 (the pretrained base); every ``train_seconds / (generations + 1)``
+the coordinator collects them from their groups, ranks and merges them into the next base and
+publishes it signed; the nodes fetch, verify and continue on it. After the last generation the
+experts train once more, then the demo prints, per domain, the loss of base g0, the g0 expert,
+every merged base and the final expert, with the merge method.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from cogen.corpora import get_corpus
 from cogen.data import validation_blocks
 from cogen.evaluation import perplexity, validation_loss
 from cogen.procs import ChildFailed, read_json, spawn, stop, tail, wait_for
+from cogen.protocols.manifest import Manifest, verify_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -46,16 +50,25 @@ class DemoOptions:
     threads_per_node: int = 1
     extra_lora_targets: tuple[str, ...] = ()
     warmup_steps: int = 2
+    generations: int = 2
+    merge_method: str = "ties"
+
+    @property
+    def generation_s(self) -> float:
+        """Training time per generation: the experts train on g0, g1, ..., and the last base."""
+        return self.train_seconds / (self.generations + 1)
 
 
 @dataclass(frozen=True)
 class DomainResult:
     domain: str
-    base_loss: float
-    expert_loss: float
+    base_loss: float  #: of the pretrained base (generation 0)
+    expert_loss: float  #: of the domain's expert as it ended, on the last generation's base
     tokens_trained: int
     steps: int
     nodes: int
+    first_expert_loss: float | None = None  #: of the expert trained on g0, as the coordinator collected it
+    merged: tuple[float | None, ...] = ()  #: of each merged base g1, g2, ... (as the coordinator evaluated)
 
 
 def _get_json(url: str) -> Any:
@@ -104,6 +117,22 @@ def train_swarm(opts: DemoOptions) -> dict[str, list[Path]]:
             "30",
             "--history-path",
             str(history),
+            "--model",
+            opts.model,
+            "--generation-s",
+            str(opts.generation_s),
+            "--max-generations",
+            str(opts.generations),
+            "--merge-method",
+            opts.merge_method,
+            "--eval-blocks",
+            str(opts.eval_blocks),
+            "--eval-block-size",
+            str(opts.block_size),
+            "--out-dir",
+            str(out / "coordinator"),
+            "--identity",
+            str(out / "coordinator-identity.pem"),
         ],
         coord_log,
     )
@@ -133,8 +162,6 @@ def train_swarm(opts: DemoOptions) -> dict[str, list[Path]]:
                     str(opts.batch_size),
                     "--lr",
                     str(opts.lr),
-                    "--max-seconds",
-                    str(opts.train_seconds),
                     "--output-dir",
                     str(out / "experts" / name),
                     "--inner-steps",
@@ -159,17 +186,9 @@ def train_swarm(opts: DemoOptions) -> dict[str, list[Path]]:
                 ],
                 out / f"node-{name}.log",
             )
-        deadline = time.monotonic() + opts.train_seconds + 600
-        last_print = 0.0
-        while any(p.poll() is None for p in nodes.values()):
-            if time.monotonic() > deadline:
-                raise ChildFailed("nodes did not finish in time")
-            if time.monotonic() - last_print >= 10:
-                with contextlib.suppress(OSError, ValueError, KeyError):  # the API may be busy: skip a line
-                    print(_progress_line(_get_json(info["api_url"] + "/api/swarm")), flush=True)
-                last_print = time.monotonic()
-            time.sleep(0.5)
-        failed = {d: p.returncode for d, p in nodes.items() if p.returncode != 0}
+        _run_generations(opts, info["api_url"], [coordinator, *nodes.values()])
+        codes = {d: stop(p, grace_s=120) for d, p in nodes.items()}  # SIGTERM: each saves its expert
+        failed = {d: c for d, c in codes.items() if c != 0}
         if failed:
             details = "\n".join(
                 f"--- node {d} (exit {c}):\n{tail(out / f'node-{d}.log')}" for d, c in failed.items()
@@ -188,6 +207,40 @@ def train_swarm(opts: DemoOptions) -> dict[str, list[Path]]:
     return checkpoints
 
 
+def _run_generations(opts: DemoOptions, api_url: str, alive: list[Any]) -> None:
+    """Print progress while the swarm trains through ``opts.generations`` generations, then let the
+    experts train on the last base for one more generation's time."""
+    deadline = time.monotonic() + opts.train_seconds + 900 * opts.generations
+    last_print, published, end = 0.0, 0, None
+    while end is None or time.monotonic() < end:
+        if time.monotonic() > deadline:
+            raise ChildFailed(f"the swarm did not publish {opts.generations} generations in time")
+        if any(p.poll() is not None for p in alive):
+            raise ChildFailed("a demo process exited early")
+        if time.monotonic() - last_print >= 10:
+            with contextlib.suppress(OSError, ValueError, KeyError):  # the API may be busy: skip a line
+                print(_progress_line(_get_json(api_url + "/api/swarm")), flush=True)
+                generations = _get_json(api_url + "/api/generations")
+                for g in generations[published:]:
+                    print(f"generation {g['generation']} published ({g['merge_method']}), "
+                          f"ranking: {', '.join(g['ranking'])}", flush=True)  # fmt: skip
+                published = len(generations)
+            last_print = time.monotonic()
+        if end is None and published >= opts.generations and _all_on(api_url, opts.generations):
+            end = time.monotonic() + opts.generation_s  # the experts' time on the last base
+        time.sleep(0.5)
+
+
+def _all_on(api_url: str, generation: int) -> bool:
+    """Whether every online node trains on ``generation``'s base (they move at an outer step)."""
+    try:
+        peers = _get_json(api_url + "/api/peers")
+    except (OSError, ValueError):
+        return False
+    nodes = [p for p in peers if p["online"]]
+    return bool(nodes) and all(p["generation"] == generation for p in nodes)
+
+
 def _node_names(domains: tuple[str, ...]) -> list[tuple[str, str]]:
     """(node name, domain): ``medical-1``, ``medical-2`` for a group of two, plain ``legal`` alone."""
     names = []
@@ -198,40 +251,70 @@ def _node_names(domains: tuple[str, ...]) -> list[tuple[str, str]]:
     return names
 
 
+def published_manifests(opts: DemoOptions) -> list[Manifest]:
+    """The generations the demo's coordinator published, verified, oldest first."""
+    root = opts.out_dir / "coordinator" / "generations"
+    return [verify_manifest(d) for d in sorted(root.glob("gen-*")) if (d / "manifest.json").is_file()]
+
+
 def evaluate(opts: DemoOptions, model_path: str, checkpoints: dict[str, list[Path]]) -> list[DomainResult]:
-    """Validation loss of the base and of each domain's expert on that domain."""
+    """Per domain: the pretrained base and each domain's final expert (on the base it ended on, the
+    last generation), evaluated here; the generation-0 experts and every merged base, from the
+    evaluation matrices in the signed manifests (same validation blocks)."""
     device = models.resolve_device("cpu")
     tokenizer = models.load_tokenizer(model_path)
-    base = models.load_base(model_path, opts.precision, device)
+    manifests = published_manifests(opts)
+    bases: dict[str, Any] = {}
     results = []
     for domain, ckpts in checkpoints.items():
         blocks = validation_blocks(
             get_corpus(domain), tokenizer, block_size=opts.block_size, max_blocks=opts.eval_blocks
         )
-        base_loss = validation_loss(base, blocks)
-        expert = load_adapter(base, ckpts[0])  # a group's members end on the same outer step
-        expert_loss = validation_loss(expert, blocks)
-        base = expert.unload()  # take the adapter off again for the next domain
         metas = [read_metadata(c, verify=False) for c in ckpts]
-        tokens = sum(m.tokens for m in metas)
-        results.append(
-            DomainResult(domain, base_loss, expert_loss, tokens, max(m.steps for m in metas), len(ckpts))
-        )
+        base_path = models.resolve_model(metas[0].base_model)
+        if model_path not in bases:
+            bases[model_path] = models.load_base(model_path, opts.precision, device)
+        base_loss = validation_loss(bases[model_path], blocks)
+        if base_path not in bases:
+            bases[base_path] = models.load_base(base_path, opts.precision, device)
+        expert = load_adapter(bases[base_path], ckpts[0])  # a group's members end on the same outer step
+        expert_loss = validation_loss(expert, blocks)
+        bases[base_path] = expert.unload()  # take the adapter off again for the next domain
+        first = manifests[0].evaluation if manifests else None
+        results.append(DomainResult(
+            domain, base_loss, expert_loss, sum(m.tokens for m in metas), max(m.steps for m in metas),
+            len(ckpts), first.experts.get(domain, {}).get(domain) if first is not None else None,
+            tuple((m.evaluation.merged or {}).get(domain) if m.evaluation else None for m in manifests),
+        ))  # fmt: skip
     return results
 
 
-def format_table(model: str, results: list[DomainResult]) -> str:
+def _cell(value: float | None, width: int) -> str:
+    return f"{value:>{width}.4f}" if value is not None else f"{'n/a':>{width}}"
+
+
+def format_table(model: str, results: list[DomainResult], methods: list[str]) -> str:
+    n = max((len(r.merged) for r in results), default=0)
+    merged_head = "".join(f"{f'merged g{g + 1}':>11}" for g in range(n))
+    last = f"expert g{n}"
     head = (
-        f"{'domain':<12} {'base loss':>10} {'base ppl':>10} {'expert loss':>12} {'expert ppl':>11} "
-        f"{'change':>8} {'nodes':>5} {'steps':>6} {'tokens':>9}"
+        f"{'domain':<10}{'base g0':>10}{'expert g0':>11}{merged_head}{last:>11}{'g0→last':>9}"
+        f"{'ppl g0':>9}{'ppl last':>9}{'nodes':>6}{'steps':>6}{'tokens':>9}"
     )
-    rows = [f"validation loss per domain, base {model} vs that domain's expert", head, "-" * len(head)]
+    rows = [
+        f"validation loss per domain (nats/token): base {model} (g0), the domain's expert trained on g0, "
+        f"each merged base ({', '.join(methods) or 'none published'}), and the expert as it ended on g{n}",
+        head,
+        "-" * len(head),
+    ]
     for r in results:
-        change = (r.expert_loss - r.base_loss) / r.base_loss * 100
+        best = next((m for m in reversed(r.merged) if m is not None), r.base_loss)
+        change = (best - r.base_loss) / r.base_loss * 100
         rows.append(
-            f"{r.domain:<12} {r.base_loss:>10.4f} {perplexity(r.base_loss):>10.2f} {r.expert_loss:>12.4f} "
-            f"{perplexity(r.expert_loss):>11.2f} {change:>7.1f}% {r.nodes:>5} {r.steps:>6} "
-            f"{r.tokens_trained:>9}"
+            f"{r.domain:<10}{r.base_loss:>10.4f}{_cell(r.first_expert_loss, 11)}"
+            + "".join(_cell(m, 11) for m in r.merged)
+            + f"{r.expert_loss:>11.4f}{change:>8.1f}%{perplexity(r.base_loss):>9.2f}"
+            f"{perplexity(best):>9.2f}{r.nodes:>6}{r.steps:>6}{r.tokens_trained:>9}"
         )
     return "\n".join(rows)
 
@@ -248,7 +331,8 @@ def run_demo(opts: DemoOptions) -> list[DomainResult]:
     checkpoints = train_swarm(opts)
     print("training done; evaluating base and experts on each domain's validation split", flush=True)
     results = evaluate(opts, model_path, checkpoints)
-    print(format_table(opts.model, results))
+    methods = [m.method for m in published_manifests(opts)]
+    print(format_table(opts.model, results, methods))
     print(f"demo finished in {time.monotonic() - started:.0f} s", flush=True)
     if opts.json_path is not None:
         write_json_atomic(
@@ -262,9 +346,12 @@ def run_demo(opts: DemoOptions) -> list[DomainResult]:
                         "tokens_trained": r.tokens_trained,
                         "nodes": r.nodes,
                         "steps": r.steps,
+                        "expert_g0_loss": r.first_expert_loss,
+                        "merged_loss": {str(g + 1): m for g, m in enumerate(r.merged)},
                     }
                     for r in results
                 },
+                "merge_methods": methods,
             },
         )
     return results

@@ -8,11 +8,13 @@ its schema is checked by :class:`cogen.protocols.CogenRecordValidator` on every 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import hivemind
+import torch
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
@@ -140,3 +142,21 @@ def check_compatible(client: SwarmClient) -> None:
             raise IncompatibleProtocolError(
                 theirs, f"swarm {client.cfg.swarm!r} (coordinator on cogen {software})"
             )
+
+
+class GroupStateAverager(hivemind.DecentralizedAverager):
+    """An expert group's state averager: averages the members' anchors + outer momenta exactly, and
+    shares them, with ``metadata()``, with whoever loads the state: a joining node, or the coordinator
+    collecting the expert at the end of a generation.
+
+    Node and coordinator both use this class because hivemind names the state-download RPC after the
+    averager's class: a peer can only load state from an averager of the same class name."""
+
+    def __init__(self, *args: Any, metadata: Callable[[], dict[str, Any]] | None = None, **kwargs: Any):
+        self._metadata = metadata or dict
+        super().__init__(*args, **kwargs)
+
+    def get_current_state(self) -> tuple[Any, Sequence[torch.Tensor], Any]:
+        # hivemind's documented override point: what a peer loading the state downloads
+        with self.get_tensors() as tensors:
+            return self._metadata(), [t.clone() for t in tensors], self.tensor_infos

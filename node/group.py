@@ -17,10 +17,11 @@ exactly (fp32) with a second averager, which also serves a joining node the grou
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,23 +34,11 @@ from hivemind.compression import (
 from hivemind.utils import get_dht_time
 
 from cogen.config import GroupConfig
-from cogen.node.wire import RoundVerifier, estimate_bytes_sent, wire_compression
+from cogen.node.wire import RoundVerifier, all_finite, estimate_bytes_sent, wire_compression
 from cogen.protocols import RoundReport
+from cogen.swarm import GroupStateAverager
 
 logger = logging.getLogger(__name__)
-
-
-class _StateAverager(DecentralizedAverager):
-    """Averages anchors + momenta exactly, and shares them (with the outer step) with joining peers."""
-
-    def __init__(self, *args: Any, metadata: Callable[[], dict[str, Any]], **kwargs: Any):
-        self._metadata = metadata
-        super().__init__(*args, **kwargs)
-
-    def get_current_state(self) -> tuple[Any, Sequence[torch.Tensor], Any]:
-        # hivemind's documented override point: what a joining peer downloads
-        with self.get_tensors() as tensors:
-            return self._metadata(), [t.clone() for t in tensors], self.tensor_infos
 
 
 @dataclass
@@ -61,6 +50,7 @@ class _Pending:
     weight: float
     total_samples: int
     snapshot: list[torch.Tensor] | None  # the weights when it started, to keep the progress made since
+    prepare_s: float = 0.0  # cogen's own work before the round: pseudo-gradient, finiteness, checks
 
 
 class GroupAverager:
@@ -75,6 +65,9 @@ class GroupAverager:
         self.last_round: RoundReport | None = None
         self._samples_at_anchor = 0  # samples behind the anchor: the next round's weight is the rest
         self._pending: _Pending | None = None
+        #: what else a peer loading the group's state learns (the node: parameter names, adapter config,
+        #: training counters), so the coordinator can turn the state into an expert checkpoint
+        self.state_info: dict[str, Any] = {}
         self.compression = wire_compression(cfg.compression, cfg.compression_threshold)
         with torch.no_grad():
             self.anchor = [p.detach().float().cpu().clone() for p in self.params]
@@ -98,7 +91,7 @@ class GroupAverager:
             allow_state_sharing=False,
             **common,
         )
-        self.state_averager = _StateAverager(
+        self.state_averager = GroupStateAverager(
             [*self.anchor, *self.momentum], dht, prefix=f"{prefix}_state", compression=NoCompression(),
             state_compression=NoCompression(), allow_state_sharing=True, metadata=self._state_metadata,
             **common,
@@ -124,6 +117,10 @@ class GroupAverager:
         """
         hard_deadline = deadline + self.cfg.averaging_timeout_s + 10.0  # a dead averager never finishes
         while not control.done():
+            # wakes as soon as the round ends (a fixed sleep would add half its length to every round)
+            concurrent.futures.wait([control], timeout=0.05)
+            if control.done():
+                break
             now = time.monotonic()
             if control.stage in (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP) and now > deadline:
                 control.cancel()
@@ -131,11 +128,10 @@ class GroupAverager:
             if now > hard_deadline:
                 control.cancel()
                 raise TimeoutError("the averaging round did not finish in time")
-            time.sleep(0.05)
         return control.result()
 
     def _state_metadata(self) -> dict[str, Any]:
-        return {"outer_step": self.outer_step}
+        return {**self.state_info, "outer_step": self.outer_step}
 
     # ---- joining -------------------------------------------------------------------------------------
 
@@ -202,9 +198,10 @@ class GroupAverager:
         weight = float(total_samples - self._samples_at_anchor)
         with self.delta_averager.get_tensors() as delta:
             for d, a, p in zip(delta, self.anchor, self.params, strict=True):
-                d.copy_(a - p.detach().float().cpu())
-            checks = self.verifier.checks(delta)
-        if not all(math.isfinite(q) for q in checks.sq_norms):  # a NaN/Inf anywhere shows in its chunk
+                torch.sub(a, p.detach().to("cpu", torch.float32), out=d)
+            finite = all_finite(delta)
+            checks = self.verifier.checks(delta) if finite else None
+        if checks is None:
             self._reset_to_anchor()
             self._samples_at_anchor = total_samples
             self._report(False, "non-finite pseudo-gradient: left out of the round", 0, start, weight)
@@ -215,12 +212,15 @@ class GroupAverager:
             "proj": checks.projections,
             "sq": checks.sq_norms,
         }
-        snapshot = [p.detach().float().cpu().clone() for p in self.params] if keep_progress else None
+        snapshot = None
+        if keep_progress:
+            snapshot = [p.detach().to("cpu", torch.float32, copy=True) for p in self.params]
+        prepare_s = time.monotonic() - start
         control = self.delta_averager.step(
             gather=gather, weight=max(weight, 1e-6), timeout=self._find_group_timeout, allow_retries=False,
             wait=False,
         )  # fmt: skip
-        self._pending = _Pending(control, start, weight, total_samples, snapshot)
+        self._pending = _Pending(control, start, weight, total_samples, snapshot, prepare_s)
         return True
 
     @torch.no_grad()
@@ -238,18 +238,22 @@ class GroupAverager:
             return self._report(False, f"averaging failed: {type(e).__name__}", 0, start, weight)
         if not gathered:
             return self._report(False, "no group formed", 0, start, weight)
+        averaged_at = time.monotonic()
         with self.delta_averager.get_tensors() as delta:
             problem = self.verifier.verify(delta, list(gathered.values()))
             if problem is None:
-                progress = None
-                if pending.snapshot is not None:
-                    progress = [
-                        p.detach().float().cpu() - s
-                        for p, s in zip(self.params, pending.snapshot, strict=True)
-                    ]
+                progress = pending.snapshot
+                if progress is not None:  # the snapshot becomes the progress made since: weights - snapshot
+                    for s, p in zip(progress, self.params, strict=True):
+                        s.neg_().add_(p.detach().to("cpu", torch.float32))
                 self._apply(delta, progress)
                 self._samples_at_anchor = pending.total_samples
         group_size = len(gathered)
+        own_s = pending.prepare_s, time.monotonic() - averaged_at
+        logger.debug(
+            "round of %d: cogen's own work %.3f s before and %.3f s after hivemind's averaging (%.3f s)",
+            group_size, *own_s, averaged_at - start - own_s[0],
+        )  # fmt: skip
         if problem is not None:
             return self._report(False, problem, group_size, start, weight)
         steps = [
@@ -262,41 +266,73 @@ class GroupAverager:
             logger.info("this member was behind the group; loading the group's state")
             self.join()
         elif self.outer_step % self.cfg.sync_every == 0:
-            self._sync_state()
+            drift = self._sync_state()
+            if drift is not None:  # the report of the round that synced says how far apart members were
+                report = self.last_round = RoundReport.model_validate(
+                    {**report.model_dump(), "drift": drift[0], "drift_relative": drift[1]}
+                )
         return report
 
     def _apply(
         self, delta_avg: Sequence[torch.Tensor], progress: Sequence[torch.Tensor] | None = None
     ) -> None:
         """Nesterov SGD on the anchor with the averaged pseudo-gradient; every member does the same.
-        The weights become the new anchor, plus ``progress`` made while the round ran (if any)."""
+        The weights become the new anchor, plus ``progress`` made while the round ran (if any; its
+        tensors are overwritten). In place: no tensor-sized temporaries at large models."""
         lr, mu = self.cfg.outer_lr, self.cfg.outer_momentum
         with self.state_averager.get_tensors() as shared:
             n = len(self.anchor)
             for i, (a, m, d, p) in enumerate(
                 zip(shared[:n], shared[n:], delta_avg, self.params, strict=True)
             ):
-                m.mul_(mu).add_(d)
-                a.sub_(d + mu * m, alpha=lr)
-                new = a if progress is None else a + progress[i]
-                p.copy_(new.to(p.device, p.dtype))
+                torch.add(d, m, alpha=mu, out=m)  # m = mu * m + d, in one pass
+                a.sub_(d, alpha=lr).sub_(m, alpha=lr * mu)  # a -= lr * (d + mu * m), in place
+                if progress is None:
+                    p.copy_(a)
+                else:
+                    p.copy_(progress[i].add_(a))  # ``progress`` is a temporary of this round: reused
 
     def _reset_to_anchor(self) -> None:
         with self.state_averager.get_tensors() as shared:
             for p, a in zip(self.params, shared[: len(self.anchor)], strict=True):
                 p.copy_(a.to(p.device, p.dtype))
 
-    def _sync_state(self) -> None:
-        """Average anchors and momenta exactly, so that the members' lossy decodes do not drift apart."""
+    def _sync_state(self) -> tuple[float, float | None] | None:
+        """Average anchors and momenta exactly, so that the members' lossy decodes do not drift apart.
+
+        Returns this member's anchor drift: how far its anchor was from the group's exact mean, as the
+        largest absolute difference and the L2 norm of the difference over the mean's (``None`` when
+        the mean is zero); ``None`` when no sync took place.
+        """
+        before = self.anchor_state()
         try:
             done = self._run_round(self.state_averager)
         except Exception as e:
             logger.warning(
                 "state sync at outer step %d failed (%s); will retry next time", self.outer_step, e
             )
-            return
-        if done:
-            self._reset_to_anchor()
+            return None
+        if not done:
+            return None
+        self._reset_to_anchor()
+        largest, sq_diff, sq_norm = 0.0, 0.0, 0.0
+        with self.state_averager.get_tensors() as shared:
+            for b, a in zip(before, shared[: len(self.anchor)], strict=True):
+                if b.numel() == 0:
+                    continue
+                diff = b.sub_(a)  # in place: ``before`` is this method's own copy
+                largest = max(largest, torch.linalg.vector_norm(diff, ord=math.inf).item())
+                sq_diff += torch.linalg.vector_norm(diff, dtype=torch.float64).item() ** 2
+                sq_norm += torch.linalg.vector_norm(a, dtype=torch.float64).item() ** 2
+        relative = math.sqrt(sq_diff / sq_norm) if sq_norm > 0 else None
+        if not math.isfinite(largest) or (relative is not None and not math.isfinite(relative)):
+            logger.warning("state sync at outer step %d: the drift is not finite", self.outer_step)
+            return None
+        logger.info(
+            "state sync at outer step %d | group of %d | anchor drift max %.3g, relative %s",
+            self.outer_step, len(done), largest, "n/a" if relative is None else f"{relative:.3g}",
+        )  # fmt: skip
+        return largest, relative
 
     def _report(self, ok: bool, reason: str, group_size: int, start: float, weight: float) -> RoundReport:
         if ok:
@@ -311,6 +347,18 @@ class GroupAverager:
             duration_s=time.monotonic() - start, bytes_sent=sent, weight=float(weight), time=get_dht_time(),
         )  # fmt: skip
         return self.last_round
+
+    @torch.no_grad()
+    def absorb_local(self, total_samples: int) -> None:
+        """A member with nobody to average with makes its own progress the group's state (an outer
+        step of a group of one with lr 1): a node that joins later, and the coordinator collecting the
+        expert, load these weights instead of a stale anchor."""
+        self.finish_round()
+        with self.state_averager.get_tensors() as shared:
+            for a, p in zip(shared[: len(self.anchor)], self.params, strict=True):
+                a.copy_(p.detach().float().cpu())
+        self._samples_at_anchor = total_samples
+        self.outer_step += 1
 
     def anchor_state(self) -> list[torch.Tensor]:
         """A copy of the anchor weights (for tests and drift reports)."""

@@ -3,10 +3,16 @@
 run() = join the DHT -> check the swarm's protocol -> load the 8-bit base + LoRA -> claim a data
 shard -> inner steps, with one summary line and one signed TrainingProgress record per interval ->
 on stop (max steps, max time, SIGTERM/Ctrl+C) save the adapter atomically and leave.
+
+Generations: a :class:`BaseFollower` fetches and verifies each newer base the coordinator publishes;
+at its next outer step the node saves its expert of the old generation, loads the new base with a
+fresh adapter and joins its group's averaging for the new generation (the averagers' prefixes carry
+the generation, so members on different bases never average together). The data stream goes on.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -14,6 +20,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from hivemind.utils import get_dht_time
@@ -24,12 +31,15 @@ from cogen.checkpoint import AdapterMetadata, save_adapter
 from cogen.config import NodeConfig
 from cogen.corpora import get_corpus
 from cogen.data import train_batches
+from cogen.node.follow import Base, BaseFollower, MirrorServer
 from cogen.node.group import GroupAverager
 from cogen.node.hardware import detect_hardware
 from cogen.node.metrics import NodeMetrics
 from cogen.node.shards import claim_shard
 from cogen.node.trainer import ExpertTrainer
-from cogen.protocols import GroupProgress, NodeInfo, TrainingProgress, software_version
+from cogen.protocols import GroupProgress, NodeInfo, RoundReport, TrainingProgress, software_version
+from cogen.protocols.keys import group_prefix
+from cogen.protocols.manifest import MANIFEST_FILE, ManifestError, read_manifest
 from cogen.swarm import SwarmClient, check_compatible
 from cogen.telemetry import format_bytes, peak_memory_bytes
 
@@ -76,6 +86,10 @@ class ExpertNode:
         self._alone_logged = False
         self.metrics: NodeMetrics | None = None
         self.metrics_url: str | None = None
+        self.generation = 0
+        self.base_name = cfg.model.model
+        self.follower: BaseFollower | None = None
+        self._first_loss: float | None = None
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -107,12 +121,10 @@ class ExpertNode:
                 " ".join(client.visible_maddrs()),
             )
             self.hardware = detect_hardware(device)
+            self.generation = _generation_of(model_path)
             self._announce("joining")
             tokenizer = models.load_tokenizer(model_path)
-            base = models.load_base(model_path, cfg.model.precision, device)
-            model = models.add_lora(base, cfg.model, seed=cfg.data.seed)
-            optimizer = models.build_optimizer(models.trainable_parameters(model), cfg.optim)
-            scheduler = models.warmup_schedule(optimizer, cfg.optim.warmup_steps)
+            model, optimizer, scheduler = self._build(model_path, device)
             self.shard = claim_shard(client, self.expert, cfg.data.num_shards, cfg.network.record_ttl_s)
             logger.info(
                 "training expert %r on shard %d/%d of %s, %s base on %s",
@@ -136,21 +148,25 @@ class ExpertNode:
                 )
             except ValueError as e:
                 raise DataError(str(e)) from None
+            batches = BackgroundGenerator(stream, max_prefetch=4)
             trainer = ExpertTrainer(
-                model,
-                optimizer,
-                scheduler,
-                BackgroundGenerator(stream, max_prefetch=4),
-                max_grad_norm=cfg.optim.max_grad_norm,
+                model, optimizer, scheduler, batches, max_grad_norm=cfg.optim.max_grad_norm
             )
             self.group = self._join_group(model)
+            self.follower = self._start_follower()
             self._announce("training")
-            reason = self._train(trainer, device)
+            while (reason := self._train(trainer, device)) == "new_base":
+                base = self.follower.take() if self.follower is not None else None
+                assert base is not None
+                self._finish(model, trainer, device, f"moving to generation {base.generation}")
+                model, trainer = self._switch_base(base, trainer, batches, device)
             if self.group is not None and reason != "stopped" and self.group.has_unaveraged(trainer.samples):
                 self._outer_step(trainer, final=True)  # end on an outer step, so the group's members agree
             self._announce("stopping")
             return self._finish(model, trainer, device, reason)
         finally:
+            if self.follower is not None:
+                self.follower.stop()
             if self.group is not None:
                 self.group.shutdown()
             if self.metrics is not None:
@@ -158,15 +174,58 @@ class ExpertNode:
             client.shutdown()
             self.client = None
 
+    def _build(self, model_path: str, device: torch.device) -> tuple[torch.nn.Module, Any, Any]:
+        """The base (8-bit by default) with a fresh, seeded LoRA adapter, its optimizer and schedule."""
+        cfg = self.cfg
+        base = models.load_base(model_path, cfg.model.precision, device)
+        model = models.add_lora(base, cfg.model, seed=cfg.data.seed)
+        optimizer = models.build_optimizer(models.trainable_parameters(model), cfg.optim)
+        scheduler = models.warmup_schedule(optimizer, cfg.optim.warmup_steps)
+        return model, optimizer, scheduler
+
+    def _start_follower(self) -> BaseFollower | None:
+        cfg = self.cfg
+        if not cfg.follow:
+            return None
+        assert self.client is not None
+        bases_dir = cfg.bases_dir or models.cache_root(cfg.model.cache_dir) / "bases" / cfg.network.swarm
+        mirror = MirrorServer(bases_dir, cfg.serve_host) if cfg.serve_bases else None
+        follower = BaseFollower(
+            self.client, bases_dir, self.generation, _read_key(cfg.trusted_key),
+            interval_s=min(10.0, cfg.log_interval_s), mirror=mirror,
+        )  # fmt: skip
+        follower.start()
+        return follower
+
+    def _switch_base(
+        self, base: Base, old: ExpertTrainer, batches: Any, device: torch.device
+    ) -> tuple[torch.nn.Module, ExpertTrainer]:
+        """Continue on ``base``: a fresh adapter on it, a new group for its generation, same data."""
+        if self.group is not None:
+            self.group.shutdown()
+            self.group = None
+        self.generation, self.base_name = base.generation, str(base.path)
+        model, optimizer, scheduler = self._build(str(base.path), device)
+        trainer = ExpertTrainer(
+            model, optimizer, scheduler, batches, max_grad_norm=self.cfg.optim.max_grad_norm
+        )
+        trainer.steps, trainer.samples, trainer.tokens = old.steps, old.samples, old.tokens
+        self._first_loss = None
+        self.group = self._join_group(model)
+        logger.info("%s: now training on generation %d (%s)", self.expert, base.generation, base.path)
+        self._announce("training")
+        return model, trainer
+
     def _join_group(self, model: torch.nn.Module) -> GroupAverager | None:
         """Set up outer steps with the expert's group, loading the group's state if it already trains."""
         if self.cfg.group.solo:
             return None
         assert self.client is not None
         group = GroupAverager(
-            self.client.dht, f"{self.cfg.network.swarm}_{self.expert}", models.trainable_parameters(model),
-            self.cfg.group,
+            self.client.dht, group_prefix(self.cfg.network.swarm, self.expert, self.generation),
+            models.trainable_parameters(model), self.cfg.group,
         )  # fmt: skip
+        group.state_info = self._state_info(model)
         if group.join():
             logger.info("joined expert group %r at outer step %d", self.expert, group.outer_step)
         return group
@@ -177,6 +236,7 @@ class ExpertNode:
         return any(
             entry.owner != self.client.owner and isinstance(entry.record, NodeInfo)
             and entry.record.expert == self.expert and entry.record.state != "stopping"
+            and entry.record.generation == self.generation
             for entry in self.client.fetch("nodes")
         )  # fmt: skip
 
@@ -185,12 +245,15 @@ class ExpertNode:
 
         Returns whether a round was attempted (False while no groupmate is online)."""
         assert self.client is not None and self.group is not None
+        self.group.state_info = self._state_info(None, trainer)
         if not self._groupmates_online():
             if not self._alone_logged:
                 logger.info("%s: no other node trains this expert right now; training alone until one joins",
                             self.expert)  # fmt: skip
                 self._alone_logged = True
-            return False  # the pseudo-gradient keeps accumulating until there is someone to average with
+            self.group.absorb_local(trainer.samples)  # its own progress is the group's state meanwhile
+            self._publish_group(None)
+            return False
         self._alone_logged = False
         self._announce("averaging")
         if self.cfg.group.overlap and not final:
@@ -201,11 +264,7 @@ class ExpertNode:
                 return True
         else:
             report = self.group.outer_step_now(trainer.samples)
-        self.client.publish("groups", GroupProgress(
-            peer_id=self.client.peer_id, expert=self.expert, outer_step=self.group.outer_step,
-            inner_steps=self.cfg.group.inner_steps, compression=self.cfg.group.compression,
-            rounds_ok=self.group.rounds_ok, rounds_failed=self.group.rounds_failed, last_round=report,
-        ))  # fmt: skip
+        self._publish_group(report)
         logger.info(
             "%s | outer step %d %s | group of %d | %.1f s | %s sent",
             self.expert, self.group.outer_step, "applied" if report.ok else f"skipped ({report.reason})",
@@ -213,6 +272,29 @@ class ExpertNode:
         )  # fmt: skip
         self._announce("training")
         return True
+
+    def _publish_group(self, report: RoundReport | None) -> None:
+        assert self.client is not None and self.group is not None
+        self.client.publish("groups", GroupProgress(
+            peer_id=self.client.peer_id, expert=self.expert, outer_step=self.group.outer_step,
+            generation=self.generation, inner_steps=self.cfg.group.inner_steps,
+            compression=self.cfg.group.compression,
+            rounds_ok=self.group.rounds_ok, rounds_failed=self.group.rounds_failed,
+            last_round=report or self.group.last_round,
+        ))  # fmt: skip
+
+    def _state_info(self, model: Any, trainer: ExpertTrainer | None = None) -> dict[str, Any]:
+        """What the coordinator needs to turn the group's state into an expert checkpoint."""
+        info = dict(self.group.state_info) if self.group is not None else {}
+        if model is not None:
+            info["names"] = [n for n, p in model.named_parameters() if p.requires_grad]
+            info["adapter_config"] = _json_ready(model.peft_config["default"].to_dict())
+        info.update(expert=self.expert, generation=self.generation, base_model=self.base_name[:256],
+                    precision=self.cfg.model.precision)  # fmt: skip
+        if trainer is not None:
+            info.update(steps=trainer.steps, samples=trainer.samples, tokens=trainer.tokens,
+                        train_loss=self._last_loss, first_loss=self._first_loss)  # fmt: skip
+        return info
 
     def _train(self, trainer: ExpertTrainer, device: torch.device) -> str:
         cfg = self.cfg
@@ -230,6 +312,8 @@ class ExpertNode:
             at_boundary = self.group is not None and trainer.steps % self.cfg.group.inner_steps == 0
             if at_boundary and self._outer_step(trainer):  # it re-announced this node
                 last_announce = time.monotonic()
+            if at_boundary and self.follower is not None and self.follower.has_ready():
+                return "new_base"
             self._window.append(stats.loss)
             self._window_samples += stats.samples
             self._window_time += stats.seconds
@@ -250,6 +334,8 @@ class ExpertNode:
         self._window, self._window_samples, self._window_time = [], 0, 0.0
         if math.isfinite(loss):
             self._last_loss = loss
+            if self._first_loss is None:
+                self._first_loss = loss
         peak = peak_memory_bytes(device)
         self.client.publish(
             "progress",
@@ -292,6 +378,7 @@ class ExpertNode:
             started_at=self.started_at,
             updated_at=now,
             metrics_url=self.metrics_url,
+            generation=self.generation,
         )
         self.client.publish("nodes", info)
         if self.metrics is not None:
@@ -305,7 +392,7 @@ class ExpertNode:
             self._report(trainer, device)
         meta = AdapterMetadata(
             expert=self.expert,
-            base_model=cfg.model.model,
+            base_model=self.base_name,
             precision=cfg.model.precision,
             steps=trainer.steps,
             samples=trainer.samples,
@@ -325,3 +412,31 @@ class ExpertNode:
             format_bytes(peak),
         )
         return NodeResult(trainer.steps, trainer.samples, trainer.tokens, self._last_loss, ckpt, peak, reason)
+
+
+def _generation_of(model_path: str) -> int:
+    """The generation of a base: from its manifest when it is a published one, else 0."""
+    if not (Path(model_path) / MANIFEST_FILE).is_file():
+        return 0
+    try:
+        return read_manifest(Path(model_path)).generation
+    except ManifestError as e:
+        logger.warning("%s", e)
+        return 0
+
+
+def _read_key(value: str | None) -> str | None:
+    """``--trusted-key``: the key itself, or a file holding it."""
+    if value and not value.startswith("ssh-") and Path(value).is_file():
+        return Path(value).read_text().strip()
+    return value
+
+
+def _json_ready(value: Any) -> Any:
+    """A PEFT config dict as plain JSON types, as PEFT writes it (sets become sorted lists, enums
+    their values): it travels with the group's state and becomes the collected adapter's config."""
+
+    def default(o: Any) -> Any:
+        return sorted(o, key=str) if isinstance(o, (set, frozenset)) else str(o)
+
+    return json.loads(json.dumps(value, default=default))

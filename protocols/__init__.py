@@ -10,6 +10,7 @@
 from cogen.protocols.keys import check_swarm_name, swarm_key
 from cogen.protocols.records import (
     RECORD_SCHEMAS,
+    CheckpointSource,
     GroupProgress,
     Hardware,
     NodeInfo,
@@ -31,6 +32,7 @@ from cogen.protocols.version import PROTOCOL_VERSION, IncompatibleProtocolError,
 __all__ = [
     "PROTOCOL_VERSION",
     "RECORD_SCHEMAS",
+    "CheckpointSource",
     "CogenRecordValidator",
     "GroupProgress",
     "Hardware",

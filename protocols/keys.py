@@ -13,7 +13,8 @@ PROGRESS: Final = "progress"
 SWARM: Final = "swarm"
 SHARDS: Final = "shards"
 GROUPS: Final = "groups"
-KEY_KINDS: Final = (NODES, PROGRESS, SWARM, SHARDS, GROUPS)
+CHECKPOINTS: Final = "checkpoints"
+KEY_KINDS: Final = (NODES, PROGRESS, SWARM, SHARDS, GROUPS, CHECKPOINTS)
 
 
 def check_swarm_name(name: str) -> str:
@@ -24,6 +25,12 @@ def check_swarm_name(name: str) -> str:
             "letter or digit"
         )
     return name
+
+
+def group_prefix(swarm: str, expert: str, generation: int) -> str:
+    """The averagers' DHT prefix of an expert group on one generation's base (members on different
+    bases never average together; the coordinator loads a group's state under ``<prefix>_state``)."""
+    return f"{check_swarm_name(swarm)}_{expert}_g{generation}"
 
 
 def swarm_key(swarm: str, kind: str) -> str:

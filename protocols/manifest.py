@@ -20,6 +20,7 @@ from typing import Any
 from hivemind.utils.crypto import RSAPublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from cogen.protocols.ranking import Ranking
 from cogen.protocols.version import software_version
 
 MANIFEST_FILE = "manifest.json"
@@ -88,6 +89,9 @@ class Manifest(BaseModel):
     weight_source: str = Field(description="where the weights came from: flags, evaluation or equal")
     evaluation: EvalMatrix | None = None
     ranking: dict[str, list[str]] = Field(default_factory=dict, description="domain -> experts, best first")
+    rankings: Ranking | None = Field(
+        default=None, description="robust overall ranking (Borda, Bradley–Terry, bootstrap) and the cheap one"
+    )
     files: dict[str, str] = Field(description="every other file in the directory -> sha256")
     created_at: float = Field(default_factory=time.time)
     software_version: str = Field(default_factory=software_version)
@@ -131,20 +135,25 @@ def read_manifest(directory: Path) -> Manifest:
         raise ManifestError(f"{path}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
 
 
+def check_signature(manifest: Manifest, trusted_key: str | None, where: str) -> None:
+    """Raise :class:`ManifestError` unless ``manifest`` is signed (by ``trusted_key``, if given)."""
+    if not manifest.signature or not manifest.public_key:
+        raise ManifestError(f"{where} is not signed")
+    if trusted_key is not None and manifest.public_key.strip() != trusted_key.strip():
+        raise ManifestError(f"{where} is signed by an untrusted key")
+    try:
+        public = RSAPublicKey.from_bytes(manifest.public_key.encode())
+    except ValueError as e:
+        raise ManifestError(f"{where}: bad public key: {e}") from None
+    if not public.verify(manifest.canonical_bytes(), manifest.signature.encode()):
+        raise ManifestError(f"{where}: the signature does not match its contents")
+
+
 def verify_manifest(directory: Path, trusted_key: str | None = None) -> Manifest:
     """Check the signature (by ``trusted_key``, if given) and every file's sha256; return the manifest."""
     directory = Path(directory)
     manifest = read_manifest(directory)
-    if not manifest.signature or not manifest.public_key:
-        raise ManifestError(f"{directory / MANIFEST_FILE} is not signed")
-    if trusted_key is not None and manifest.public_key.strip() != trusted_key.strip():
-        raise ManifestError(f"{directory / MANIFEST_FILE} is signed by an untrusted key")
-    try:
-        public = RSAPublicKey.from_bytes(manifest.public_key.encode())
-    except ValueError as e:
-        raise ManifestError(f"{directory / MANIFEST_FILE}: bad public key: {e}") from None
-    if not public.verify(manifest.canonical_bytes(), manifest.signature.encode()):
-        raise ManifestError(f"{directory / MANIFEST_FILE}: the signature does not match its contents")
+    check_signature(manifest, trusted_key, str(directory / MANIFEST_FILE))
     actual = file_hashes(directory)
     for name, digest in manifest.files.items():
         if name not in actual:

@@ -76,6 +76,7 @@ class NodeInfo(Record):
         pattern=r"^http://",
         description="the node's own Prometheus /metrics, if served",
     )
+    generation: int = Field(default=0, ge=0, description="the generation of the base it trains on")
     started_at: NonNegativeFinite
     updated_at: NonNegativeFinite
 
@@ -100,6 +101,9 @@ class SwarmInfo(Record):
     swarm: str = Field(max_length=64)
     coordinator_peer_id: PeerId
     api_url: str | None = Field(default=None, max_length=256)
+    manifest_key: str | None = Field(
+        default=None, max_length=1024, description="the public key (OpenSSH) that signs the swarm's manifests"
+    )
     software_version: str = Field(max_length=64)
     started_at: NonNegativeFinite
     updated_at: NonNegativeFinite
@@ -127,6 +131,14 @@ class RoundReport(BaseModel):
     bytes_sent: int = Field(ge=0, description="bytes this member sent (estimated from the wire format)")
     weight: NonNegativeFinite = Field(description="this member's weight: samples since its last outer step")
     time: NonNegativeFinite
+    drift: NonNegativeFinite | None = Field(
+        default=None,
+        description="on a round followed by an exact state sync: the largest absolute difference between "
+        "this member's anchor and the group's mean; null on other rounds (and in older records)",
+    )
+    drift_relative: NonNegativeFinite | None = Field(
+        default=None, description="the same sync: L2 norm of that difference over the mean anchor's norm"
+    )
 
 
 class GroupProgress(Record):
@@ -135,11 +147,25 @@ class GroupProgress(Record):
     peer_id: PeerId
     expert: ExpertName
     outer_step: int = Field(ge=0)
+    generation: int = Field(default=0, ge=0, description="the generation of the base the group trains on")
     inner_steps: int = Field(ge=1, description="H: inner steps per outer step")
     compression: Literal["8bit", "fp16", "none"]
     rounds_ok: int = Field(ge=0)
     rounds_failed: int = Field(ge=0)
     last_round: RoundReport | None = None
+
+
+class CheckpointSource(Record):
+    """A peer serves a published base over HTTP: the coordinator that made it, or a node that fetched it.
+
+    Trust does not come from this record: whoever downloads checks the manifest's signature and every
+    file's sha256 (:func:`cogen.protocols.manifest.verify_manifest`)."""
+
+    peer_id: PeerId
+    generation: int = Field(ge=1)
+    manifest_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    url: str = Field(max_length=256, pattern=r"^http://", description="directory URL holding manifest.json")
+    time: NonNegativeFinite
 
 
 #: which record schema lives under which key kind (see :mod:`cogen.protocols.keys`)
@@ -149,4 +175,5 @@ RECORD_SCHEMAS: dict[str, type[Record]] = {
     "swarm": SwarmInfo,
     "shards": ShardClaim,
     "groups": GroupProgress,
+    "checkpoints": CheckpointSource,
 }

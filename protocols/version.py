@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 def software_version() -> str:

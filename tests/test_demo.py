@@ -1,4 +1,5 @@
-"""``cogen demo --model tiny`` runs the whole path: coordinator, three nodes, evaluation, table, JSON."""
+"""``cogen demo --model tiny`` runs the whole path: coordinator, nodes in a group and alone, two
+generations merged, published and followed, evaluation, table, JSON."""
 
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.timeout(600)
 def test_tiny_demo_trains_experts_that_beat_the_base(tmp_path: Path) -> None:
     result_path = tmp_path / "result.json"
     proc = subprocess.run(
         [sys.executable, "-m", "cogen.cli", "demo", "--model", "tiny", "--out-dir", str(tmp_path / "run"),
          "--json", str(result_path)],
-        capture_output=True, text=True, timeout=240,
+        capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(result_path.read_text())
@@ -27,5 +29,8 @@ def test_tiny_demo_trains_experts_that_beat_the_base(tmp_path: Path) -> None:
         assert set(row) >= {"base_loss", "expert_loss", "tokens_trained"}
         assert row["tokens_trained"] > 0
         assert row["expert_loss"] < row["base_loss"], (domain, row)
+        assert set(row["merged_loss"]) == {"1", "2"}  # both generations were merged and evaluated
+        assert row["expert_g0_loss"] < row["base_loss"], (domain, row)
+    assert result["merge_methods"] == ["ties", "ties"]
     table = proc.stdout
-    assert "expert loss" in table and all(d in table for d in ("medical", "legal", "code"))
+    assert "merged g2" in table and all(d in table for d in ("medical", "legal", "code"))

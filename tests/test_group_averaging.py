@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import hivemind
 import pytest
 import torch
+from hivemind.compression import CompressionInfo, deserialize_torch_tensor
 
 from cogen.config import GroupConfig
 from cogen.node.group import GroupAverager
-from cogen.node.wire import estimate_bytes_sent, wire_compression
+from cogen.node.wire import SAMPLE_MAX, RoundVerifier, all_finite, estimate_bytes_sent, wire_compression
 from cogen.protocols import RoundReport
 
 SHAPES = [(64, 512), (300,), (16, 64)]  # one 8-bit tensor, two small fp16 ones
@@ -46,9 +48,13 @@ def make_group() -> Iterator:
     made: list[Member] = []
 
     def make(n: int, prefix: str, **overrides: object) -> list[Member]:
-        cfg = GroupConfig(
-            matchmaking_s=1.0, group_size=max(n, 2), averaging_timeout_s=30, sync_every=1000, **overrides
-        )
+        settings = {
+            "matchmaking_s": 1.0,
+            "group_size": max(n, 2),
+            "averaging_timeout_s": 30,
+            "sync_every": 1000,
+        }
+        cfg = GroupConfig.model_validate({**settings, **overrides})
         members = _members(n, cfg, prefix)
         made.extend(members)
         return members
@@ -143,6 +149,37 @@ def test_an_incomplete_average_is_detected_and_not_applied(make_group) -> None:
     assert "not finite" in (group.verifier.verify(nan, gathered) or "")
 
 
+def test_sampled_checks_catch_a_part_left_local_and_any_nan() -> None:
+    """Above SAMPLE_MAX values the checks look at a sample; one hivemind part (2^17 fp32 values, at
+    an arbitrary offset) left local must still fail the round, and a NaN anywhere must too."""
+    shapes = [(1024, 1024)] * 4 + [(300,)]
+    g = torch.Generator().manual_seed(7)
+    mine, theirs = ([torch.randn(s, generator=g) * 0.01 for s in shapes] for _ in range(2))
+    verifier = RoundVerifier(mine, "8bit")
+    total = sum(t.numel() for t in mine)
+    assert total > SAMPLE_MAX and verifier.sampled <= SAMPLE_MAX < total  # the sample is in use
+    wire = wire_compression("8bit", 4096)
+    mean = [  # what the round returns: the mean, through the real 8-bit wire format
+        deserialize_torch_tensor(wire.compress((a + b) / 2, CompressionInfo.from_tensor(a)))
+        for a, b in zip(mine, theirs, strict=True)
+    ]
+    gathered = [{"step": 0, "weight": 1.0, "proj": c.projections, "sq": c.sq_norms}
+                for c in (verifier.checks(mine), verifier.checks(theirs))]  # fmt: skip
+    assert verifier.verify(mean, gathered) is None
+    partial = [t.clone() for t in mean]
+    part = slice(300_001, 300_001 + (1 << 17))
+    partial[2].view(-1)[part] = mine[2].view(-1)[part]
+    assert "incomplete round" in (verifier.verify(partial, gathered) or "")
+    # a value outside the sample: the chunks' checks cannot see it, the finiteness pass does
+    sampled = set(verifier._index[1].tolist())
+    unsampled = next(i for i in range(mine[1].numel()) if i not in sampled)
+    poisoned = [t.clone() for t in mean]
+    poisoned[1].view(-1)[unsampled] = float("nan")
+    assert all(math.isfinite(q) for q in verifier.checks(poisoned).sq_norms)
+    assert not all_finite(poisoned) and all_finite(mean)
+    assert "not finite" in (verifier.verify(poisoned, gathered) or "")
+
+
 def test_a_late_joiner_loads_the_group_state(make_group) -> None:
     members = make_group(2, "join", compression="none")
     for member, seed in zip(members, (1, 2), strict=True):
@@ -197,3 +234,39 @@ def test_overlapped_rounds_keep_the_progress_made_while_averaging(make_group) ->
             assert torch.allclose(p.detach(), a - e, atol=1e-5)  # new anchor + the progress made meanwhile
         assert not member.group.has_unaveraged(10)  # the anchor holds all samples up to the round start
         assert member.group.has_unaveraged(11)  # later samples go into the next round
+
+
+def test_drift_between_lossy_members_is_reported_and_stays_bounded(make_group) -> None:
+    """8-bit rounds leave the members' anchors slightly apart (each keeps its own part of the mean
+    undecoded); every ``sync_every`` outer steps they average anchors exactly, and the report of
+    that round says how far each member was from the mean. Over many steps that spread stays small."""
+    sync_every, steps = 3, 12
+    members = make_group(3, "drift", compression="8bit", sync_every=sync_every)
+    synced: list[list[RoundReport]] = []
+    spreads: list[float] = []  # between syncs: the largest difference between two members' anchors
+    for step in range(1, steps + 1):
+        for i, member in enumerate(members):
+            member.train(_deltas(100 * step + i))  # weights ~1 (the anchor), deltas ~0.01
+        reports = _step_all(members, [1.0, 2.0, 3.0])
+        assert all(r.ok and r.group_size == 3 for r in reports), reports
+        assert all(r is m.group.last_round for r, m in zip(reports, members, strict=True))
+        anchors = [m.group.anchor_state() for m in members]
+        spread = max(
+            (a - b).abs().max().item()
+            for other in anchors[1:]
+            for a, b in zip(other, anchors[0], strict=True)
+        )
+        if step % sync_every:
+            assert all(r.drift is None and r.drift_relative is None for r in reports), reports
+            spreads.append(spread)
+        else:
+            synced.append(reports)
+            assert spread <= 1e-6, spread  # right after the exact sync they agree again
+    assert len(synced) == steps // sync_every
+    assert 0 < max(spreads) < 1e-2, spreads  # lossy: members differ between syncs, but not by much
+    for reports in synced:
+        for r in reports:
+            assert r.drift is not None and r.drift_relative is not None, r
+            assert 0 < r.drift < 1e-2 and 0 < r.drift_relative < 2e-3, r
+    first = max(r.drift or 0.0 for r in synced[0])
+    assert max(r.drift or 0.0 for r in synced[-1]) <= 3 * first  # bounded: no walk away over the steps

@@ -2,8 +2,10 @@
 
 1. load and verify the experts (same base model, same adapted modules);
 2. load the base in fp32; with ``eval_domains``, evaluate the base and every expert;
-3. choose the weights: ``--weights``, else from the evaluation (:mod:`.weights`), else equal; experts
-   with weight 0 are left out;
+3. rank the experts (:mod:`.ranking`: Borda / Bradley–Terry over domains with bootstrap confidence,
+   and the cheap ranking from training losses and delta statistics, with their Kendall tau);
+   choose the weights: ``--weights``, else from the ranking (:func:`.weights.confident_weights`),
+   else equal; experts with weight 0 are left out;
 4. stream the experts' dense deltas module by module through the merge method and add the result to
    the base weights;
 5. evaluate the merge, then publish checkpoint + signed manifest (:mod:`.publish`).
@@ -24,13 +26,15 @@ from tqdm import tqdm
 from cogen import models
 from cogen.config import MergeConfig
 from cogen.coordinator.merging import dare, linear, ties  # noqa: F401 - register the built-in methods
-from cogen.coordinator.merging.evaluate import domain_blocks, evaluate_experts, losses
+from cogen.coordinator.merging.evaluate import BlockLosses, domain_blocks, evaluate_blocks, losses
 from cogen.coordinator.merging.experts import Expert, iter_deltas, load_experts
 from cogen.coordinator.merging.manifest import Identity
 from cogen.coordinator.merging.publish import newest_generation, parent_info, publish
+from cogen.coordinator.merging.ranking import attach_cheap, cheap_ranking, delta_statistics, rank_experts
 from cogen.coordinator.merging.registry import MergeError, MergeMethod, MergeParams, create
-from cogen.coordinator.merging.weights import format_matrix, ranking, ranking_weights
+from cogen.coordinator.merging.weights import confident_weights, format_matrix, format_ranking, ranking
 from cogen.protocols.manifest import EvalMatrix, ExpertEntry, Manifest, ParentInfo
+from cogen.protocols.ranking import Ranking
 
 logger = logging.getLogger(__name__)
 
@@ -54,17 +58,31 @@ def load_base_fp32(path: str, device: torch.device) -> nn.Module:
 
 
 def choose_weights(
-    cfg: MergeConfig, experts: list[Expert], matrix: EvalMatrix | None
+    cfg: MergeConfig, experts: list[Expert], ranked: Ranking | None
 ) -> tuple[list[float], str]:
     """Per-expert weights and where they came from: ``flags``, ``evaluation`` or ``equal``."""
     if cfg.weights:
         if len(cfg.weights) != len(experts):
             raise MergeError(f"--weights has {len(cfg.weights)} values for {len(experts)} experts")
         return list(cfg.weights), "flags"
-    if matrix is not None:
-        by_label = ranking_weights(matrix)
+    if ranked is not None:
+        by_label = confident_weights(ranked)
         return [by_label[e.label] for e in experts], "evaluation"
     return [1.0] * len(experts), "equal"
+
+
+def rank(cfg: MergeConfig, experts: list[Expert], losses: BlockLosses) -> Ranking:
+    """The full ranking from the evaluation, with the cheap one (training losses, delta statistics)."""
+    ranked = rank_experts(losses.base, losses.experts, bootstrap=cfg.rank_bootstrap, seed=cfg.seed)
+    training = {
+        e.label: (e.metadata.first_loss, e.metadata.train_loss)
+        if e.metadata.first_loss is not None and e.metadata.train_loss is not None
+        else None
+        for e in experts
+    }
+    ranked = attach_cheap(ranked, cheap_ranking(training, delta_statistics(experts)))
+    print(format_ranking(ranked), flush=True)
+    return ranked
 
 
 def merge_into(model: nn.Module, experts: list[Expert], weights: list[float], method: MergeMethod) -> None:
@@ -116,11 +134,13 @@ def merge_experts(cfg: MergeConfig) -> Path:
     model = load_base_fp32(path, device)
     tokenizer = models.load_tokenizer(path)
     matrix: EvalMatrix | None = None
+    ranked: Ranking | None = None
     blocks: dict[str, torch.Tensor] = {}
     if cfg.eval_domains:
         blocks = domain_blocks(cfg.eval_domains, tokenizer, cfg.eval_block_size, cfg.eval_blocks)
-        model, matrix = evaluate_experts(model, experts, blocks)
-    weights, source = choose_weights(cfg, experts, matrix)
+        model, matrix, per_block = evaluate_blocks(model, experts, blocks)
+        ranked = rank(cfg, experts, per_block)
+    weights, source = choose_weights(cfg, experts, ranked)
     kept = [(e, w) for e, w in zip(experts, weights, strict=True) if w > 0 and math.isfinite(w)]
     for expert, weight in zip(experts, weights, strict=True):
         if weight <= 0:
@@ -142,6 +162,7 @@ def merge_experts(cfg: MergeConfig) -> Path:
         weight_source=source,
         evaluation=matrix,
         ranking=ranking(matrix) if matrix is not None else {},
+        rankings=ranked,
         files={},
     )
     final = publish(model, tokenizer, cfg.out, manifest, identity)

@@ -1,0 +1,69 @@
+"""Two generations end to end: coordinator + nodes on 127.0.0.1 with the tiny model.
+
+The coordinator ends a generation once every group made two outer steps, collects each expert from
+its group over hivemind (no files uploaded), merges and publishes a signed base, and serves it; the
+nodes fetch it, verify it and go on training on it without restarting — twice.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from conftest import Peers
+from transformers import AutoModelForCausalLM
+
+from cogen.checkpoint import latest_checkpoint, read_metadata
+from cogen.procs import wait_for
+from cogen.protocols.manifest import MANIFEST_FILE, sha256_file, verify_manifest
+
+pytestmark = pytest.mark.slow
+
+NODE_ARGS = ["--inner-steps", "3", "--matchmaking-s", "1.5", "--averaging-timeout-s", "30", "--lr", "2e-2"]
+MOVED = re.compile(r"now training on generation (\d+)")
+
+
+def _generations(peers: Peers, name: str) -> list[int]:
+    return [int(g) for g in MOVED.findall(peers.log(name).read_text())]
+
+
+def test_two_generations_end_to_end(peers: Peers, tmp_path: Path) -> None:
+    out = tmp_path / "coordinator"
+    peers.start_coordinator(
+        "--model", "tiny", "--generation-outer-steps", "2", "--max-generations", "2",
+        "--out-dir", str(out), "--eval-blocks", "4", "--eval-block-size", "32", "--merge-method", "ties",
+        "--collect-timeout-s", "30",
+    )  # fmt: skip
+    nodes = {"med": "medical", "law": "legal"}
+    for name, expert in nodes.items():
+        peers.start_node(name, expert, *NODE_ARGS)
+    alive = list(peers.procs.values())
+    wait_for(lambda: all(_generations(peers, n)[-1:] == [2] for n in nodes), 300,
+             "both nodes training on generation 2", interval_s=1.0, alive=alive)  # fmt: skip
+
+    generations = peers.api("/api/generations")
+    assert [g["generation"] for g in generations] == [1, 2]
+    key = peers.api("/api/swarm")  # the swarm view works while generations are published
+    assert key["peers_online"] >= 2
+    first, second = (out / "generations" / f"gen-{g:06d}" for g in (1, 2))
+    m1, m2 = verify_manifest(first), verify_manifest(second)
+    assert m1.public_key == m2.public_key
+    assert m2.parent.manifest_sha256 == sha256_file(first / MANIFEST_FILE)  # lineage
+    assert {e.expert for e in m1.experts} == {"medical", "legal"}
+    assert m1.evaluation is not None and m1.evaluation.merged is not None
+    # generation after generation, the base gets better on the swarm's domains
+    assert m2.evaluation is not None and m2.evaluation.merged is not None
+    g0, g2 = m1.evaluation.base, m2.evaluation.merged
+    assert m2.evaluation.base == pytest.approx(m1.evaluation.merged, abs=1e-4)  # g1 as published is g2's base
+    assert all(g0[d] is not None and g2[d] is not None for d in m1.evaluation.domains)
+    assert sum(g2.values()) < sum(g0.values()), (g0, g2)  # type: ignore[arg-type]
+    assert (out / "latest").resolve() == second.resolve()
+    AutoModelForCausalLM.from_pretrained(second)  # a plain Hugging Face checkpoint
+
+    for name in nodes:  # the nodes saved their generation-1 expert before moving on, then went on
+        peers.terminate(name)
+    for name in nodes:
+        assert peers.wait_exit(name, 120) == 0
+        meta = read_metadata(latest_checkpoint(peers.workdir / name))
+        assert Path(meta.base_model).resolve().name.startswith("gen-000002"), meta.base_model
