@@ -63,7 +63,7 @@ def test_refuses_a_tampered_weight_file(
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
-    with pytest.raises(ManifestError, match="model.safetensors does not match its sha256"):
+    with pytest.raises(ManifestError, match=r"model\.safetensors does not match its sha256"):
         fetch_base(_source(mirror.root / "gen", mirror), tmp_path / "bases", served[1])
     assert not list((tmp_path / "bases").iterdir())  # nothing half-fetched is left behind
 
