@@ -3,7 +3,7 @@
 An *algorithmic* benchmark, in one process: ``--workers`` simulated workers, each with its own copy of
 the trainable weights, its own inner optimizer and its own data shard (``cogen.data.train_batches``
 shard ``i`` of ``W``), train the same model from the same seeded start on the same total tokens in
-two arms:
+these arms:
 
 - ``baseline`` (data parallel): every inner step, the workers' gradients are averaged in fp32 and one
   shared optimizer steps; bytes per step = what one member sends in a butterfly all-reduce of the
@@ -15,6 +15,11 @@ two arms:
   format as the butterfly's reduced parts do, and ``GroupAverager._apply`` itself (Nesterov SGD,
   lr 0.7, momentum 0.9 by default) moves the shared anchor; every worker continues from it. Bytes per
   round = ``estimate_bytes_sent(deltas, wire_compression(...), W)``, as ``GroupAverager`` reports.
+- ``cogen overlap`` (a node's ``--overlap``; ``--no-overlap-arm`` skips it): the same rounds, but each
+  average lands one round late, as ``GroupAverager.begin_round(keep_progress=True)`` and
+  ``finish_round`` do: the weights become the new anchor plus the progress made while the round ran,
+  and that progress goes into the next round's pseudo-gradient. Its loss is taken on the anchor once
+  the round in flight lands (what a node saves when it stops).
 
 Real-network behaviour (matchmaking, verification, partial rounds, state sync) is covered by the
 tests and ``bench/averaging.py``; this benchmark measures the algorithm and its bytes.
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import logging
 import math
 import platform
@@ -54,6 +60,7 @@ logger = logging.getLogger("cogen.bench.communication")
 
 TARGETS = {"bytes_ratio": (">=", 400.0), "loss_gap_pct": ("<=", 5.0), "loss_gap_half_pct": ("<=", math.inf)}
 AIMS = {"loss_gap_pct": 2.0}
+OVERLAP_HOLDS_PCT = 1.0  # the overlapped arm holds the loss if within this of the blocking arm
 _GROUP = GroupConfig()
 
 
@@ -237,10 +244,17 @@ class OuterState:
         return [a - p.detach().float() for a, p in zip(self.anchor, params, strict=True)]
 
     @torch.no_grad()
-    def apply(self, delta_avg: Sequence[torch.Tensor], lr: float, momentum: float) -> None:
-        """cogen's outer step, by cogen's own code: Nesterov SGD on the anchor, weights := anchor."""
+    def apply(
+        self,
+        delta_avg: Sequence[torch.Tensor],
+        lr: float,
+        momentum: float,
+        progress: Sequence[torch.Tensor] | None = None,
+    ) -> None:
+        """cogen's outer step, by cogen's own code: Nesterov SGD on the anchor, weights := anchor
+        (plus ``progress``, the inner steps made while an overlapped round ran)."""
         self.cfg = self.cfg.model_copy(update={"outer_lr": lr, "outer_momentum": momentum})
-        GroupAverager._apply(cast(GroupAverager, self), delta_avg)
+        GroupAverager._apply(cast(GroupAverager, self), delta_avg, progress)
 
 
 def round_lengths(s: Settings, steps: int) -> list[int]:
@@ -309,18 +323,65 @@ class Round:
     averaging_seconds: float  # the simulated exchange: wire trips of every member, mean, outer step (CPU)
     bytes_sent: int  # what one member sent (estimate, as GroupAverager reports)
     bytes_measured: int  # the same from the serialized messages
-    model: torch.nn.Module  # worker 0's model, at the new anchor
+    model: torch.nn.Module  # worker 0's model, at the new anchor (overlap: once the round in flight lands)
 
 
-def diloco_rounds(s: Settings, data: Data, steps: int) -> Iterator[Round]:
+@dataclass
+class InFlight:
+    """An overlapped round (``GroupAverager.begin_round(keep_progress=True)``): the average it will
+    deliver, each worker's weights when it began (to keep the progress made since) and its index."""
+
+    averaged: list[torch.Tensor]
+    snapshots: list[list[torch.Tensor]]
+    index: int
+
+
+def land(state: OuterState, workers: Sequence[Worker], flight: InFlight, lr: float, momentum: float) -> None:
+    """``GroupAverager.finish_round`` of an overlapped round, on every member: the outer step moves the
+    shared anchor (cogen's ``_apply``) and each worker's weights become the new anchor plus the progress
+    it made while the round ran, which the next pseudo-gradient (anchor - weights) then carries."""
+    with torch.no_grad():
+        progress = [
+            [p.detach().float() - snap for p, snap in zip(w.params, snaps, strict=True)]
+            for w, snaps in zip(workers, flight.snapshots, strict=True)
+        ]
+    state.params = workers[0].params
+    state.apply(flight.averaged, lr, momentum, progress[0])
+    with torch.no_grad():
+        for worker, prog in zip(workers[1:], progress[1:], strict=True):
+            for p, a, d in zip(worker.params, state.anchor, prog, strict=True):
+                p.copy_(a + d)
+
+
+def landed_model(
+    state: OuterState, template: torch.nn.Module, flight: InFlight, lr: float, momentum: float
+) -> torch.nn.Module:
+    """A copy of the model at the anchor a node holds when it stops now: its final ``outer_step_now``
+    lands the round in flight (the zero-weight round it then tries is rejected by the round checks,
+    "members sent invalid weights", so nothing else moves). The training state is left untouched."""
+    model = copy.deepcopy(template)
+    scratch = copy.copy(state)
+    scratch.anchor = [a.clone() for a in state.anchor]
+    scratch.momentum = [m.clone() for m in state.momentum]
+    scratch.state_averager = scratch
+    scratch.params = [p for p in model.parameters() if p.requires_grad]
+    scratch.apply(flight.averaged, lr, momentum)
+    return model
+
+
+def diloco_rounds(s: Settings, data: Data, steps: int, overlap: bool = False) -> Iterator[Round]:
     """DiLoCo as cogen runs it: H local steps per worker, then one outer step through the wire format.
-    A single worker trains alone (cogen's ``solo``): no outer step, nothing sent."""
+    A single worker trains alone (cogen's ``solo``): no outer step, nothing sent.
+
+    With ``overlap`` (a node's ``--overlap``), a round's average lands one round late, at the next
+    boundary, as :func:`land` describes; the yielded model is the anchor once the round in flight lands.
+    """
     workers = [Worker(s) for _ in range(s.workers)]
     state = OuterState(workers[0].params, _GROUP)
     compression = wire_compression(s.compression, s.threshold)
     if s.workers > 1:  # the first trip imports and initialises bitsandbytes: keep it out of the timings
         wire_trip([torch.zeros(s.threshold)], compression)
-    done = 0
+    done, flight = 0, None
     for r, h in enumerate(round_lengths(s, steps)):
         before = [w.seconds for w in workers]
         for i in range(done, done + h):
@@ -329,25 +390,35 @@ def diloco_rounds(s: Settings, data: Data, steps: int) -> Iterator[Round]:
         done += h
         compute = max(w.seconds - b for w, b in zip(workers, before, strict=True))
         start, sent, measured = time.process_time(), 0, 0
+        model = workers[0].model
         if s.workers > 1:
+            if overlap and flight is not None:  # finish_round: the round begun H steps ago lands first
+                land(state, workers, flight, outer_lr_at(s, flight.index), s.outer_momentum)
             deltas = [state.pseudo_gradient(w.params) for w in workers]
             averaged, size = average_on_wire(deltas, [float(h * s.batch_size)] * s.workers, compression)
-            state.params = workers[0].params
-            state.apply(averaged, outer_lr_at(s, r), s.outer_momentum)
-            with torch.no_grad():
-                for worker in workers[1:]:
-                    for p, a in zip(worker.params, state.anchor, strict=True):
-                        p.copy_(a)
+            if overlap:  # begin_round(keep_progress=True): the average lands at the next boundary
+                with torch.no_grad():
+                    snapshots = [[p.detach().float().clone() for p in w.params] for w in workers]
+                flight = InFlight(averaged, snapshots, r)
+                model = landed_model(state, workers[0].model, flight, outer_lr_at(s, r), s.outer_momentum)
+            else:
+                state.params = workers[0].params
+                state.apply(averaged, outer_lr_at(s, r), s.outer_momentum)
+                with torch.no_grad():
+                    for worker in workers[1:]:
+                        for p, a in zip(worker.params, state.anchor, strict=True):
+                            p.copy_(a)
             sent = estimate_bytes_sent(deltas[0], compression, s.workers)
             measured = int(2 * size * (s.workers - 1) / s.workers)
-        yield Round(r, done, compute, time.process_time() - start, sent, measured, workers[0].model)
+        yield Round(r, done, compute, time.process_time() - start, sent, measured, model)
 
 
-def run_cogen(s: Settings, data: Data, steps: int) -> ArmResult:
-    """The cogen arm: :func:`diloco_rounds`, evaluated at half and full budget."""
+def run_cogen(s: Settings, data: Data, steps: int, overlap: bool = False) -> ArmResult:
+    """The cogen arm: :func:`diloco_rounds` (blocking, or overlapped), evaluated at half and full budget."""
     start, result = time.perf_counter(), ArmResult()
     tokens_per_step = s.workers * s.batch_size * s.block_size
-    for rnd in diloco_rounds(s, data, steps):
+    name = "cogen overlap" if overlap else "cogen"
+    for rnd in diloco_rounds(s, data, steps, overlap):
         result.bytes_sent += rnd.bytes_sent
         result.bytes_measured += rnd.bytes_measured
         result.rounds += 1
@@ -355,7 +426,7 @@ def run_cogen(s: Settings, data: Data, steps: int) -> ArmResult:
             loss = evaluate(rnd.model, data.validation)
             result.curve.append((rnd.done * tokens_per_step, loss))
             logger.info(
-                "cogen: step %d/%d (round %d), validation loss %.4f", rnd.done, steps, rnd.index + 1, loss
+                "%s: step %d/%d (round %d), validation loss %.4f", name, rnd.done, steps, rnd.index + 1, loss
             )
     result.loss_half, result.loss = result.curve[0][1], result.curve[-1][1]
     result.seconds = time.perf_counter() - start
@@ -365,9 +436,22 @@ def run_cogen(s: Settings, data: Data, steps: int) -> ArmResult:
 # ----------------------------------------------------------------- report
 
 
-def figures(s: Settings, base: ArmResult, cogen: ArmResult, steps: int) -> dict[str, Any]:
+def figures(
+    s: Settings, base: ArmResult, cogen: ArmResult, steps: int, overlap: ArmResult | None = None
+) -> dict[str, Any]:
     """The keys of the JSON report: ratio, losses, gaps, bytes per token, times."""
     tokens = steps * s.workers * s.batch_size * s.block_size
+    extra: dict[str, Any] = {}
+    if overlap is not None:
+        extra = {
+            "cogen_overlap_loss": overlap.loss,
+            "cogen_overlap_loss_half": overlap.loss_half,
+            "overlap_vs_cogen_pct": 100.0 * (overlap.loss - cogen.loss) / cogen.loss,
+            "overlap_vs_cogen_half_pct": 100.0 * (overlap.loss_half - cogen.loss_half) / cogen.loss_half,
+            "overlap_loss_gap_pct": 100.0 * (overlap.loss - base.loss) / base.loss,
+            "cogen_overlap_rounds": overlap.rounds,
+            "cogen_overlap_seconds": overlap.seconds,
+        }
     return {
         "bytes_ratio": base.bytes_sent / max(cogen.bytes_sent, 1),
         "bytes_ratio_measured": base.bytes_measured / max(cogen.bytes_measured, 1),
@@ -387,6 +471,7 @@ def figures(s: Settings, base: ArmResult, cogen: ArmResult, steps: int) -> dict[
         "cogen_rounds": cogen.rounds,
         "baseline_seconds": base.seconds,
         "cogen_seconds": cogen.seconds,
+        **extra,
     }
 
 
@@ -407,6 +492,12 @@ def format_report(s: Settings, f: dict[str, Any]) -> str:
          f"{f['cogen_loss']:.4f}", str(f["cogen_rounds"]), f"{f['cogen_bytes']:,}",
          f"{f['cogen_bytes_per_token']:.3f}", f"{f['cogen_seconds']:.0f}"),
     ]  # fmt: skip
+    if "cogen_overlap_loss" in f:
+        rows.append(
+            ("cogen overlap (one round late)", f"{f['cogen_overlap_loss_half']:.4f}",
+             f"{f['cogen_overlap_loss']:.4f}", str(f["cogen_overlap_rounds"]), f"{f['cogen_bytes']:,}",
+             f"{f['cogen_bytes_per_token']:.3f}", f"{f['cogen_overlap_seconds']:.0f}")
+        )  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [
         "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
@@ -424,10 +515,19 @@ def format_report(s: Settings, f: dict[str, Any]) -> str:
         f"(aim 2): {'meets target' if meets('loss_gap_pct', f['loss_gap_pct']) else 'MISSES target'})",
         f"loss_gap_half_pct   {f['loss_gap_half_pct']:8.2f}   (the same at half the budget: the trend)",
     ]
+    if "cogen_overlap_loss" in f:
+        held = abs(f["overlap_vs_cogen_pct"]) <= OVERLAP_HOLDS_PCT
+        lines += [
+            f"overlap_vs_cogen_pct {f['overlap_vs_cogen_pct']:7.2f}   (overlapped vs blocking cogen at "
+            f"the full budget; holds the loss within {OVERLAP_HOLDS_PCT:g} %: {'yes' if held else 'NO'}; "
+            f"half budget: {f['overlap_vs_cogen_half_pct']:+.2f} %)",
+            f"overlap_loss_gap_pct {f['overlap_loss_gap_pct']:7.2f}   (overlapped cogen vs baseline at the "
+            "full budget)",
+        ]
     return "\n".join(lines)
 
 
-def run_benchmark(s: Settings, json_path: Path | None) -> int:
+def run_benchmark(s: Settings, json_path: Path | None, overlap_arm: bool = True) -> int:
     from cogen.checkpoint import write_json_atomic
 
     torch.set_num_threads(s.threads)
@@ -442,11 +542,16 @@ def run_benchmark(s: Settings, json_path: Path | None) -> int:
     data = load_data(s, s.steps, s.workers)
     params = sum(p.numel() for p in build_model(s).parameters())
     print(f"model: Llama, {params:,} parameters (all trainable), vocabulary folded to {s.vocab}", flush=True)
-    print("[1/2] baseline: per-step fp32 gradient averaging ...", flush=True)
+    arms = 3 if overlap_arm else 2
+    print(f"[1/{arms}] baseline: per-step fp32 gradient averaging ...", flush=True)
     base = run_baseline(s, data, s.steps)
-    print("[2/2] cogen: DiLoCo outer steps through the 8-bit wire format ...", flush=True)
+    print(f"[2/{arms}] cogen: DiLoCo outer steps through the 8-bit wire format ...", flush=True)
     cogen = run_cogen(s, data, s.steps)
-    report = figures(s, base, cogen, s.steps)
+    overlap = None
+    if overlap_arm:
+        print(f"[3/{arms}] cogen overlap: each outer step applied one round late ...", flush=True)
+        overlap = run_cogen(s, data, s.steps, overlap=True)
+    report = figures(s, base, cogen, s.steps, overlap)
     print()
     print(format_report(s, report), flush=True)
     if json_path is not None:
@@ -457,7 +562,8 @@ def run_benchmark(s: Settings, json_path: Path | None) -> int:
                 "targets": {k: {"op": op, "value": v} for k, (op, v) in TARGETS.items() if math.isfinite(v)},
                 "aims": AIMS,
                 "meets_targets": {k: meets(k, report[k]) for k in ("bytes_ratio", "loss_gap_pct")},
-                "curves": {"baseline": base.curve, "cogen": cogen.curve},
+                "curves": {"baseline": base.curve, "cogen": cogen.curve,
+                           **({"cogen_overlap": overlap.curve} if overlap else {})},
                 "settings": {**asdict(s), "parameters": params, "torch": torch.__version__,
                              "platform": platform.platform()},
             },
@@ -511,22 +617,26 @@ def settings_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     return Settings(**values)
 
 
-def parse_args(argv: list[str] | None) -> tuple[Settings, Path | None]:
+def parse_args(argv: list[str] | None) -> tuple[Settings, Path | None, bool]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     add_settings_flags(parser, Settings())
+    parser.add_argument(
+        "--overlap-arm", action=argparse.BooleanOptionalAction, default=True,
+        help="also run cogen with --overlap: each outer step applied one round late",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, default=None, help="write all figures here as JSON (atomically)")
     args = parser.parse_args(argv)
-    return settings_from(args, parser), args.json
+    return settings_from(args, parser), args.json, args.overlap_arm
 
 
 def main(argv: list[str] | None = None) -> int:
     from cogen.exit_codes import ExitCode
     from cogen.telemetry import setup_logging
 
-    settings, json_path = parse_args(argv)
+    settings, json_path, overlap_arm = parse_args(argv)
     setup_logging()
     try:
-        return run_benchmark(settings, json_path)
+        return run_benchmark(settings, json_path, overlap_arm)
     except BenchError as e:
         logger.error("communication: %s", e)
         return ExitCode.ERROR

@@ -142,7 +142,8 @@ class GroupConfig(_Frozen):
     overlap: bool = Field(
         default=False,
         description="average in the background while the next inner steps run, applying each outer step "
-        "one round late (off until bench/communication.py shows it holds the loss)",
+        "one round late (off: bench/communication.py measures it 3.7-5.6 %% worse in loss, bench/wan.py "
+        "0.92 -> 0.98 compute utilisation on a 100 Mbit/s link)",
     )
 
 

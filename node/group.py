@@ -174,7 +174,9 @@ class GroupAverager:
     @torch.no_grad()
     def outer_step_now(self, total_samples: int) -> RoundReport:
         """Average the pseudo-gradient with the group and apply the outer step now (blocking)."""
-        self.finish_round()  # a round still in flight from overlapped mode comes first
+        landed = self.finish_round()  # a round still in flight from overlapped mode comes first
+        if landed is not None and total_samples <= self._samples_at_anchor:
+            return landed  # nothing trained since it started: no empty round after it
         if self.begin_round(total_samples, keep_progress=False):
             report = self.finish_round()
             assert report is not None

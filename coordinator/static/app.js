@@ -155,14 +155,16 @@ function renderGenerations(generations) {
     + `<td class="mono">${esc(g.manifest_hash.slice(0, 12))}</td>`
     + `<td>${g.signature_ok === null ? "unchecked" : g.signature_ok ? "valid" : "INVALID"}</td></tr>`).join("");
   const domains = [...new Set(latest.scores.map((s) => s.domain))];
-  const experts = latest.ranking.length ? latest.ranking : [...new Set(latest.scores.map((s) => s.expert))];
+  const ranked = latest.ranking.length ? latest.ranking : [...new Set(latest.scores.map((s) => s.expert))];
+  const experts = latest.scores.some((s) => s.expert === "merged") ? [...ranked, "merged"] : ranked;
   const cell = (d, e) => latest.scores.find((s) => s.domain === d && s.expert === e);
   const matrix = experts.map((e) => `<tr><td>${esc(e)}</td>`
     + domains.map((d) => `<td class="num">${fmtNumber(cell(d, e)?.loss, 3)}</td>`).join("") + "</tr>").join("");
   root.innerHTML = `<div class="table-wrap"><table><thead><tr><th class="num">Gen</th><th>Base</th>`
     + `<th>Parent</th><th>Created</th><th>Merge</th><th>Manifest</th><th>Signature</th></tr></thead>`
     + `<tbody>${lineage}</tbody></table></div>`
-    + `<h2>Evaluation of generation ${latest.generation} (loss per domain, ranked)</h2>`
+    + `<h2>Evaluation of generation ${latest.generation} (loss per domain, experts ranked; cheap-ranking `
+    + `Kendall τ ${fmtNumber(latest.kendall_tau, 2)})</h2>`
     + `<div class="table-wrap"><table><thead><tr><th>Expert</th>`
     + domains.map((d) => `<th class="num">${esc(d)}</th>`).join("") + `</tr></thead><tbody>${matrix}</tbody></table></div>`
     + '<div class="panel"><div id="ranking-chart" class="chart"></div></div>';
