@@ -82,3 +82,28 @@ def test_a_killed_member_does_not_stop_the_group(peers: Peers) -> None:
         for key, tensor in _weights(peers, n).items():
             assert torch.isfinite(tensor).all(), key
     assert time.time() - killed_at < 240
+
+
+def test_a_late_joiner_starts_from_the_groups_state(peers: Peers) -> None:
+    peers.start_coordinator()
+    peers.start_node("early", "medical", *GROUP_ARGS)
+    # alone, the early node folds its progress into the group's state at every outer-step boundary
+    wait_for(lambda: "training alone" in peers.log("early").read_text(), 120, "the early node training alone",
+             interval_s=0.5, alive=list(peers.procs.values()))  # fmt: skip
+
+    def inner_steps() -> int:
+        return max((p["step"] for p in peers.api("/api/peers")), default=0)
+
+    wait_for(lambda: inner_steps() >= 8, 120, "the lone node's first outer-step boundaries", interval_s=0.5,
+             alive=list(peers.procs.values()))  # fmt: skip
+    peers.start_node("late", "medical", *GROUP_ARGS, "--max-steps", "4", "--compression", "none")
+    joined = re.compile(r"joined expert group 'medical' at outer step (\d+)")
+    step = wait_for(lambda: joined.findall(peers.log("late").read_text()), 120, "the late node joining",
+                    interval_s=0.5, alive=list(peers.procs.values()))  # fmt: skip
+    assert int(step[0]) >= 3  # it did not start from scratch, but where the group was
+    assert peers.wait_exit("late", 120) == 0
+    late_rounds = _applied(peers, "late")
+    assert late_rounds and all(size == 2 for _, size in late_rounds), late_rounds
+    assert late_rounds[0][0] > int(step[0])  # its first outer step continues the group's count
+    peers.terminate("early")
+    assert peers.wait_exit("early", 120) == 0
