@@ -272,15 +272,17 @@ def evaluate(opts: DemoOptions, model_path: str, checkpoints: dict[str, list[Pat
         )
         metas = [read_metadata(c, verify=False) for c in ckpts]
         base_path = models.resolve_model(metas[0].base_model)
-        if model_path not in bases:
-            bases[model_path] = models.load_base(model_path, opts.precision, device)
-        base_loss = validation_loss(bases[model_path], blocks)
+        first = manifests[0].evaluation if manifests else None
+        base_loss = first.base.get(domain) if first is not None else None  # the coordinator's figure
+        if base_loss is None:
+            if model_path not in bases:
+                bases[model_path] = models.load_base(model_path, opts.precision, device)
+            base_loss = validation_loss(bases[model_path], blocks)
         if base_path not in bases:
             bases[base_path] = models.load_base(base_path, opts.precision, device)
         expert = load_adapter(bases[base_path], ckpts[0])  # a group's members end on the same outer step
         expert_loss = validation_loss(expert, blocks)
         bases[base_path] = expert.unload()  # take the adapter off again for the next domain
-        first = manifests[0].evaluation if manifests else None
         results.append(DomainResult(
             domain, base_loss, expert_loss, sum(m.tokens for m in metas), max(m.steps for m in metas),
             len(ckpts), first.experts.get(domain, {}).get(domain) if first is not None else None,
