@@ -293,6 +293,14 @@ class MergeConfig(_Frozen):
     )
     eval_blocks: int = Field(default=8, ge=1, le=100_000, description="validation blocks per domain")
     eval_block_size: int = Field(default=128, ge=8, le=32768, description="tokens per validation block")
+    mixture: bool = Field(
+        default=True,
+        description="with --eval-domains, also build the routed mixture of the experts (moe), publish it "
+        "beside the dense base and record the better of the two in the manifest",
+    )
+    router_blocks: int = Field(
+        default=16, ge=1, le=10_000, description="training blocks per domain the mixture's router learns from"
+    )
     rank_bootstrap: int = Field(
         default=200, ge=0, le=100_000, description="bootstrap resamples behind the ranking's confidence"
     )

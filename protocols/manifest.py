@@ -75,6 +75,20 @@ class ExpertEntry(BaseModel):
     tokens: int = Field(ge=0)
 
 
+class BestModel(BaseModel):
+    """The best-quality model of a generation, when it is not the dense merge that becomes the base."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: str = Field(description="dense: the published base itself; moe: the routed mixture of the experts")
+    path: str = Field(description="its directory inside the generation ('' for the base itself)")
+    losses: dict[str, float | None] = Field(description="domain -> validation loss (the evaluation's blocks)")
+    dense_losses: dict[str, float | None] = Field(description="domain -> loss of the dense merge, to compare")
+    routing_accuracy: float | None = Field(
+        default=None, description="share of validation sequences routed to their own domain's expert"
+    )
+
+
 class Manifest(BaseModel):
     """The signed record of one published generation."""
 
@@ -89,6 +103,9 @@ class Manifest(BaseModel):
     weight_source: str = Field(description="where the weights came from: flags, evaluation or equal")
     evaluation: EvalMatrix | None = None
     ranking: dict[str, list[str]] = Field(default_factory=dict, description="domain -> experts, best first")
+    best: BestModel | None = Field(
+        default=None, description="the best-quality merged model, if it is not the dense merge (moe)"
+    )
     rankings: Ranking | None = Field(
         default=None, description="robust overall ranking (Borda, Bradley–Terry, bootstrap) and the cheap one"
     )

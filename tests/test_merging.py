@@ -148,6 +148,29 @@ def test_evaluation_goes_into_the_manifest(tmp_path: Path, experts: list[Path]) 
     assert sorted(verify_manifest(final).ranking["medical"]) == ["legal", "medical"]
 
 
+def test_the_routed_mixture_is_published_beside_the_dense_base(
+    tmp_path: Path, experts: list[Path], tiny_path: str
+) -> None:
+    from cogen import models
+    from cogen.coordinator.merging.evaluate import domain_blocks, losses
+    from cogen.coordinator.merging.merge import MIXTURE_DIR, load_base_fp32
+    from cogen.coordinator.merging.moe import load_mixture
+
+    final = merge_experts(
+        cfg(tmp_path, experts, method="ties", eval_domains=("medical", "legal"), eval_blocks=2,
+            eval_block_size=32, router_blocks=4, weights=(1.0, 1.0))
+    )  # fmt: skip
+    manifest = verify_manifest(final)  # the mixture's files are hashed and signed with the rest
+    assert manifest.best is not None and manifest.best.kind in ("moe", "dense")
+    assert manifest.best.dense_losses == manifest.evaluation.merged  # type: ignore[union-attr]
+    assert any(name.startswith(f"{MIXTURE_DIR}/") for name in manifest.files)
+    # the published mixture loads on the parent base and scores what the manifest says
+    base = load_base_fp32(tiny_path, torch.device("cpu"))
+    mixture = load_mixture(base, final / MIXTURE_DIR)
+    blocks = domain_blocks(("medical", "legal"), models.load_tokenizer(tiny_path), 32, 2)
+    assert losses(mixture, blocks) == pytest.approx(manifest.best.losses, abs=1e-4)
+
+
 class _FailsMidway(registry.MergeMethod):
     name = "test-fails-midway"
     calls = 0

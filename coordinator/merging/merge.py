@@ -17,7 +17,9 @@ import logging
 import math
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,7 +27,7 @@ from tqdm import tqdm
 
 from cogen import models
 from cogen.config import MergeConfig
-from cogen.coordinator.merging import dare, linear, ties  # noqa: F401 - register the built-in methods
+from cogen.coordinator.merging import dare, linear, moe, ties  # noqa: F401 - register the built-in methods
 from cogen.coordinator.merging.evaluate import BlockLosses, domain_blocks, evaluate_blocks, losses
 from cogen.coordinator.merging.experts import Expert, iter_deltas, load_experts
 from cogen.coordinator.merging.manifest import Identity
@@ -33,12 +35,14 @@ from cogen.coordinator.merging.publish import newest_generation, parent_info, pu
 from cogen.coordinator.merging.ranking import attach_cheap, cheap_ranking, delta_statistics, rank_experts
 from cogen.coordinator.merging.registry import MergeError, MergeMethod, MergeParams, create
 from cogen.coordinator.merging.weights import confident_weights, format_matrix, format_ranking, ranking
-from cogen.protocols.manifest import EvalMatrix, ExpertEntry, Manifest, ParentInfo
+from cogen.corpora import known_domains
+from cogen.protocols.manifest import BestModel, EvalMatrix, ExpertEntry, Manifest, ParentInfo
 from cogen.protocols.ranking import Ranking
 
 logger = logging.getLogger(__name__)
 
 IDENTITY_FILE = "coordinator-identity.pem"
+MIXTURE_DIR = "mixture"  #: the routed mixture's directory inside a published generation
 
 
 def load_base_fp32(path: str, device: torch.device) -> nn.Module:
@@ -110,6 +114,56 @@ def merge_into(model: nn.Module, experts: list[Expert], weights: list[float], me
             param.add_(merged.to(param.dtype))
 
 
+@dataclass(frozen=True)
+class Routed:
+    """The routed mixture of a merge: its experts, router, losses and routing accuracy."""
+
+    experts: list[Expert]
+    router: moe.Router
+    losses: dict[str, float | None]
+    accuracy: float
+
+
+def build_routed(
+    cfg: MergeConfig, base: nn.Module, tokenizer: Any, experts: list[Expert], blocks: dict[str, torch.Tensor]
+) -> tuple[nn.Module, Routed | None]:
+    """Train the router on each expert's domain (training split), evaluate the mixture on ``blocks``;
+    returns the base with the adapters taken off again. One expert per domain (the first); a mixture
+    needs two domains with data."""
+    by_domain: dict[str, Expert] = {}
+    for expert in experts:
+        if expert.metadata.expert in known_domains():
+            by_domain.setdefault(expert.metadata.expert, expert)
+    chosen = list(by_domain.values())
+    if len(chosen) < 2:
+        logger.info("no routed mixture: it needs experts of two or more known domains")
+        return base, None
+    examples = moe.training_blocks(list(by_domain), tokenizer, cfg.eval_block_size, cfg.router_blocks)
+    router = moe.train_router(base, {e.label: examples[e.metadata.expert] for e in chosen})
+    mixture = moe.build_mixture(base, chosen, router)
+    mixture_losses = losses(mixture, blocks)
+    held_out = {by_domain[d].label: b for d, b in blocks.items() if d in by_domain}
+    accuracy = moe.route(mixture, held_out).accuracy
+    logger.info("routed mixture: routing accuracy %.2f, losses %s", accuracy, mixture_losses)
+    peft_model: Any = mixture.model
+    return peft_model.unload(), Routed(chosen, router, mixture_losses, accuracy)
+
+
+def _best(mixture: Routed, matrix: EvalMatrix) -> BestModel:
+    """The routed mixture or the dense merge, whichever has the lower mean loss over the domains."""
+    dense = matrix.merged or {}
+
+    def mean(values: dict[str, float | None]) -> float:
+        finite = [v for v in values.values() if v is not None and math.isfinite(v)]
+        return sum(finite) / len(finite) if len(finite) == len(values) and finite else math.inf
+
+    better = mean(mixture.losses) < mean(dense)
+    return BestModel(
+        kind="moe" if better else "dense", path=MIXTURE_DIR if better else "", losses=mixture.losses,
+        dense_losses=dense, routing_accuracy=mixture.accuracy,
+    )  # fmt: skip
+
+
 def merge_experts(cfg: MergeConfig) -> Path:
     """Merge ``cfg.experts`` into their base with ``cfg.method`` and publish it; returns its directory."""
     started = time.monotonic()
@@ -147,10 +201,16 @@ def merge_experts(cfg: MergeConfig) -> Path:
             logger.info("leaving out %s (weight 0 from %s)", expert.label, source)
     if not kept:
         raise MergeError(f"every expert has weight 0 (from {source}); nothing to merge")
+    mixture = None
+    if cfg.mixture and blocks:
+        model, mixture = build_routed(cfg, model, tokenizer, [e for e, _ in kept], blocks)
     merge_into(model, [e for e, _ in kept], [w for _, w in kept], method)
+    best = None
     if matrix is not None:
         matrix = matrix.model_copy(update={"merged": losses(model, blocks)})
         print(format_matrix(matrix), flush=True)
+        if mixture is not None:
+            best = _best(mixture, matrix)
     manifest = Manifest(
         generation=generation,
         parent=ParentInfo(
@@ -163,9 +223,16 @@ def merge_experts(cfg: MergeConfig) -> Path:
         evaluation=matrix,
         ranking=ranking(matrix) if matrix is not None else {},
         rankings=ranked,
+        best=best,
         files={},
     )
-    final = publish(model, tokenizer, cfg.out, manifest, identity)
+    routed = mixture
+
+    def extra(directory: Path) -> None:
+        if routed is not None:
+            moe.save_mixture(directory / MIXTURE_DIR, routed.experts, routed.router)
+
+    final = publish(model, tokenizer, cfg.out, manifest, identity, extra=extra)
     print(
         f"published generation {generation} ({cfg.method}, {len(kept)} of {len(experts)} experts) at {final} "
         f"in {time.monotonic() - started:.1f} s",

@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,14 @@ def parent_info(model_path: str) -> tuple[int, dict[str, str], str | None]:
     return verify_manifest(path).generation, files, sha256_file(path / MANIFEST_FILE)
 
 
-def publish(model: Any, tokenizer: Any, out: Path, manifest: Manifest, identity: Identity) -> Path:
+def publish(
+    model: Any,
+    tokenizer: Any,
+    out: Path,
+    manifest: Manifest,
+    identity: Identity,
+    extra: Callable[[Path], None] | None = None,
+) -> Path:
     """Write ``model`` + ``tokenizer`` and the signed ``manifest`` as generation ``manifest.generation``.
 
     The manifest's ``files`` are filled in here; returns the generation directory.
@@ -83,6 +91,8 @@ def publish(model: Any, tokenizer: Any, out: Path, manifest: Manifest, identity:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if extra is not None:
+            extra(tmp)  # more files of this generation (the routed mixture), hashed like the rest
         signed = sign_manifest(manifest.model_copy(update={"files": file_hashes(tmp)}), identity)
         write_json_atomic(tmp / MANIFEST_FILE, signed.model_dump(mode="json"))
         for p in tmp.rglob("*"):
