@@ -90,6 +90,30 @@ def test_ties_and_dare_match_peft_and_dare_is_seeded(experts: list[Path]) -> Non
         assert not torch.equal(ours, other.merge(module, deltas[0], deltas, w))
 
 
+def test_ties_on_hand_made_tensors() -> None:
+    ties = registry.create("ties", registry.MergeParams(density=0.5))
+    a = torch.tensor([[4.0, -1.0], [0.5, -3.0]])  # trim keeps 4 and -3
+    b = torch.tensor([[2.0, 2.0], [-6.0, 0.1]])  # trim keeps -6 and both 2s (a tie at the threshold)
+    c = torch.tensor([[-1.0, 0.2], [0.3, -5.0]])  # trim keeps -1 and -5
+    # kept: a {4, -3}, b {2, 2, -6}, c {-1, -5}; elected signs ("total"): + , + , - , -
+    merged = ties.merge("m", a, [a, b, c], torch.ones(3))
+    expected = torch.tensor([[(4.0 + 2.0) / 2, 2.0], [-6.0, (-3.0 - 5.0) / 2]])
+    assert torch.equal(merged, expected)
+    # weights scale each expert's kept values before the disjoint mean (rescaled to average 1)
+    weighted = ties.merge("m", a, [a, b], torch.tensor([3.0, 1.0]))
+    assert torch.allclose(weighted, torch.tensor([[(6.0 + 1.0) / 2, 1.0], [-3.0, -4.5]]))
+
+
+def test_dare_rescaling_preserves_the_expectation() -> None:
+    dare = registry.create("dare", registry.MergeParams(density=0.25, seed=7))
+    delta = torch.full((400, 400), 2.0)
+    merged = dare.merge("m", delta, [delta], torch.ones(1))
+    kept = merged != 0
+    assert torch.equal(merged[kept], torch.full_like(merged[kept], 8.0))  # survivors scaled by 1/density
+    assert abs(kept.float().mean().item() - 0.25) < 0.01
+    assert abs(merged.mean().item() - 2.0) < 0.05  # in expectation, the delta is unchanged
+
+
 def test_ranking_weights_leave_out_an_expert_worse_everywhere() -> None:
     matrix = EvalMatrix(
         domains=["medical", "legal"],
