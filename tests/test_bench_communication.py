@@ -46,6 +46,10 @@ def test_communication_tiny(tmp_path: Path) -> None:
     for key in (*keys, "loss_gap_pct", "loss_gap_half_pct"):
         assert isinstance(report[key], float) and math.isfinite(report[key]), (key, report[key])
     assert report["bytes_ratio"] > 1
+    for key in ("cogen_overlap_loss", "cogen_overlap_loss_half", "overlap_vs_cogen_pct"):  # the overlap arm
+        assert isinstance(report[key], float) and math.isfinite(report[key]), key
+    assert report["cogen_overlap_rounds"] == report["cogen_rounds"]
+    assert report["cogen_overlap_loss"] != report["cogen_loss"]  # a different algorithm, not a copy
 
     # the bytes are H-times-fewer rounds of the 8-bit size against every step's fp32 size
     from hivemind.compression import NoCompression
