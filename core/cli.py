@@ -69,7 +69,7 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
     demo.add_argument(
         "--generations", type=int, default=2, help="how many times the experts are merged into a new base"
     )
-    demo.add_argument("--merge-method", default="ties", help="how the coordinator merges the experts")
+    demo.add_argument("--merge-method", default="linear", help="how the coordinator merges the experts")
     demo.add_argument("--batch-size", type=int, default=None)
     demo.add_argument("--lr", type=float, default=None)
     demo.add_argument("--out-dir", type=Path, default=Path("runs/demo"), help="logs and expert checkpoints")

@@ -238,7 +238,11 @@ class CoordinatorConfig(_Frozen):
         default=None, ge=1, description="end a generation once every expert group made this many outer steps"
     )
     max_generations: int | None = Field(default=None, ge=1, description="stop merging after this many")
-    merge_method: str = Field(default="ties", description="how experts are merged into the next base")
+    merge_method: str = Field(
+        default="linear",
+        description="how experts are merged into the next base (linear: best dense merge in "
+        "bench/merge_quality.py on SmolLM2)",
+    )
     merge_density: float = Field(
         default=0.5, gt=0, le=1, description="fraction of each delta ties / dare keep"
     )
@@ -265,7 +269,7 @@ class MergeConfig(_Frozen):
         validate_default=True,
         description="expert checkpoints: a node's output directory (with `latest`) or a checkpoint directory",
     )
-    method: str = Field(default="ties", description="merge method: dare, dare_ties, linear, ties")
+    method: str = Field(default="linear", description="merge method: dare, dare_ties, linear, ties")
     density: float = Field(
         default=0.5, gt=0, le=1, description="fraction of each delta kept by ties / dare (1: keep all)"
     )

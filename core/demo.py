@@ -51,7 +51,7 @@ class DemoOptions:
     extra_lora_targets: tuple[str, ...] = ()
     warmup_steps: int = 2
     generations: int = 2
-    merge_method: str = "ties"
+    merge_method: str = "linear"
 
     @property
     def generation_s(self) -> float:

@@ -31,6 +31,6 @@ def test_tiny_demo_trains_experts_that_beat_the_base(tmp_path: Path) -> None:
         assert row["expert_loss"] < row["base_loss"], (domain, row)
         assert set(row["merged_loss"]) == {"1", "2"}  # both generations were merged and evaluated
         assert row["expert_g0_loss"] < row["base_loss"], (domain, row)
-    assert result["merge_methods"] == ["ties", "ties"]
+    assert result["merge_methods"] == ["linear", "linear"]
     table = proc.stdout
     assert "merged g2" in table and all(d in table for d in ("medical", "legal", "code"))
