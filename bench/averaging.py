@@ -23,7 +23,6 @@ import argparse
 import logging
 import os
 import platform
-import signal
 import statistics
 import sys
 import tempfile
@@ -31,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from averaging_procs import Rounds, Route, measure_floor, median, run_configs, threads_per_peer
-from averaging_workers import MB, BenchError, run_worker, shapes_for
+from averaging_workers import MB, run_worker, shapes_for
+from benchlib import run_main, table_lines, write_report
 from netns import NetnsUnavailable, Switch, remove_stale
 
 logger = logging.getLogger("cogen.bench.averaging")
@@ -74,10 +74,6 @@ def _cell(value: float | None) -> str:
     return "failed" if value is None else f"{value:.3f}"
 
 
-def _align(column: int, cell: str, width: int) -> str:
-    return cell.rjust(width) if column > 2 else cell.ljust(width)
-
-
 def format_table(configs: list[dict[str, Any]]) -> str:
     header = (
         "path",
@@ -91,12 +87,7 @@ def format_table(configs: list[dict[str, Any]]) -> str:
         "cogen/bare",
     )
     rows = [(c["path"], str(c["peers"]), c["compression"], *(_cell(c[k]) for k in COLUMNS)) for c in configs]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = [
-        "  ".join(_align(i, cell, w) for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
-        for row in [header, *rows]
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = table_lines([header, *rows], left=(0, 1, 2))
     lines += [
         "",
         "ratio = floor s / cogen s (time to copy the same bytes once over a raw TCP socket on the same path,",
@@ -197,8 +188,6 @@ def measure(
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
-    from cogen.checkpoint import write_json_atomic
-
     nbytes = args.size_mb * MB
     print(
         f"averaging benchmark: {nbytes / MB:.0f} MB of fp32 per peer ({len(shapes_for(nbytes))} tensors), "
@@ -224,22 +213,20 @@ def run_benchmark(args: argparse.Namespace) -> int:
     print(format_table(configs))
     print()
     print(format_targets(values), flush=True)
-    if args.json:
-        write_json_atomic(
-            args.json,
-            {
-                **values,
-                "targets": {k: {"op": ">=", "value": v} for k, v in TARGETS.items()},
-                "meets_targets": {k: values[k] >= v for k, v in TARGETS.items() if k in values},
-                "floor_seconds": {k: v["seconds"] for k, v in floors.items()},
-                "floors": floors,
-                "bytes_per_peer": nbytes,
-                "skipped": skipped,
-                "settings": _settings(args),
-                "configs": configs,
-            },
-        )
-        print(f"wrote {args.json}", flush=True)
+    write_report(
+        args.json,
+        {
+            **values,
+            "targets": {k: {"op": ">=", "value": v} for k, v in TARGETS.items()},
+            "meets_targets": {k: values[k] >= v for k, v in TARGETS.items() if k in values},
+            "floor_seconds": {k: v["seconds"] for k, v in floors.items()},
+            "floors": floors,
+            "bytes_per_peer": nbytes,
+            "skipped": skipped,
+            "settings": _settings(args),
+            "configs": configs,
+        },
+    )
     return 0
 
 
@@ -332,18 +319,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
         return run_worker(args)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: children and namespaces go
-    from cogen.exit_codes import ExitCode
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return run_benchmark(args)
-    except BenchError as e:
-        logger.error("averaging: %s", e)
-        return ExitCode.ERROR
-    except KeyboardInterrupt:
-        logger.error("averaging: interrupted")
-        return ExitCode.INTERRUPTED
+    return run_main(
+        "averaging",
+        lambda: run_benchmark(args),
+        plain_logging=True,
+        unwind_on_sigterm=True,
+    )
 
 
 if __name__ == "__main__":

@@ -16,13 +16,11 @@ import sys
 import time
 from typing import Any
 
+from benchlib import BenchError
+
 REPLY = "COGEN_BENCH_REPLY "
 MB = 1_000_000
 SIDE = 1024  # 1024 x 1024 fp32 matrices, as in a transformer block
-
-
-class BenchError(RuntimeError):
-    """A configuration failed to run (one-line explanation)."""
 
 
 # ----------------------------------------------------------------- tensors

@@ -27,16 +27,15 @@ import json
 import logging
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+from benchlib import BenchError, child_main, run_child, run_main, table_lines, write_report
 
 from cogen import models
 from cogen.checkpoint import ADAPTER_WEIGHTS
@@ -44,13 +43,8 @@ from cogen.telemetry import format_bytes
 
 logger = logging.getLogger("cogen.bench.merge_cost")
 
-RESULT_PREFIX = "COGEN_BENCH_RESULT "
 METHODS = ("ties", "linear")
 WORKERS = ("floor", *METHODS)
-
-
-class BenchError(RuntimeError):
-    """A measurement failed to run (one-line explanation)."""
 
 
 # ----------------------------------------------------------------- memory of this process (Linux)
@@ -254,19 +248,13 @@ def warm_page_cache(paths: list[Path]) -> None:
                 pass
 
 
-def run_child(worker: str, paths: list[Path], args: argparse.Namespace, model_path: str) -> dict[str, Any]:
-    """Run one measurement in a fresh process (this script, ``--worker``) and read its JSON line."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", worker, "--threads", str(args.threads)]
-    cmd += ["--model-path", model_path, "--experts", *map(str, paths)]
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, check=False)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-    if proc.returncode != 0 or not lines:
-        tail = "\n".join(proc.stdout.splitlines()[-5:])
-        raise BenchError(f"{worker} with {len(paths)} experts failed (exit code {proc.returncode})\n{tail}")
-    result: dict[str, Any] = json.loads(lines[-1][len(RESULT_PREFIX) :])
-    return result
+def run_measurement(
+    worker: str, paths: list[Path], args: argparse.Namespace, model_path: str
+) -> dict[str, Any]:
+    """Run one measurement in a fresh process (this script, ``--worker``) and read its figures."""
+    flags = ["--worker", worker, "--threads", str(args.threads), "--model-path", model_path]
+    flags += ["--experts", *map(str, paths)]
+    return run_child(__file__, flags, args.threads, f"{worker} with {len(paths)} experts")
 
 
 def figures(results: dict[int, dict[str, dict[str, Any]]], methods: list[str]) -> dict[str, float]:
@@ -335,14 +323,7 @@ def format_report(
                 format_bytes(r["peak_anon_over_start_bytes"]), format_bytes(r["peak_file_over_start_bytes"]),
                 format_bytes(n * dense),
             ))  # fmt: skip
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = [
-        "  ".join(
-            c.rjust(w) if i != 1 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
-        )
-        for row in [header, *rows]
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = table_lines([header, *rows], left=(1,))
     merge = next(iter(results.values()))[methods[0]]
     lines += [
         "",
@@ -376,8 +357,6 @@ def format_report(
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
-    from cogen.checkpoint import write_json_atomic
-
     print(
         f"merge cost benchmark: model {args.model}, LoRA rank {args.rank}, N = {args.sizes}, methods "
         f"{args.methods}, {args.threads} thread(s), every measurement in a fresh process",
@@ -394,7 +373,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
         for i, (n, worker) in enumerate(runs, 1):
             warm_page_cache(paths[:n])
             t0 = time.perf_counter()
-            r = results.setdefault(n, {})[worker] = run_child(worker, paths[:n], args, model_path)
+            r = results.setdefault(n, {})[worker] = run_measurement(worker, paths[:n], args, model_path)
             peak = format_bytes(r["peak_over_start_bytes"])
             print(
                 f"[{i}/{len(runs)}] N={n} {worker}: {r['seconds']:.2f} s measured, peak over start {peak} "
@@ -403,33 +382,31 @@ def run_benchmark(args: argparse.Namespace) -> int:
             )
     print()
     print(format_report(results, args.methods, sizes), flush=True)
-    if args.json:
-        write_json_atomic(
-            args.json,
-            {
-                **figures(results, args.methods),
-                "streaming": streaming(results, args.methods, sizes["dense_delta_bytes"]),
-                "sizes": sizes,
-                "settings": {
-                    "model": args.model,
-                    "model_path": model_path,
-                    "lora_rank": args.rank,
-                    "experts": args.sizes,
-                    "methods": args.methods,
-                    "headline_method": args.methods[0],
-                    "threads": args.threads,
-                    "merge_params": "cogen defaults: density 0.5, majority_sign total, equal weights",
-                    "floor": "safetensors load_file of the N adapters (all resident) + each dense delta once",
-                    "memory": "VmHWM after /proc/self/clear_refs reset, minus VmRSS at the phase's start",
-                    "python": platform.python_version(),
-                    "torch": torch.__version__,
-                    "platform": platform.platform(),
-                    "cpu_count": os.cpu_count(),
-                },
-                "runs": {str(n): runs for n, runs in results.items()},
+    write_report(
+        args.json,
+        {
+            **figures(results, args.methods),
+            "streaming": streaming(results, args.methods, sizes["dense_delta_bytes"]),
+            "sizes": sizes,
+            "settings": {
+                "model": args.model,
+                "model_path": model_path,
+                "lora_rank": args.rank,
+                "experts": args.sizes,
+                "methods": args.methods,
+                "headline_method": args.methods[0],
+                "threads": args.threads,
+                "merge_params": "cogen defaults: density 0.5, majority_sign total, equal weights",
+                "floor": "safetensors load_file of the N adapters (all resident) + each dense delta once",
+                "memory": "VmHWM after /proc/self/clear_refs reset, minus VmRSS at the phase's start",
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "platform": platform.platform(),
+                "cpu_count": os.cpu_count(),
             },
-        )
-        print(f"wrote {args.json}", flush=True)
+            "runs": {str(n): runs for n, runs in results.items()},
+        },
+    )
     return 0
 
 
@@ -467,26 +444,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from cogen.exit_codes import ExitCode
-    from cogen.telemetry import setup_logging
-
     if args.worker:
-        setup_logging(os.environ.get("COGEN_LOG_LEVEL", "WARNING"))
-        warnings.filterwarnings("ignore", category=UserWarning)
-        print(RESULT_PREFIX + json.dumps(run_worker(args)), flush=True)
-        return 0
-    setup_logging()
-    try:
-        return run_benchmark(args)
-    except models.ModelError as e:
-        logger.error("merge_cost: model error: %s", e)
-        return ExitCode.MODEL
-    except BenchError as e:
-        logger.error("merge_cost: %s", e)
-        return ExitCode.ERROR
-    except KeyboardInterrupt:
-        logger.error("merge_cost: interrupted")
-        return ExitCode.INTERRUPTED
+        return child_main(lambda: run_worker(args))
+    return run_main("merge_cost", lambda: run_benchmark(args), model_errors=True)
 
 
 if __name__ == "__main__":

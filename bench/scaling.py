@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from communication import BenchError, Settings, add_settings_flags, diloco_rounds, evaluate, load_data
+from benchlib import BenchError, run_main, table_lines, write_report
+from communication import Settings, add_settings_flags, diloco_rounds, evaluate, load_data, settings_from
 
 logger = logging.getLogger("cogen.bench.scaling")
 
@@ -124,9 +125,7 @@ def format_report(curves: dict[int, Curve], f: dict[str, Any], bandwidth_mbps: f
             (str(w), f"{c.final_loss:.4f}", "not reached" if t is None else f"{t:.1f} s", speed,
              f"{c.points[-1][0]:.1f} s", f"{c.exchange_seconds:.2f} s", f"{c.real_seconds:.0f}")
         )  # fmt: skip
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = table_lines(rows, left=())
     lines += [
         "",
         "SIMULATED wall time on a 2-core machine: per round, the slowest worker's measured compute",
@@ -141,8 +140,6 @@ def format_report(curves: dict[int, Curve], f: dict[str, Any], bandwidth_mbps: f
 
 
 def run_benchmark(s: Settings, args: argparse.Namespace) -> int:
-    from cogen.checkpoint import write_json_atomic
-
     torch.set_num_threads(s.threads)
     sizes = sorted({1, *args.sizes})
     for w in sizes:
@@ -161,25 +158,19 @@ def run_benchmark(s: Settings, args: argparse.Namespace) -> int:
     shared = {k: v for k, v in dataclasses.asdict(s).items() if k not in ("steps", "workers")}
     print()
     print(format_report(curves, report, args.bandwidth_mbps), flush=True)
-    if args.json:
-        write_json_atomic(
-            args.json,
-            {
-                **report,
-                "simulated": "wall time modelled from per-worker compute time on a 2-core machine",
-                "curves": {str(w): c.points for w, c in curves.items()},
-                "settings": {**shared,
-                             "total_steps": args.total_steps, "sizes": sizes,
-                             "target_factor": args.target_factor, "bandwidth_mbps": args.bandwidth_mbps,
-                             "torch": torch.__version__, "platform": platform.platform()},
-            },
-        )  # fmt: skip
+    write_report(args.json, {
+        **report,
+        "simulated": "wall time modelled from per-worker compute time on a 2-core machine",
+        "curves": {str(w): c.points for w, c in curves.items()},
+        "settings": {**shared,
+                     "total_steps": args.total_steps, "sizes": sizes,
+                     "target_factor": args.target_factor, "bandwidth_mbps": args.bandwidth_mbps,
+                     "torch": torch.__version__, "platform": platform.platform()},
+    })  # fmt: skip
     return 0
 
 
 def parse_args(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
-    from communication import settings_from
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     add_settings_flags(parser, Settings(), skip=("steps", "workers"))
     parser.set_defaults(eval_blocks=96)  # evaluated after every round: a smaller set than communication.py
@@ -197,19 +188,8 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cogen.exit_codes import ExitCode
-    from cogen.telemetry import setup_logging
-
     settings, args = parse_args(argv)
-    setup_logging()
-    try:
-        return run_benchmark(settings, args)
-    except BenchError as e:
-        logger.error("scaling: %s", e)
-        return ExitCode.ERROR
-    except KeyboardInterrupt:
-        logger.error("scaling: interrupted")
-        return ExitCode.INTERRUPTED
+    return run_main("scaling", lambda: run_benchmark(settings, args))
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchlib import BenchError, run_main, table_lines, write_report
 from netns import NetnsUnavailable, Switch, remove_stale
 
 logger = logging.getLogger("cogen.bench.wan")
@@ -51,10 +52,6 @@ logger = logging.getLogger("cogen.bench.wan")
 TARGETS = {"utilisation": 0.9}
 METRICS_PORT = 9400  # inside each node's own namespace: nothing else listens there
 ROUND = re.compile(r"outer step (\d+) (applied|skipped \((.*?)\)) \| group of (\d+) \| ([\d.]+) s")
-
-
-class BenchError(RuntimeError):
-    """The benchmark cannot run or a run failed (one-line explanation)."""
 
 
 # ----------------------------------------------------------------- the child: scrape one node's metrics
@@ -307,17 +304,10 @@ def format_table(arms: dict[str, dict[str, Any]]) -> str:
             f"{a['step_seconds']:.2f}", f"{a['steps_per_second']:.3f}", f"{a['idle_seconds_per_node']:.1f}",
             f"{sum(a['rounds_ok'])}/{sum(a['rounds_failed'])}", f"{a['round_seconds_median']:.1f}",
         ))  # fmt: skip
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = [
-        "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-        for r in rows
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return "\n".join(table_lines(rows))
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
-    from cogen.checkpoint import write_json_atomic
     from cogen.config import GroupConfig
 
     stale = remove_stale()
@@ -367,12 +357,11 @@ def run_benchmark(args: argparse.Namespace) -> int:
     print(
         f"utilisation        {report['utilisation']:.3f}   (a node's default, {flag}; >= {target}: {verdict})"
     )
-    if args.json is not None:
-        settings = {k: v for k, v in vars(args).items() if k not in ("json", "worker", "url", "out")}
-        write_json_atomic(args.json, {
-            **report, "targets": TARGETS, "meets_targets": {"utilisation": met}, "arms": arms, "delay": delay,
-            "settings": {**settings, "log_dir": str(log_dir), "platform": platform.platform()},
-        })  # fmt: skip
+    settings = {k: v for k, v in vars(args).items() if k not in ("json", "worker", "url", "out")}
+    write_report(args.json, {
+        **report, "targets": TARGETS, "meets_targets": {"utilisation": met}, "arms": arms, "delay": delay,
+        "settings": {**settings, "log_dir": str(log_dir), "platform": platform.platform()},
+    })  # fmt: skip
     return 0
 
 
@@ -417,18 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker == "scrape":
         scrape(args.url, args.out, args.scrape_s, args.max_s)
         return 0
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: children and namespaces go
-    from cogen.exit_codes import ExitCode
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        return run_benchmark(args)
-    except BenchError as e:
-        logger.error("wan: %s", e)
-        return ExitCode.ERROR
-    except KeyboardInterrupt:
-        logger.error("wan: interrupted")
-        return ExitCode.INTERRUPTED
+    return run_main("wan", lambda: run_benchmark(args), plain_logging=True, unwind_on_sigterm=True)
 
 
 if __name__ == "__main__":
