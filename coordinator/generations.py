@@ -258,6 +258,7 @@ class GenerationLoop:
             model=self.base, out=self.out_dir, generation=nxt,
             eval_domains=tuple(e for e in experts if e in known_domains()),
             eval_blocks=self.cfg.eval_blocks, eval_block_size=self.cfg.eval_block_size,
+            mixture=self.cfg.mixture, router_blocks=self.cfg.router_blocks,
             identity=self.cfg.identity, cache_dir=self.cfg.cache_dir,
         )  # fmt: skip
         try:

@@ -38,7 +38,7 @@ DEMO_PRESETS = {
     "tiny": DemoPreset(
         seconds=30.0, eval_blocks=4, batch_size=8, lr=2e-2, inner_steps=2, extra_lora_targets=("lm_head",)
     ),
-    "smollm2-135m": DemoPreset(seconds=240.0, batch_size=4, lr=2e-3, inner_steps=8, eval_blocks=6),
+    "smollm2-135m": DemoPreset(seconds=240.0, batch_size=4, lr=2e-3, inner_steps=8, eval_blocks=4),
 }
 
 

@@ -248,6 +248,12 @@ class CoordinatorConfig(_Frozen):
     )
     eval_blocks: int = Field(default=8, ge=1, le=100_000, description="validation blocks per domain")
     eval_block_size: int = Field(default=128, ge=8, le=32768, description="tokens per validation block")
+    mixture: bool = Field(
+        default=True, description="also build and publish the routed mixture of the experts (moe)"
+    )
+    router_blocks: int = Field(
+        default=16, ge=1, le=10_000, description="training blocks per domain the mixture's router learns from"
+    )
     collect_timeout_s: float = Field(
         default=60.0, gt=0, description="how long to wait for a group to share its state"
     )

@@ -129,6 +129,8 @@ def train_swarm(opts: DemoOptions) -> dict[str, list[Path]]:
             str(opts.eval_blocks),
             "--eval-block-size",
             str(opts.block_size),
+            "--router-blocks",
+            str(opts.eval_blocks),
             "--out-dir",
             str(out / "coordinator"),
             "--identity",
