@@ -68,8 +68,8 @@ def collect_expert(
         raise CollectError(f"no member of {expert!r} shared its state within {timeout_s:.0f} s")
     metadata, tensors = loaded[0], list(loaded[1])
     tensors_by_name = _adapter_tensors(expert, metadata, tensors)
-    if _count(metadata, "steps") == 0:  # the group state is still its initial adapter: nothing to merge
-        raise CollectError(f"{expert!r} has not reached its first outer step yet")
+    if _count(metadata, "outer_step") == 0:  # the group state is still its initial adapter: nothing to merge
+        raise CollectError(f"{expert!r} has not applied its first outer step yet")
     meta = AdapterMetadata(
         expert=expert,
         base_model=base_model,
