@@ -212,7 +212,8 @@ def train_swarm(opts: DemoOptions) -> dict[str, list[Path]]:
 def _run_generations(opts: DemoOptions, api_url: str, alive: list[Any]) -> None:
     """Print progress while the swarm trains through ``opts.generations`` generations, then let the
     experts train on the last base for one more generation's time."""
-    deadline = time.monotonic() + opts.train_seconds + 900 * opts.generations
+    # only a guard against a hung swarm: a merge of SmolLM2 takes minutes, more while four nodes train
+    deadline = time.monotonic() + opts.train_seconds + 3600 * opts.generations
     last_print, published, end = 0.0, 0, None
     while end is None or time.monotonic() < end:
         if time.monotonic() > deadline:
