@@ -164,19 +164,15 @@ class Procs:
 
 
 def wait_for(condition: Any, timeout_s: float, what: str, procs: Procs, names: list[str]) -> Any:
-    """Poll ``condition`` until truthy; fail at the deadline or when one of ``names`` exits."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        for name in names:
-            code = procs.procs[name].poll()
-            if code is not None:
-                raise BenchError(f"{what}: {name} exited with code {code}\n{procs.tail(name)}")
-        if time.monotonic() > deadline:
-            raise BenchError(f"{what}: not within {timeout_s:.0f} s")
-        time.sleep(0.25)
+    """cogen's ``wait_for``, failing with a BenchError (and the dead process's log tail)."""
+    from cogen.procs import ChildFailed
+    from cogen.procs import wait_for as wait
+
+    try:
+        return wait(condition, timeout_s, what, 0.25, [procs.procs[n] for n in names])
+    except ChildFailed as e:
+        dead = [n for n in names if procs.procs[n].poll() is not None]
+        raise BenchError(f"{e}\n{procs.tail(dead[0])}" if dead else str(e)) from None
 
 
 @dataclass

@@ -43,6 +43,8 @@ from cogen.protocols.manifest import (
     Manifest,
     ManifestError,
     check_signature,
+    read_manifest,
+    sha256_file,
     verify_manifest,
 )
 from cogen.swarm import SwarmClient
@@ -126,8 +128,6 @@ def fetch_base(source: CheckpointSource, bases_dir: Path, trusted_key: str, time
 
 
 def _verified_manifest(directory: Path, source: CheckpointSource, trusted_key: str) -> Manifest:
-    from cogen.protocols.manifest import read_manifest
-
     manifest = read_manifest(directory)
     check_signature(manifest, trusted_key, str(directory / MANIFEST_FILE))
     if manifest.generation != source.generation:
@@ -138,8 +138,6 @@ def _verified_manifest(directory: Path, source: CheckpointSource, trusted_key: s
 
 
 def _verified(directory: Path, source: CheckpointSource, trusted_key: str) -> Base:
-    from cogen.protocols.manifest import sha256_file
-
     if sha256_file(directory / MANIFEST_FILE) != source.manifest_sha256:
         raise ManifestError(f"{directory / MANIFEST_FILE} does not match the announced sha256")
     _verified_manifest(directory, source, trusted_key)
@@ -280,3 +278,21 @@ class BaseFollower(PeriodicService):
         super().stop(timeout_s)
         if self.mirror is not None:
             self.mirror.stop()
+
+
+def generation_of(model_path: str) -> int:
+    """The generation of a base: from its manifest when it is a published one, else 0."""
+    if not (Path(model_path) / MANIFEST_FILE).is_file():
+        return 0
+    try:
+        return read_manifest(Path(model_path)).generation
+    except ManifestError as e:
+        logger.warning("%s", e)
+        return 0
+
+
+def read_key(value: str | None) -> str | None:
+    """``--trusted-key``: the key itself, or a file holding it."""
+    if value and not value.startswith("ssh-") and Path(value).is_file():
+        return Path(value).read_text().strip()
+    return value

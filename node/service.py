@@ -31,7 +31,7 @@ from cogen.checkpoint import AdapterMetadata, save_adapter
 from cogen.config import NodeConfig
 from cogen.corpora import get_corpus
 from cogen.data import train_batches
-from cogen.node.follow import Base, BaseFollower, MirrorServer
+from cogen.node.follow import Base, BaseFollower, MirrorServer, generation_of, read_key
 from cogen.node.group import GroupAverager
 from cogen.node.hardware import detect_hardware
 from cogen.node.metrics import NodeMetrics
@@ -39,7 +39,6 @@ from cogen.node.shards import claim_shard
 from cogen.node.trainer import ExpertTrainer
 from cogen.protocols import GroupProgress, NodeInfo, RoundReport, TrainingProgress, software_version
 from cogen.protocols.keys import group_prefix
-from cogen.protocols.manifest import MANIFEST_FILE, ManifestError, read_manifest
 from cogen.swarm import SwarmClient, check_compatible
 from cogen.telemetry import format_bytes, peak_memory_bytes
 
@@ -121,7 +120,7 @@ class ExpertNode:
                 " ".join(client.visible_maddrs()),
             )
             self.hardware = detect_hardware(device)
-            self.generation = _generation_of(model_path)
+            self.generation = generation_of(model_path)
             self._announce("joining")
             tokenizer = models.load_tokenizer(model_path)
             model, optimizer, scheduler = self._build(model_path, device)
@@ -191,7 +190,7 @@ class ExpertNode:
         bases_dir = cfg.bases_dir or models.cache_root(cfg.model.cache_dir) / "bases" / cfg.network.swarm
         mirror = MirrorServer(bases_dir, cfg.serve_host) if cfg.serve_bases else None
         follower = BaseFollower(
-            self.client, bases_dir, self.generation, _read_key(cfg.trusted_key),
+            self.client, bases_dir, self.generation, read_key(cfg.trusted_key),
             interval_s=min(10.0, cfg.log_interval_s), mirror=mirror,
         )  # fmt: skip
         follower.start()
@@ -412,24 +411,6 @@ class ExpertNode:
             format_bytes(peak),
         )
         return NodeResult(trainer.steps, trainer.samples, trainer.tokens, self._last_loss, ckpt, peak, reason)
-
-
-def _generation_of(model_path: str) -> int:
-    """The generation of a base: from its manifest when it is a published one, else 0."""
-    if not (Path(model_path) / MANIFEST_FILE).is_file():
-        return 0
-    try:
-        return read_manifest(Path(model_path)).generation
-    except ManifestError as e:
-        logger.warning("%s", e)
-        return 0
-
-
-def _read_key(value: str | None) -> str | None:
-    """``--trusted-key``: the key itself, or a file holding it."""
-    if value and not value.startswith("ssh-") and Path(value).is_file():
-        return Path(value).read_text().strip()
-    return value
 
 
 def _json_ready(value: Any) -> Any:
