@@ -3,7 +3,8 @@
 Each benchmark used to repeat the same lines: set up logging, run, map a failure to a numbered exit code
 with one line of explanation, hand a child's figures back on a marked stdout line, lay out a table,
 write the figures atomically. They live here once; the scripts import this module by its plain name
-(``bench/`` is a script's own directory, as ``bench/averaging.py`` imports ``bench/netns.py``).
+(``bench/`` is a script's own directory). The test network of namespaces is the suite's own helper,
+``tests/netns.py``: importing this module puts ``tests/`` on the path, so a script imports it as ``netns``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import warnings
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "tests"))  # tests/netns.py, as ``netns``
 
 RESULT_PREFIX = "COGEN_BENCH_RESULT "  # a child's figures: one JSON line on stdout after this marker
 Targets = Mapping[str, tuple[str, float]]  # figure -> (">=" or "<=", target)

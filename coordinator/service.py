@@ -17,6 +17,7 @@ from typing import Any
 
 import uvicorn
 
+from cogen.addresses import http_url, is_unspecified
 from cogen.checkpoint import write_json_atomic
 from cogen.config import CoordinatorConfig
 from cogen.coordinator.api import create_app
@@ -53,9 +54,14 @@ class ApiServer:
             time.sleep(0.05)
 
     @property
+    def port(self) -> int:
+        return int(self.server.servers[0].sockets[0].getsockname()[1])
+
+    @property
     def url(self) -> str:
-        host, port = self.server.servers[0].sockets[0].getsockname()[:2]
-        return f"http://{host}:{port}"
+        """Where this process reaches the API (a wildcard bind is reached on loopback)."""
+        host = self.server.config.host
+        return http_url("127.0.0.1" if is_unspecified(host) else host, self.port)
 
     def stop(self) -> None:
         self.server.should_exit = True
@@ -79,6 +85,7 @@ class Coordinator:
         self.history: History | None = None
         self.scraper: NodeScraper | None = None
         self.generations: GenerationLoop | None = None
+        self.public_api_url = ""
 
     @property
     def name(self) -> str:
@@ -110,8 +117,15 @@ class Coordinator:
             app = create_app(self.monitor, registry, observer=cfg.observer, checkpoints_dir=checkpoints)
             self.api = ApiServer(app, cfg.api_host, cfg.api_port)
             self.api.start()
+            if not cfg.observer:  # what the swarm is told: reachable from other machines, never 0.0.0.0
+                self.public_api_url = client.announce_url(
+                    "the coordinator's API and checkpoints",
+                    cfg.api_host,
+                    self.api.port,
+                    public_url=cfg.public_url,
+                )
             if merging:
-                self.generations = GenerationLoop(client, cfg, self.monitor, self.api.url)
+                self.generations = GenerationLoop(client, cfg, self.monitor, self.public_api_url)
             maddrs = client.visible_maddrs()
             if cfg.observer:
                 print(f"cogen dashboard: watching swarm {cfg.network.swarm!r} (read-only)", flush=True)
@@ -126,7 +140,12 @@ class Coordinator:
             if cfg.ready_file is not None:
                 write_json_atomic(
                     cfg.ready_file,
-                    {"initial_peers": maddrs, "api_url": self.api.url, "peer_id": client.peer_id},
+                    {
+                        "initial_peers": maddrs,
+                        "api_url": self.api.url,
+                        "public_api_url": self.public_api_url,
+                        "peer_id": client.peer_id,
+                    },
                 )
             self._serve()
         finally:
@@ -147,7 +166,7 @@ class Coordinator:
             SwarmInfo(
                 swarm=self.cfg.network.swarm,
                 coordinator_peer_id=self.client.peer_id,
-                api_url=self.api.url,
+                api_url=self.public_api_url,
                 manifest_key=self.generations.manifest_key if self.generations is not None else None,
                 software_version=software_version(),
                 started_at=self.started_at,

@@ -7,6 +7,7 @@ concerns so that each has exactly one flag (``lora_rank`` -> ``--lora-rank`` / `
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -89,7 +90,15 @@ class NetworkConfig(_Frozen):
     host: str = Field(default="0.0.0.0", description="address the DHT listens on")
     port: int = Field(default=0, ge=0, le=65535, description="DHT port (0: any free port)")
     announce_host: str | None = Field(
-        default=None, description="public address to announce, if different from --host (e.g. behind NAT)"
+        default=None,
+        description="the address other machines reach this peer at, if not --host (a public IP, a "
+        "port-forwarded router): announced for the DHT and every HTTP service this peer offers "
+        "(checkpoints, mirror, metrics)",
+    )
+    client_mode: bool = Field(
+        default=False,
+        description="behind NAT or a firewall that drops inbound connections: dial out only (a hivemind "
+        "client-mode peer); it trains and averages with its group but serves no records, state or bases",
     )
     record_ttl_s: float = Field(
         default=60.0,
@@ -181,12 +190,13 @@ class NodeConfig(_Frozen):
         default=None, description="where fetched bases are kept (default: <cache dir>/bases/<swarm>)"
     )
     serve_bases: bool = Field(default=True, description="serve fetched bases to other peers over HTTP")
-    serve_host: str = Field(default="127.0.0.1", description="address the base mirror listens on")
+    serve_host: str | None = Field(
+        default=None, description="address the base mirror listens on (default: the DHT's --host)"
+    )
 
     @field_validator("data")
     @classmethod
     def _expert_name(cls, value: DataConfig) -> DataConfig:
-        import re
 
         if not re.match(EXPERT_PATTERN, value.expert) and not Path(value.expert).is_dir():
             raise ValueError(f"expert {value.expert!r} is neither a domain name nor an existing directory")
@@ -197,7 +207,16 @@ class CoordinatorConfig(_Frozen):
     """Everything ``cogen-coordinator`` needs."""
 
     network: NetworkConfig = NetworkConfig()
-    api_host: str = Field(default="127.0.0.1", description="address the HTTP API listens on")
+    api_host: str = Field(
+        default="127.0.0.1",
+        description="address the HTTP API (dashboard, checkpoints) listens on; nodes on other machines fetch "
+        "bases from it, so bind a reachable address (0.0.0.0) in a swarm across machines",
+    )
+    public_url: str | None = Field(
+        default=None,
+        description="the URL other machines reach the HTTP API at, where a proxy stands in front of it "
+        "(default: http://<announce host or API host>:<API port>)",
+    )
     api_port: int = Field(default=8765, ge=0, le=65535, description="HTTP API port (0: any free port)")
     poll_interval_s: float = Field(default=2.0, gt=0, le=600, description="seconds between DHT reads")
     stale_after_s: float = Field(
@@ -265,6 +284,13 @@ class CoordinatorConfig(_Frozen):
         description="the PEM key that signs manifests, created on first use "
         "(default: <cache dir>/coordinator-identity.pem)",
     )
+
+    @field_validator("public_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", value):
+            raise ValueError(f"public_url must be an http(s) URL without query, got {value!r}")
+        return value
 
 
 class MergeConfig(_Frozen):

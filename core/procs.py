@@ -21,15 +21,22 @@ class ChildFailed(RuntimeError):
 
 
 def spawn(
-    module: str, args: Sequence[str], log_path: Path, env: dict[str, str] | None = None
+    module: str,
+    args: Sequence[str],
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    prefix: Sequence[str] = (),
 ) -> subprocess.Popen[bytes]:
-    """Run ``python -m module args...`` with stdout and stderr going to ``log_path``."""
+    """Run ``python -m module args...`` with stdout and stderr going to ``log_path``.
+
+    ``prefix`` goes before the interpreter, e.g. ``ip netns exec NAME`` to run it on another test host
+    (it must exec the command, so the child's pid and process group are the interpreter's)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log: IO[bytes] = open(log_path, "wb")  # noqa: SIM115 - owned by the child for its lifetime
     child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     try:
         return subprocess.Popen(
-            [sys.executable, "-m", module, *args],
+            [*prefix, sys.executable, "-m", module, *args],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=child_env,

@@ -19,6 +19,16 @@ from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
+from cogen.addresses import (
+    announced_host,
+    free_port,
+    http_url,
+    is_loopback,
+    is_unspecified,
+    peers_elsewhere,
+    public_host,
+    warn_if_unreachable,
+)
 from cogen.config import NetworkConfig
 from cogen.protocols import (
     PROTOCOL_VERSION,
@@ -48,6 +58,10 @@ class Entry:
     expiration_time: float
 
 
+def _proto(host: str) -> str:
+    return "ip6" if ":" in host else "ip4"
+
+
 def owner_fingerprint(owner: bytes) -> str:
     """A short, stable name for a record owner (the sha256 of its public key)."""
     import hashlib
@@ -64,14 +78,20 @@ class SwarmClient:
         self.cfg = cfg
         self.private_key = private_key or RSAPrivateKey()
         self.owner: bytes = RSASignatureValidator(self.private_key).local_public_key
-        host_maddrs = [f"/ip4/{cfg.host}/tcp/{cfg.port}"]
-        announce = [f"/ip4/{cfg.announce_host}/tcp/{cfg.port}"] if cfg.announce_host and cfg.port else None
+        self.client_mode = client_mode or cfg.client_mode
+        port = cfg.port
+        announce = None
+        if cfg.announce_host and not self.client_mode:
+            # hivemind cannot announce port 0: choose the port first, then listen on it and announce it
+            port = port or free_port(cfg.host)
+            announce = [f"/{_proto(cfg.announce_host)}/{cfg.announce_host}/tcp/{port}"]
+        host_maddrs = [f"/{_proto(cfg.host)}/{cfg.host}/tcp/{port}"]
         try:
             self.dht = hivemind.DHT(
                 initial_peers=list(cfg.initial_peers),
                 host_maddrs=host_maddrs,
                 announce_maddrs=announce,
-                client_mode=client_mode,
+                client_mode=self.client_mode,
                 record_validators=make_validators(cfg.swarm, self.private_key),
                 start=True,
                 await_ready=True,
@@ -91,8 +111,40 @@ class SwarmClient:
         return owner_fingerprint(self.owner)
 
     def visible_maddrs(self) -> list[str]:
-        """Multiaddrs other peers can use as ``--initial-peers``."""
+        """Multiaddrs other peers can use as ``--initial-peers`` (none are dialable in client mode)."""
         return [str(addr) for addr in self.dht.get_visible_maddrs()]
+
+    def public_host(self) -> str:
+        """This peer's address as others reach it: ``--announce-host``, else its DHT's visible address."""
+        if self.cfg.announce_host:
+            return self.cfg.announce_host
+        fallback = "127.0.0.1" if is_unspecified(self.cfg.host) else self.cfg.host
+        return public_host(self.visible_maddrs(), fallback)
+
+    def announce_url(
+        self, service: str, bind_host: str, port: int, path: str = "", public_url: str | None = None
+    ) -> str:
+        """The URL to announce for an HTTP service bound to ``bind_host:port`` (never ``0.0.0.0``).
+
+        ``public_url`` (a proxy in front of the service) wins; warns once if the URL is a loopback
+        address while the swarm's initial peers are on other machines.
+        """
+        if public_url:
+            return public_url.rstrip("/") + path
+        host = announced_host(bind_host, self.cfg.announce_host, self.public_host())
+        warn_if_unreachable(service, host, self.cfg.initial_peers)
+        return http_url(host, port, path)
+
+    def optional_url(self, service: str, bind_host: str, port: int, path: str = "") -> str | None:
+        """:meth:`announce_url`, or None where nobody could reach it (client mode; a loopback address
+        while the swarm's peers are elsewhere): an unreachable URL is better not announced at all."""
+        if self.client_mode:
+            return None
+        host = announced_host(bind_host, self.cfg.announce_host, self.public_host())
+        if is_loopback(host) and peers_elsewhere(self.cfg.initial_peers):
+            logger.info("%s listens on %s only: not announced to peers on other machines", service, host)
+            return None
+        return http_url(host, port, path)
 
     def publish(self, kind: str, record: Record, ttl_s: float | None = None) -> Future[Any]:
         """Store ``record`` under this peer's subkey; returns a future (training never waits on it)."""

@@ -165,8 +165,17 @@ class MirrorServer:
         self._thread = threading.Thread(target=self.server.serve_forever, name="mirror", daemon=True)
         self._thread.start()
 
+        self.public_url: str | None = None  # what peers are told (set by the node: never 0.0.0.0)
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1])
+
     @property
     def url(self) -> str:
+        """The URL announced for this mirror: ``public_url``, else the address it is bound to."""
+        if self.public_url is not None:
+            return self.public_url
         host, port = self.server.server_address[:2]
         return f"http://{host!s}:{port}/"
 
@@ -250,7 +259,7 @@ class BaseFollower(PeriodicService):
                 logger.warning("refusing generation %d from %s: %s", source.generation, source.url, e)
                 self._refused.add((source.url, source.manifest_sha256))
                 continue
-            logger.info("fetched and verified generation %d (%s)", base.generation, base.path)
+            logger.info("fetched and verified generation %d from %s", base.generation, source.url)
             with self._lock:
                 self._ready = base
                 self.generation = base.generation

@@ -91,11 +91,16 @@ class GroupAverager:
             allow_state_sharing=False,
             **common,
         )
-        self.state_averager = GroupStateAverager(
-            [*self.anchor, *self.momentum], dht, prefix=f"{prefix}_state", compression=NoCompression(),
-            state_compression=NoCompression(), allow_state_sharing=True, metadata=self._state_metadata,
-            **common,
-        )  # fmt: skip
+        try:
+            self.state_averager = GroupStateAverager(
+                [*self.anchor, *self.momentum], dht, prefix=f"{prefix}_state", compression=NoCompression(),
+                state_compression=NoCompression(), metadata=self._state_metadata,
+                allow_state_sharing=not dht.client_mode,  # behind NAT nobody can download from this member
+                **common,
+            )  # fmt: skip
+        except BaseException:
+            self.delta_averager.shutdown()  # its process would keep this one from exiting
+            raise
 
     @property
     def _find_group_timeout(self) -> float:

@@ -52,6 +52,10 @@ class NodeMetrics:
         return url
 
     @property
+    def port(self) -> int | None:
+        return None if self._server is None else int(self._server.server_address[1])
+
+    @property
     def url(self) -> str | None:
         if self._server is None:
             return None

@@ -108,10 +108,13 @@ class ExpertNode:
             raise DataError(str(e)) from None
         if cfg.metrics_port is not None:
             self.metrics = NodeMetrics(expert=self.expert)
-            self.metrics_url = self.metrics.start(cfg.metrics_host, cfg.metrics_port)
-            logger.info("serving node metrics at %s", self.metrics_url)
+            logger.info("serving node metrics at %s", self.metrics.start(cfg.metrics_host, cfg.metrics_port))
         self.client = client = SwarmClient(cfg.network)
         try:
+            if self.metrics is not None and self.metrics.port is not None:
+                self.metrics_url = client.optional_url(
+                    "node metrics", cfg.metrics_host, self.metrics.port, "/metrics"
+                )
             check_compatible(client)
             logger.info(
                 "joined swarm %r as %s; visible at %s",
@@ -188,7 +191,14 @@ class ExpertNode:
             return None
         assert self.client is not None
         bases_dir = cfg.bases_dir or models.cache_root(cfg.model.cache_dir) / "bases" / cfg.network.swarm
-        mirror = MirrorServer(bases_dir, cfg.serve_host) if cfg.serve_bases else None
+        mirror = None
+        if cfg.serve_bases and not self.client.client_mode:  # behind NAT nobody could fetch from it
+            host = cfg.serve_host or cfg.network.host
+            mirror = MirrorServer(bases_dir, host)
+            mirror.public_url = self.client.optional_url("base mirror", host, mirror.port, "/")
+            if mirror.public_url is None:
+                mirror.stop()
+                mirror = None
         follower = BaseFollower(
             self.client, bases_dir, self.generation, read_key(cfg.trusted_key),
             interval_s=min(10.0, cfg.log_interval_s), mirror=mirror,

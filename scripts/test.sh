@@ -9,9 +9,14 @@ ruff check core node coordinator protocols tests bench scripts
 ruff format --check core node coordinator protocols tests bench scripts
 # from outside the source tree, so mypy reads the installed cogen.* (node/, coordinator/, protocols/ mapped in)
 (cd "$ROOT/build" && mypy --config-file "$ROOT/pyproject.toml" -p cogen)
-# the dashboard's browser test drives Debian's headless Chromium through Playwright
-if [[ ! -x /usr/bin/chromium ]]; then
-  echo "[test] installing Debian's chromium for the browser test" >&2
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+# the dashboard's browser test drives Debian's headless Chromium through Playwright; the cross-host
+# tests build hosts from network namespaces (iproute2) and put one behind NAT (nftables)
+missing=()
+[[ -x /usr/bin/chromium ]] || missing+=(chromium)
+command -v ip >/dev/null 2>&1 && command -v tc >/dev/null 2>&1 || missing+=(iproute2)
+command -v nft >/dev/null 2>&1 || missing+=(nftables)
+if (( ${#missing[@]} )) && [[ $(id -u) == 0 ]]; then
+  echo "[test] installing Debian's ${missing[*]} for the browser and cross-host tests" >&2
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 exec pytest "$@"

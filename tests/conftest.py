@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,9 +83,15 @@ class Peers:
         return self.workdir / f"{name}.log"
 
     def start(
-        self, name: str, module: str, args: list[str], expect_exit: set[int] | None = None
+        self,
+        name: str,
+        module: str,
+        args: list[str],
+        expect_exit: set[int] | None = None,
+        prefix: Sequence[str] = (),
     ) -> subprocess.Popen[bytes]:
-        proc = spawn(module, args, self.log(name))
+        """Start ``python -m module args``; ``prefix`` runs it elsewhere (``ip netns exec HOST``)."""
+        proc = spawn(module, args, self.log(name), prefix=prefix)
         self.procs[name] = proc
         self.expected_exit[name] = expect_exit if expect_exit is not None else {0}
         return proc

@@ -122,4 +122,4 @@ def test_wan_tiny(tmp_path: Path) -> None:
     assert sum(report["arms"]["no_overlap"]["rounds_ok"]) >= 2  # both nodes averaged at least once
     assert "utilisation_ratio" in stdout
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
-    assert f"cogenbench-{proc.pid}-" not in listed  # the benchmark removed its namespaces
+    assert f"cogennet-{proc.pid}-" not in listed  # the benchmark removed its namespaces
