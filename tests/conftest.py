@@ -20,6 +20,7 @@ from typing import Any
 
 import psutil
 import pytest
+from netns import NetnsUnavailable, Switch, list_namespaces
 
 from cogen.procs import read_json, spawn, stop, tail, wait_for
 
@@ -49,6 +50,20 @@ def reap_children() -> Iterator[None]:
             print(f"reaping a stray child process: {child.pid} {child.name()}", file=sys.stderr)
             child.kill()
     psutil.wait_procs(leftovers, timeout=10)
+
+
+@contextlib.contextmanager
+def host_network(hosts: int, rate: str | None = "100mbit") -> Iterator[Switch]:
+    """``hosts`` namespace hosts on one bridge (``tests/netns.py``), always removed; skips without root."""
+    try:
+        switch = Switch(hosts, rate=rate).create()
+    except NetnsUnavailable as e:
+        pytest.skip(str(e))
+    try:
+        yield switch
+    finally:
+        switch.remove()
+    assert not set(switch.names) & set(list_namespaces()), "namespaces left behind"
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import host_network
 from netns import NetnsUnavailable, Switch, list_namespaces
 
 from cogen.procs import wait_for
@@ -20,15 +21,8 @@ SERVE = (
 
 @pytest.fixture
 def net() -> Iterator[Switch]:
-    try:
-        switch = Switch(3, rate="100mbit").create()
-    except NetnsUnavailable as e:
-        pytest.skip(str(e))
-    try:
+    with host_network(3) as switch:
         yield switch
-    finally:
-        switch.remove()
-    assert not set(switch.names) & set(list_namespaces())
 
 
 def _serve(net: Switch, host: int, tmp: str) -> subprocess.Popen[bytes]:
