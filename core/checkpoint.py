@@ -2,10 +2,13 @@
 
 Layout under a node's output directory::
 
-    checkpoints/step-00000120/adapter_model.safetensors   (PEFT, safetensors only — never pickle)
-    checkpoints/step-00000120/adapter_config.json
-    checkpoints/step-00000120/cogen.json                  (AdapterMetadata: version, lineage, sha256)
-    latest -> checkpoints/step-00000120                   (symlink, swapped atomically)
+    checkpoints/gen-000001-step-00000120/adapter_model.safetensors   (PEFT, safetensors only — never pickle)
+    checkpoints/gen-000001-step-00000120/adapter_config.json
+    checkpoints/gen-000001-step-00000120/cogen.json   (AdapterMetadata: version, lineage, sha256)
+    latest -> checkpoints/gen-000001-step-00000120    (symlink, swapped atomically)
+
+Names carry the generation of the base the expert was trained on, and old checkpoints are pruned only
+within their generation: the last expert of every generation stays.
 
 A checkpoint is written into a temporary directory, fsynced and renamed into place before ``latest``
 moves to it, so a crash at any moment leaves the previous checkpoint intact and ``latest`` valid.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -29,7 +33,7 @@ from cogen.protocols.version import software_version
 
 METADATA_FILE = "cogen.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-METADATA_VERSION = 1
+METADATA_VERSION = 2
 
 
 class CheckpointError(RuntimeError):
@@ -45,6 +49,7 @@ class AdapterMetadata(BaseModel):
     expert: str
     base_model: str = Field(description="the model name the adapter was trained on")
     precision: str
+    generation: int = Field(default=0, ge=0, description="the generation of the base it was trained on")
     steps: int = Field(ge=0)
     samples: int = Field(ge=0)
     tokens: int = Field(ge=0)
@@ -66,6 +71,11 @@ def _upgrade(raw: dict[str, Any]) -> dict[str, Any]:
         raw["train_loss"] = raw.pop("loss", None)
         raw.setdefault("files", {})
         raw["metadata_version"] = 1
+    if raw["metadata_version"] == 1:  # v1 had no generation: a published base's directory names it
+        raw = dict(raw)
+        found = re.search(r"gen-(\d{6})-", str(raw.get("base_model", "")))
+        raw["generation"] = int(found.group(1)) if found else 0
+        raw["metadata_version"] = 2
     return raw
 
 
@@ -108,26 +118,38 @@ def _write_checkpoint(
     """Write a checkpoint into a temp dir (``write``), hash and fsync it, rename it into place, swap
     ``latest`` and prune old ones: a crash leaves ``latest`` on the previous complete checkpoint."""
     ckpt_root = Path(out_dir) / "checkpoints"
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    final = ckpt_root / f"step-{metadata.steps:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=ckpt_root))
-    tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is meant to be shared
-    try:
+    prefix = f"gen-{metadata.generation:06d}-step-"
+    final = ckpt_root / f"{prefix}{metadata.steps:08d}"
+
+    def write_all(tmp: Path) -> None:
         write(tmp)
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         meta = metadata.model_copy(update={"files": files})
         (tmp / METADATA_FILE).write_text(meta.model_dump_json(indent=2))
+
+    write_dir_atomic(final, write_all)
+    swap_symlink(Path(out_dir) / "latest", final)
+    prune_dirs(ckpt_root, f"{prefix}*", keep, final)
+    return final
+
+
+def write_dir_atomic(final: Path, write: Callable[[Path], None]) -> Path:
+    """Fill a temporary sibling directory of ``final`` (``write``), fsync its files and rename it to
+    ``final``: readers see no directory or a complete one, never a half-written one."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is meant to be shared
+    try:
+        write(tmp)
         for p in tmp.iterdir():
             with open(p, "rb") as handle:
                 os.fsync(handle.fileno())
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        fsync_dir(ckpt_root)
+        fsync_dir(final.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    swap_symlink(Path(out_dir) / "latest", final)
-    _prune(ckpt_root, keep, final)
     return final
 
 
@@ -140,8 +162,10 @@ def swap_symlink(link: Path, target: Path) -> None:
     fsync_dir(link.parent)
 
 
-def _prune(ckpt_root: Path, keep: int, current: Path) -> None:
-    done = sorted(p for p in ckpt_root.glob("step-*") if (p / METADATA_FILE).exists())
+def prune_dirs(root: Path, pattern: str, keep: int, current: Path, marker: str = METADATA_FILE) -> None:
+    """Delete all but the ``keep`` last (by name) complete directories (holding ``marker``) of ``root``
+    that match ``pattern``; never ``current``."""
+    done = sorted(p for p in root.glob(pattern) if (p / marker).exists())
     for old in done[: max(0, len(done) - keep)]:
         if old != current:
             shutil.rmtree(old, ignore_errors=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable
@@ -42,6 +43,19 @@ def stop_on_signals(stop_event: threading.Event) -> None:
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+
+
+def exit_after_grace(stop_event: threading.Event, grace_s: float, command: str) -> None:
+    """Once ``stop_event`` is set, give the process ``grace_s`` seconds to stop cleanly; then say so in one
+    line and exit at once (a last resort: what it saves is written atomically, so nothing is torn)."""
+
+    def watch() -> None:
+        stop_event.wait()
+        if not threading.Event().wait(grace_s):
+            logger.error("%s: did not stop within its %.0f s grace period; exiting now", command, grace_s)
+            os._exit(ExitCode.ERROR)
+
+    threading.Thread(target=watch, name="grace-period", daemon=True).start()
 
 
 def run_main(command: str, body: Callable[[], int]) -> int:

@@ -193,6 +193,19 @@ class NodeConfig(_Frozen):
     serve_host: str | None = Field(
         default=None, description="address the base mirror listens on (default: the DHT's --host)"
     )
+    checkpoint_every: int = Field(
+        default=5,
+        ge=1,
+        description="save the full training state (weights, anchor, momenta, optimizer, data position) "
+        "every this many outer steps (solo: every this many times --inner-steps), and on SIGTERM; "
+        "restarted with the same --output-dir, the node resumes from it",
+    )
+    grace_s: float = Field(
+        default=25.0,
+        gt=0,
+        le=3600,
+        description="after SIGTERM, abandon any averaging round, save and exit within this many seconds",
+    )
 
     @field_validator("data")
     @classmethod

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import itertools
 import logging
 import random
 from collections.abc import Iterable, Iterator
@@ -243,11 +244,16 @@ def train_batches(
     num_shards: int,
     seed: int = 0,
     validation_fraction: float = 0.05,
+    skip_batches: int = 0,
 ) -> Iterator[torch.Tensor]:
     """An endless stream of ``[batch_size, block_size]`` LongTensors from the shard's training documents.
 
+    The stream is the same on every run with the same arguments; ``skip_batches`` starts it after that
+    many batches (a node resuming where it stopped; they are tokenized and dropped, lazily).
     Raises ``ValueError`` at once (not at the first ``next``) when the shard has no training document.
     """
+    if skip_batches < 0:
+        raise ValueError(f"skip_batches must not be negative, got {skip_batches}")
     stream = TrainStream(
         corpus,
         tokenizer,
@@ -258,7 +264,7 @@ def train_batches(
         seed=seed,
         validation_fraction=validation_fraction,
     )
-    return iter(stream)
+    return itertools.islice(stream, skip_batches, None)
 
 
 def validation_blocks(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import threading
 
-from cogen.cli_common import register_failure, run_main, stop_on_signals
+from cogen.cli_common import exit_after_grace, register_failure, run_main, stop_on_signals
 from cogen.config import NodeConfig
 from cogen.exit_codes import ExitCode
 from cogen.node.service import DataError, ExpertNode
@@ -19,7 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cogen-node",
         description="Join a cogen swarm and train a domain expert: 8-bit base + LoRA, 8-bit optimizer. "
-        "SIGTERM or Ctrl+C stops it cleanly with its adapter saved.",
+        "SIGTERM or Ctrl+C stops it within --grace-s, even mid-round, with its adapter and training state "
+        "saved; restarted with the same --output-dir it resumes.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING, ERROR (env COGEN_LOG_LEVEL)")
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = build_config(NodeConfig, args)
         stop = threading.Event()
         stop_on_signals(stop)
+        exit_after_grace(stop, cfg.grace_s, "cogen-node")
         ExpertNode(cfg, stop).run()
         return ExitCode.OK
 

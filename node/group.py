@@ -20,6 +20,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import math
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,11 +54,26 @@ class _Pending:
     prepare_s: float = 0.0  # cogen's own work before the round: pseudo-gradient, finiteness, checks
 
 
-class GroupAverager:
-    """Outer steps of one expert group. Construct in the main thread; ``shutdown()`` when done."""
+class RoundAbandoned(TimeoutError):
+    """The node is stopping: the round in flight was left to the other members."""
 
-    def __init__(self, dht: DHT, prefix: str, params: Sequence[torch.nn.Parameter], cfg: GroupConfig):
+
+class GroupAverager:
+    """Outer steps of one expert group. Construct in the main thread; ``shutdown()`` when done.
+
+    Once ``stop`` is set, a round in flight is abandoned at once (the others complete it without this
+    member), so that a node told to stop saves and exits within its grace period."""
+
+    def __init__(
+        self,
+        dht: DHT,
+        prefix: str,
+        params: Sequence[torch.nn.Parameter],
+        cfg: GroupConfig,
+        stop: threading.Event | None = None,
+    ):
         self.cfg = cfg
+        self.stop = stop or threading.Event()
         self.params = list(params)
         self.outer_step = 0
         self.rounds_ok = 0
@@ -126,6 +142,9 @@ class GroupAverager:
             concurrent.futures.wait([control], timeout=0.05)
             if control.done():
                 break
+            if self.stop.is_set():
+                control.cancel()
+                raise RoundAbandoned("stopping: the round was abandoned")
             now = time.monotonic()
             if control.stage in (AveragingStage.IDLE, AveragingStage.LOOKING_FOR_GROUP) and now > deadline:
                 control.cancel()
@@ -162,6 +181,35 @@ class GroupAverager:
         self.outer_step = int(step) if isinstance(step, int) and step >= 0 else 0
         logger.info("loaded the group's state at outer step %d", self.outer_step)
         return True
+
+    def restore(
+        self,
+        anchor: Sequence[torch.Tensor],
+        momentum: Sequence[torch.Tensor],
+        outer_step: int,
+        samples_at_anchor: int,
+    ) -> None:
+        """Put back a saved state (a node resuming from disk): anchor, momentum, outer step, and how many
+        of the trainer's samples the anchor holds. The weights become the anchor; raises ``ValueError``
+        on a state that does not fit this model or is not finite."""
+        if len(anchor) != len(self.anchor) or len(momentum) != len(self.anchor):
+            raise ValueError("the saved group state has another number of tensors than this model")
+        if not self._shapes_match(anchor) or not self._shapes_match(momentum):
+            raise ValueError("the saved group state does not match this model's shapes")
+        if not all(torch.isfinite(t).all() for t in [*anchor, *momentum]):
+            raise ValueError("the saved group state holds non-finite values")
+        self._set_state(anchor, momentum)
+        self.outer_step, self._samples_at_anchor = outer_step, samples_at_anchor
+
+    def momentum_state(self) -> list[torch.Tensor]:
+        """A copy of the outer momentum (for saving the node's state)."""
+        with self.state_averager.get_tensors() as shared:
+            return [t.clone() for t in shared[len(self.anchor) :]]
+
+    @property
+    def samples_at_anchor(self) -> int:
+        """The trainer's samples the anchor holds; the next round's weight is what came after."""
+        return self._samples_at_anchor
 
     def _shapes_match(self, tensors: Sequence[torch.Tensor]) -> bool:
         return all(t.shape == a.shape for t, a in zip(tensors, self.anchor, strict=True))

@@ -35,7 +35,17 @@ from cogen.node.follow import Base, BaseFollower, MirrorServer, generation_of, r
 from cogen.node.group import GroupAverager
 from cogen.node.hardware import detect_hardware
 from cogen.node.metrics import NodeMetrics
-from cogen.node.shards import claim_shard
+from cogen.node.resume import (
+    SavedState,
+    TrainingState,
+    base_identity,
+    batches_to_skip,
+    data_fingerprint,
+    find_state,
+    restore,
+    save_state,
+)
+from cogen.node.shards import claim_shard, renew_claim
 from cogen.node.trainer import ExpertTrainer
 from cogen.protocols import GroupProgress, NodeInfo, RoundReport, TrainingProgress, software_version
 from cogen.protocols.keys import group_prefix
@@ -87,6 +97,10 @@ class ExpertNode:
         self.metrics_url: str | None = None
         self.generation = 0
         self.base_name = cfg.model.model
+        self.base_id = self.base_label = cfg.model.model  # identity (for resuming) and name (announced)
+        self._claimed = False
+        self._saved_outer: int | None = None  # the outer step of the last saved training state
+        self._saved_at: tuple[int, int | None] = (-1, None)  # (inner, outer step) of the last save
         self.follower: BaseFollower | None = None
         self._first_loss: float | None = None
 
@@ -123,11 +137,19 @@ class ExpertNode:
                 " ".join(client.visible_maddrs()),
             )
             self.hardware = detect_hardware(device)
-            self.generation = generation_of(model_path)
+            self._set_base(generation_of(model_path), model_path)
             self._announce("joining")
+            saved = find_state(cfg.output_dir, self.expert, self.generation, self.base_id)
             tokenizer = models.load_tokenizer(model_path)
             model, optimizer, scheduler = self._build(model_path, device)
-            self.shard = claim_shard(client, self.expert, cfg.data.num_shards, cfg.network.record_ttl_s)
+            self.shard = claim_shard(
+                client, self.expert, cfg.data.num_shards, cfg.network.record_ttl_s,
+                preferred=saved.meta.shard if saved else None, previous=saved.meta.peer_id if saved else None,
+            )  # fmt: skip
+            self._claimed = True
+            fingerprint = data_fingerprint(corpus.name, cfg.data.block_size, cfg.data.batch_size,
+                                           cfg.data.seed, cfg.data.validation_fraction)  # fmt: skip
+            skip = batches_to_skip(saved, self.shard, cfg.data.num_shards, fingerprint)
             logger.info(
                 "training expert %r on shard %d/%d of %s, %s base on %s",
                 self.expert,
@@ -147,6 +169,7 @@ class ExpertNode:
                     num_shards=cfg.data.num_shards,
                     seed=cfg.data.seed,
                     validation_fraction=cfg.data.validation_fraction,
+                    skip_batches=skip,
                 )
             except ValueError as e:
                 raise DataError(str(e)) from None
@@ -154,7 +177,8 @@ class ExpertNode:
             trainer = ExpertTrainer(
                 model, optimizer, scheduler, batches, max_grad_norm=cfg.optim.max_grad_norm
             )
-            self.group = self._join_group(model)
+            self.group = self._join_group(model, trainer, saved)
+            trainer.batches = skip
             self.follower = self._start_follower()
             self._announce("training")
             while (reason := self._train(trainer, device)) == "new_base":
@@ -168,7 +192,7 @@ class ExpertNode:
             return self._finish(model, trainer, device, reason)
         finally:
             if self.follower is not None:
-                self.follower.stop()
+                self.follower.stop(timeout_s=2.0)  # a download in flight must not hold up the grace period
             if self.group is not None:
                 self.group.shutdown()
             if self.metrics is not None:
@@ -213,31 +237,90 @@ class ExpertNode:
         if self.group is not None:
             self.group.shutdown()
             self.group = None
-        self.generation, self.base_name = base.generation, str(base.path)
+        self._set_base(base.generation, str(base.path))
         model, optimizer, scheduler = self._build(str(base.path), device)
         trainer = ExpertTrainer(
             model, optimizer, scheduler, batches, max_grad_norm=self.cfg.optim.max_grad_norm
         )
         trainer.steps, trainer.samples, trainer.tokens = old.steps, old.samples, old.tokens
+        trainer.batches = old.batches
         self._first_loss = None
-        self.group = self._join_group(model)
+        saved = find_state(self.cfg.output_dir, self.expert, self.generation, self.base_id)
+        self.group = self._join_group(model, trainer, saved, restore_counters=False)
         logger.info("%s: now training on generation %d (%s)", self.expert, base.generation, base.path)
         self._announce("training")
         return model, trainer
 
-    def _join_group(self, model: torch.nn.Module) -> GroupAverager | None:
-        """Set up outer steps with the expert's group, loading the group's state if it already trains."""
-        if self.cfg.group.solo:
-            return None
-        assert self.client is not None
-        group = GroupAverager(
-            self.client.dht, group_prefix(self.cfg.network.swarm, self.expert, self.generation),
-            models.trainable_parameters(model), self.cfg.group,
-        )  # fmt: skip
-        group.state_info = self._state_info(model)
-        if group.join():
-            logger.info("joined expert group %r at outer step %d", self.expert, group.outer_step)
+    def _set_base(self, generation: int, path: str) -> None:
+        """The base this node trains on from now: its generation, identity and announced name."""
+        self.generation, self.base_name = generation, path
+        self.base_id = base_identity(path, self.cfg.model.model)
+        self.base_label = self.cfg.model.model if generation == 0 else Path(path).name  # gen-N-<manifest sha>
+
+    def _join_group(
+        self,
+        model: torch.nn.Module,
+        trainer: ExpertTrainer,
+        saved: SavedState | None,
+        restore_counters: bool = True,
+    ) -> GroupAverager | None:
+        """Set up outer steps with the expert's group, loading the group's state if it already trains,
+        then resume from ``saved`` (disk) unless the group is ahead of it."""
+        group = None
+        loaded = False
+        if not self.cfg.group.solo:
+            assert self.client is not None
+            group = GroupAverager(
+                self.client.dht, group_prefix(self.cfg.network.swarm, self.expert, self.generation),
+                models.trainable_parameters(model), self.cfg.group, stop=self.stop_event,
+            )  # fmt: skip
+            group.state_info = self._state_info(model)
+            loaded = group.join()
+            if loaded:
+                logger.info("joined expert group %r at outer step %d", self.expert, group.outer_step)
+        if saved is None:
+            logger.info("%s: no saved training state for generation %d in %s: starting from a fresh adapter",
+                        self.expert, self.generation, self.cfg.output_dir)  # fmt: skip
+        else:
+            try:
+                how = restore(saved, model, trainer, group, loaded, restore_counters)
+            except ValueError as e:
+                logger.warning("not resuming from %s: %s", saved.path, e)
+            else:
+                logger.info("%s: resumed generation %d %s", self.expert, self.generation, how)
+                if restore_counters:
+                    self._first_loss, self._last_loss = saved.meta.first_loss, saved.meta.train_loss
+        self._saved_outer = group.outer_step if group is not None else None
         return group
+
+    def _save_state(self, trainer: ExpertTrainer) -> Path:
+        """Save the full training state (see :mod:`cogen.node.resume`)."""
+        assert self.client is not None
+        cfg, group = self.cfg, self.group
+        meta = TrainingState(
+            expert=self.expert, generation=self.generation, base=self.base_id, peer_id=self.client.peer_id,
+            outer_step=group.outer_step if group is not None else None,
+            samples_at_anchor=group.samples_at_anchor if group is not None else trainer.samples,
+            steps=trainer.steps, samples=trainer.samples, tokens=trainer.tokens, skipped=trainer.skipped,
+            batches_consumed=trainer.batches, shard=self.shard, num_shards=cfg.data.num_shards,
+            data=data_fingerprint(get_corpus(cfg.data.expert).name, cfg.data.block_size, cfg.data.batch_size,
+                                  cfg.data.seed, cfg.data.validation_fraction),
+            first_loss=self._first_loss, train_loss=self._last_loss, optimizer=None, scheduler={},
+        )  # fmt: skip
+        path = save_state(cfg.output_dir, meta, trainer.model, trainer, group)
+        self._saved_outer = meta.outer_step
+        self._saved_at = (trainer.steps, meta.outer_step)
+        logger.info("%s: saved training state at outer step %s, inner step %d to %s",
+                    self.expert, meta.outer_step, trainer.steps, path)  # fmt: skip
+        return path
+
+    def _checkpoint_due(self, trainer: ExpertTrainer) -> bool:
+        """At an outer-step boundary: whether ``--checkpoint-every`` outer steps passed since the last save
+        (a solo node: that many times ``--inner-steps`` inner steps)."""
+        every = self.cfg.checkpoint_every
+        if self.group is None:
+            return trainer.steps % (every * self.cfg.group.inner_steps) == 0
+        return self.group.outer_step - (self._saved_outer or 0) >= every
 
     def _groupmates_online(self) -> bool:
         """Whether another node announces itself on this expert (a cheap DHT read, no matchmaking)."""
@@ -321,6 +404,8 @@ class ExpertNode:
             at_boundary = self.group is not None and trainer.steps % self.cfg.group.inner_steps == 0
             if at_boundary and self._outer_step(trainer):  # it re-announced this node
                 last_announce = time.monotonic()
+            if trainer.steps % cfg.group.inner_steps == 0 and self._checkpoint_due(trainer):
+                self._save_state(trainer)
             if at_boundary and self.follower is not None and self.follower.has_ready():
                 return "new_base"
             self._window.append(stats.loss)
@@ -379,7 +464,7 @@ class ExpertNode:
             expert=self.expert,
             hardware=self.hardware,
             software_version=software_version(),
-            model=self.cfg.model.model[:256],
+            model=self.base_label[:256],
             precision=self.cfg.model.precision,
             shard=self.shard,
             num_shards=self.cfg.data.num_shards,
@@ -390,6 +475,10 @@ class ExpertNode:
             generation=self.generation,
         )
         self.client.publish("nodes", info)
+        if self._claimed:  # on the same cadence as the node's own record, so it lives as long as the node
+            renew_claim(
+                self.client, self.expert, self.shard, self.cfg.data.num_shards, self.cfg.network.record_ttl_s
+            )
         if self.metrics is not None:
             self.metrics.set_state(state)
 
@@ -403,6 +492,7 @@ class ExpertNode:
             expert=self.expert,
             base_model=self.base_name,
             precision=cfg.model.precision,
+            generation=self.generation,
             steps=trainer.steps,
             samples=trainer.samples,
             tokens=trainer.tokens,
@@ -410,6 +500,8 @@ class ExpertNode:
             outer_step=self.group.outer_step if self.group is not None else None,
         )
         ckpt = save_adapter(model, cfg.output_dir, meta)
+        if self._saved_at != (trainer.steps, meta.outer_step):  # not saved at this very step yet
+            self._save_state(trainer)
         peak = peak_memory_bytes(device)
         logger.info(
             "%s: %s after %d steps (%d tokens); adapter saved to %s; peak memory %s",

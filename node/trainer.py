@@ -39,7 +39,7 @@ class ExpertTrainer:
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
-        self.batches = batches
+        self.stream = batches
         self.max_grad_norm = max_grad_norm
         self.device = next(p.device for p in model.parameters() if p.requires_grad)
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -47,10 +47,12 @@ class ExpertTrainer:
         self.samples = 0
         self.tokens = 0
         self.skipped = 0
+        self.batches = 0  # batches taken from the stream: the data position a resumed node skips to
         model.train()
 
     def step(self) -> StepStats:
-        batch = next(self.batches).to(self.device, non_blocking=True)
+        batch = next(self.stream).to(self.device, non_blocking=True)
+        self.batches += 1
         start = time.perf_counter()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")

@@ -82,22 +82,32 @@ def test_a_failed_save_leaves_the_previous_checkpoint_in_place(tmp_path: Path, t
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [first.name]  # no half-written leftovers
 
 
-def test_old_checkpoints_are_pruned(tmp_path: Path, tiny_path: str) -> None:
+def test_old_checkpoints_are_pruned_within_their_generation(tmp_path: Path, tiny_path: str) -> None:
     model = _trained_adapter(tiny_path, 1)
     for step in range(1, 6):
         save_adapter(model, tmp_path, _meta(step), keep=2)
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000004", "step-00000005"]
+    # the next generation's expert at the same step count neither overwrites nor prunes generation 0's
+    for step in range(4, 8):
+        save_adapter(model, tmp_path, _meta(step).model_copy(update={"generation": 1}), keep=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "gen-000000-step-00000004", "gen-000000-step-00000005",
+        "gen-000001-step-00000006", "gen-000001-step-00000007",
+    ]  # fmt: skip
+    assert read_metadata(tmp_path / "checkpoints" / "gen-000000-step-00000005").generation == 0
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "gen-000001-step-00000007"
 
 
 def test_old_metadata_is_upgraded_and_newer_is_refused(tmp_path: Path, tiny_path: str) -> None:
     ckpt = save_adapter(_trained_adapter(tiny_path, 1), tmp_path, _meta(3))
     raw = json.loads((ckpt / "cogen.json").read_text())
-    old = {k: v for k, v in raw.items() if k not in ("metadata_version", "train_loss", "files")} | {
-        "loss": 2.5
-    }
+    dropped = ("metadata_version", "train_loss", "files", "generation")
+    old = {k: v for k, v in raw.items() if k not in dropped} | {"loss": 2.5}
     (ckpt / "cogen.json").write_text(json.dumps(old))
     meta = read_metadata(ckpt, verify=False)
-    assert meta.metadata_version == 1 and meta.train_loss == 2.5
+    assert meta.metadata_version == 2 and meta.train_loss == 2.5 and meta.generation == 0
+    v1 = {k: v for k, v in raw.items() if k != "generation"} | {"metadata_version": 1}
+    (ckpt / "cogen.json").write_text(json.dumps(v1 | {"base_model": "/bases/gen-000003-0123456789abcdef"}))
+    assert read_metadata(ckpt, verify=False).generation == 3  # v1 knew its generation only by the base's path
     (ckpt / "cogen.json").write_text(json.dumps(raw | {"metadata_version": 99}))
     with pytest.raises(CheckpointError, match="newer"):
         read_metadata(ckpt, verify=False)
