@@ -4,7 +4,8 @@
 - ``group.py``    — :class:`GroupAverager`: DiLoCo outer steps with the expert's group
 - ``wire.py``     — wire compression of pseudo-gradients and the check of each averaging round
 - ``trainer.py``  — :class:`ExpertTrainer`: inner steps on the expert's adapters
-- ``shards.py``   — :func:`claim_shard`: a data shard no other group member reads
+- ``resume.py``   — the node's full training state on disk: saved every few outer steps, resumed on restart
+- ``shards.py``   — :func:`claim_shard`: a data shard no other group member reads, renewed while training
 - ``hardware.py`` — :func:`detect_hardware` for the NodeInfo record
 - ``cli.py``      — the ``cogen-node`` command
 """
