@@ -99,6 +99,7 @@ class ExpertNode:
         self.base_name = cfg.model.model
         self.base_id = self.base_label = cfg.model.model  # identity (for resuming) and name (announced)
         self._claimed = False
+        self._data_fingerprint = ""  # what the data stream depends on besides the shard (for resuming)
         self._saved_outer: int | None = None  # the outer step of the last saved training state
         self._saved_at: tuple[int, int | None] = (-1, None)  # (inner, outer step) of the last save
         self.follower: BaseFollower | None = None
@@ -150,6 +151,7 @@ class ExpertNode:
             fingerprint = data_fingerprint(corpus.name, cfg.data.block_size, cfg.data.batch_size,
                                            cfg.data.seed, cfg.data.validation_fraction)  # fmt: skip
             skip = batches_to_skip(saved, self.shard, cfg.data.num_shards, fingerprint)
+            self._data_fingerprint = fingerprint
             logger.info(
                 "training expert %r on shard %d/%d of %s, %s base on %s",
                 self.expert,
@@ -303,8 +305,7 @@ class ExpertNode:
             samples_at_anchor=group.samples_at_anchor if group is not None else trainer.samples,
             steps=trainer.steps, samples=trainer.samples, tokens=trainer.tokens, skipped=trainer.skipped,
             batches_consumed=trainer.batches, shard=self.shard, num_shards=cfg.data.num_shards,
-            data=data_fingerprint(get_corpus(cfg.data.expert).name, cfg.data.block_size, cfg.data.batch_size,
-                                  cfg.data.seed, cfg.data.validation_fraction),
+            data=self._data_fingerprint,
             first_loss=self._first_loss, train_loss=self._last_loss, optimizer=None, scheduler={},
         )  # fmt: skip
         path = save_state(cfg.output_dir, meta, trainer.model, trainer, group)
