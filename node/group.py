@@ -75,7 +75,7 @@ class GroupAverager:
         self.cfg = cfg
         self.stop = stop or threading.Event()
         self.params = list(params)
-        self.outer_step = 0
+        self._outer_step = 0
         self.rounds_ok = 0
         self.rounds_failed = 0
         self.last_round: RoundReport | None = None
@@ -119,6 +119,19 @@ class GroupAverager:
             raise
 
     @property
+    def outer_step(self) -> int:
+        return self._outer_step
+
+    @outer_step.setter
+    def outer_step(self, value: int) -> None:
+        """The outer step, also declared as this member's state-sharing priority, so that a joiner (or
+        the coordinator collecting the expert) downloads the state of the most advanced member."""
+        self._outer_step = value
+        state = getattr(self, "state_averager", None)
+        if state is not None and state.allow_state_sharing:
+            state.state_sharing_priority = float(value)
+
+    @property
     def _find_group_timeout(self) -> float:
         """How long to look for groupmates before giving up on this round (the all-reduce itself is
         bounded by ``averaging_timeout_s``): a lone or late member goes back to training quickly."""
@@ -160,7 +173,9 @@ class GroupAverager:
     # ---- joining -------------------------------------------------------------------------------------
 
     def join(self) -> bool:
-        """Load the group's anchor, momentum and outer step from a member, if there is one."""
+        """Load the group's anchor, momentum and outer step from a member, if there is one (hivemind
+        tries the members in order of their outer step, and the next one if a download breaks off)."""
+        logger.info("looking for the group's state (up to %.0f s)", self.cfg.join_timeout_s)
         try:
             loaded = self.state_averager.load_state_from_peers(timeout=self.cfg.join_timeout_s)
         except Exception as e:  # a peer that vanished mid-download: start fresh instead

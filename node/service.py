@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 import threading
 import time
@@ -23,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hivemind.utils import get_dht_time
 from prefetch_generator import BackgroundGenerator
 
 from cogen import models
@@ -35,6 +33,7 @@ from cogen.node.follow import Base, BaseFollower, MirrorServer, generation_of, r
 from cogen.node.group import GroupAverager
 from cogen.node.hardware import detect_hardware
 from cogen.node.metrics import NodeMetrics
+from cogen.node.reporting import LossWindow, NodeReporter
 from cogen.node.resume import (
     SavedState,
     TrainingState,
@@ -45,9 +44,9 @@ from cogen.node.resume import (
     restore,
     save_state,
 )
-from cogen.node.shards import claim_shard, renew_claim
+from cogen.node.shards import claim_shard
 from cogen.node.trainer import ExpertTrainer
-from cogen.protocols import GroupProgress, NodeInfo, RoundReport, TrainingProgress, software_version
+from cogen.protocols import GroupProgress, NodeInfo, RoundReport, software_version
 from cogen.protocols.keys import group_prefix
 from cogen.swarm import SwarmClient, check_compatible
 from cogen.telemetry import format_bytes, peak_memory_bytes
@@ -88,9 +87,8 @@ class ExpertNode:
         self.started_at = time.time()
         self.client: SwarmClient | None = None
         self.shard = 0
-        self._window: list[float] = []
-        self._window_samples, self._window_time = 0, 0.0
-        self._last_loss: float | None = None
+        self.losses = LossWindow()  # inner steps since the last summary; first and last loss of this base
+        self.reporter: NodeReporter | None = None
         self.group: GroupAverager | None = None
         self._alone_logged = False
         self.metrics: NodeMetrics | None = None
@@ -98,12 +96,10 @@ class ExpertNode:
         self.generation = 0
         self.base_name = cfg.model.model
         self.base_id = self.base_label = cfg.model.model  # identity (for resuming) and name (announced)
-        self._claimed = False
         self._data_fingerprint = ""  # what the data stream depends on besides the shard (for resuming)
         self._saved_outer: int | None = None  # the outer step of the last saved training state
         self._saved_at: tuple[int, int | None] = (-1, None)  # (inner, outer step) of the last save
         self.follower: BaseFollower | None = None
-        self._first_loss: float | None = None
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -139,7 +135,11 @@ class ExpertNode:
             )
             self.hardware = detect_hardware(device)
             self._set_base(generation_of(model_path), model_path)
+            self.reporter = NodeReporter(
+                client, self.expert, self._node_info, cfg.network.record_ttl_s, self.losses, self.metrics
+            )
             self._announce("joining")
+            self.reporter.start()
             saved = find_state(cfg.output_dir, self.expert, self.generation, self.base_id)
             tokenizer = models.load_tokenizer(model_path)
             model, optimizer, scheduler = self._build(model_path, device)
@@ -147,7 +147,7 @@ class ExpertNode:
                 client, self.expert, cfg.data.num_shards, cfg.network.record_ttl_s,
                 preferred=saved.meta.shard if saved else None, previous=saved.meta.peer_id if saved else None,
             )  # fmt: skip
-            self._claimed = True
+            self.reporter.claim = (self.shard, cfg.data.num_shards)  # renewed with the node's record
             fingerprint = data_fingerprint(corpus.name, cfg.data.block_size, cfg.data.batch_size,
                                            cfg.data.seed, cfg.data.validation_fraction)  # fmt: skip
             skip = batches_to_skip(saved, self.shard, cfg.data.num_shards, fingerprint)
@@ -193,6 +193,8 @@ class ExpertNode:
             self._announce("stopping")
             return self._finish(model, trainer, device, reason)
         finally:
+            if self.reporter is not None:
+                self.reporter.stop()
             if self.follower is not None:
                 self.follower.stop(timeout_s=2.0)  # a download in flight must not hold up the grace period
             if self.group is not None:
@@ -246,7 +248,7 @@ class ExpertNode:
         )
         trainer.steps, trainer.samples, trainer.tokens = old.steps, old.samples, old.tokens
         trainer.batches = old.batches
-        self._first_loss = None
+        self.losses.first_loss = None
         saved = find_state(self.cfg.output_dir, self.expert, self.generation, self.base_id)
         self.group = self._join_group(model, trainer, saved, restore_counters=False)
         logger.info("%s: now training on generation %d (%s)", self.expert, base.generation, base.path)
@@ -291,7 +293,10 @@ class ExpertNode:
             else:
                 logger.info("%s: resumed generation %d %s", self.expert, self.generation, how)
                 if restore_counters:
-                    self._first_loss, self._last_loss = saved.meta.first_loss, saved.meta.train_loss
+                    self.losses.first_loss, self.losses.last_loss = (
+                        saved.meta.first_loss,
+                        saved.meta.train_loss,
+                    )
         self._saved_outer = group.outer_step if group is not None else None
         return group
 
@@ -306,7 +311,7 @@ class ExpertNode:
             steps=trainer.steps, samples=trainer.samples, tokens=trainer.tokens, skipped=trainer.skipped,
             batches_consumed=trainer.batches, shard=self.shard, num_shards=cfg.data.num_shards,
             data=self._data_fingerprint,
-            first_loss=self._first_loss, train_loss=self._last_loss, optimizer=None, scheduler={},
+            first_loss=self.losses.first_loss, train_loss=self.losses.last_loss, optimizer=None, scheduler={},
         )  # fmt: skip
         path = save_state(cfg.output_dir, meta, trainer.model, trainer, group)
         self._saved_outer = meta.outer_step
@@ -367,8 +372,8 @@ class ExpertNode:
         return True
 
     def _publish_group(self, report: RoundReport | None) -> None:
-        assert self.client is not None and self.group is not None
-        self.client.publish("groups", GroupProgress(
+        assert self.client is not None and self.group is not None and self.reporter is not None
+        self.reporter.publish_group(GroupProgress(
             peer_id=self.client.peer_id, expert=self.expert, outer_step=self.group.outer_step,
             generation=self.generation, inner_steps=self.cfg.group.inner_steps,
             compression=self.cfg.group.compression,
@@ -386,12 +391,14 @@ class ExpertNode:
                     precision=self.cfg.model.precision)  # fmt: skip
         if trainer is not None:
             info.update(steps=trainer.steps, samples=trainer.samples, tokens=trainer.tokens,
-                        train_loss=self._last_loss, first_loss=self._first_loss)  # fmt: skip
+                        train_loss=self.losses.last_loss, first_loss=self.losses.first_loss)  # fmt: skip
         return info
 
     def _train(self, trainer: ExpertTrainer, device: torch.device) -> str:
+        """Inner steps (with outer steps and saves at the boundaries) until a reason to stop or switch."""
         cfg = self.cfg
-        start = last_report = last_announce = time.monotonic()
+        assert self.reporter is not None
+        start = last_report = time.monotonic()
         while True:
             if self.stop_event.is_set():
                 return "stopped"
@@ -400,94 +407,44 @@ class ExpertNode:
             if cfg.max_seconds is not None and time.monotonic() - start >= cfg.max_seconds:
                 return "max_seconds"
             stats = trainer.step()
-            if self.metrics is not None:
-                self.metrics.observe_step(stats.loss, stats.samples, stats.tokens, stats.seconds)
+            self.reporter.observe(stats.loss, stats.samples, stats.tokens, stats.seconds)
             at_boundary = self.group is not None and trainer.steps % self.cfg.group.inner_steps == 0
-            if at_boundary and self._outer_step(trainer):  # it re-announced this node
-                last_announce = time.monotonic()
+            if at_boundary:
+                self._outer_step(trainer)
             if trainer.steps % cfg.group.inner_steps == 0 and self._checkpoint_due(trainer):
                 self._save_state(trainer)
             if at_boundary and self.follower is not None and self.follower.has_ready():
                 return "new_base"
-            self._window.append(stats.loss)
-            self._window_samples += stats.samples
-            self._window_time += stats.seconds
-            now = time.monotonic()
-            if now - last_report >= cfg.log_interval_s:
+            if time.monotonic() - last_report >= cfg.log_interval_s:
                 self._report(trainer, device)
-                last_report = now
-            if now - last_announce >= cfg.network.record_ttl_s / 3:
-                self._announce("training")
-                last_announce = now
+                last_report = time.monotonic()
 
     def _report(self, trainer: ExpertTrainer, device: torch.device) -> None:
-        """Log one summary line and publish TrainingProgress for the steps since the last report."""
-        assert self.client is not None
-        losses = self._window
-        loss = sum(losses) / len(losses) if losses else math.nan
-        rate = self._window_samples / self._window_time if self._window_time > 0 else 0.0
-        self._window, self._window_samples, self._window_time = [], 0, 0.0
-        if math.isfinite(loss):
-            self._last_loss = loss
-            if self._first_loss is None:
-                self._first_loss = loss
+        assert self.reporter is not None
         peak = peak_memory_bytes(device)
-        self.client.publish(
-            "progress",
-            TrainingProgress(
-                peer_id=self.client.peer_id,
-                expert=self.expert,
-                step=trainer.steps,
-                samples=trainer.samples,
-                tokens=trainer.tokens,
-                loss=loss,
-                samples_per_second=rate,
-                peak_memory_bytes=peak,
-                time=get_dht_time(),
-            ),
-        )
-        logger.info(
-            "%s | step %d | loss %.4f | %.2f samples/s | %d tokens | peak mem %s | skipped %d",
-            self.expert,
-            trainer.steps,
-            loss,
-            rate,
-            trainer.tokens,
-            format_bytes(peak),
-            trainer.skipped,
-        )
+        self.reporter.report(trainer.steps, trainer.samples, trainer.tokens, trainer.skipped, peak)
+
+    def _node_info(self, state: str) -> NodeInfo:
+        """This node's record in ``state`` (built by the reporter each time it publishes)."""
+        assert self.client is not None
+        return NodeInfo(
+            peer_id=self.client.peer_id, expert=self.expert, hardware=self.hardware,
+            software_version=software_version(), model=self.base_label[:256],
+            precision=self.cfg.model.precision, shard=self.shard, num_shards=self.cfg.data.num_shards,
+            state=state,  # type: ignore[arg-type]
+            started_at=self.started_at, updated_at=time.time(), metrics_url=self.metrics_url,
+            generation=self.generation,
+        )  # fmt: skip
 
     def _announce(self, state: str) -> None:
-        assert self.client is not None
-        now = time.time()
-        info = NodeInfo(
-            peer_id=self.client.peer_id,
-            expert=self.expert,
-            hardware=self.hardware,
-            software_version=software_version(),
-            model=self.base_label[:256],
-            precision=self.cfg.model.precision,
-            shard=self.shard,
-            num_shards=self.cfg.data.num_shards,
-            state=state,  # type: ignore[arg-type]
-            started_at=self.started_at,
-            updated_at=now,
-            metrics_url=self.metrics_url,
-            generation=self.generation,
-        )
-        self.client.publish("nodes", info)
-        if self._claimed:  # on the same cadence as the node's own record, so it lives as long as the node
-            renew_claim(
-                self.client, self.expert, self.shard, self.cfg.data.num_shards, self.cfg.network.record_ttl_s
-            )
-        if self.metrics is not None:
-            self.metrics.set_state(state)
+        assert self.reporter is not None
+        self.reporter.set_state(state)
 
     def _finish(
         self, model: torch.nn.Module, trainer: ExpertTrainer, device: torch.device, reason: str
     ) -> NodeResult:
         cfg = self.cfg
-        if self._window:
+        if self.losses.losses:
             self._report(trainer, device)
         meta = AdapterMetadata(
             expert=self.expert,
@@ -497,7 +454,7 @@ class ExpertNode:
             steps=trainer.steps,
             samples=trainer.samples,
             tokens=trainer.tokens,
-            train_loss=self._last_loss,
+            train_loss=self.losses.last_loss,
             outer_step=self.group.outer_step if self.group is not None else None,
         )
         ckpt = save_adapter(model, cfg.output_dir, meta)
@@ -513,7 +470,9 @@ class ExpertNode:
             ckpt,
             format_bytes(peak),
         )
-        return NodeResult(trainer.steps, trainer.samples, trainer.tokens, self._last_loss, ckpt, peak, reason)
+        return NodeResult(
+            trainer.steps, trainer.samples, trainer.tokens, self.losses.last_loss, ckpt, peak, reason
+        )
 
 
 def _json_ready(value: Any) -> Any:

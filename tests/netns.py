@@ -202,6 +202,12 @@ class Switch:
         """The command prefix that runs a program inside host ``host``'s namespace."""
         return ["ip", "netns", "exec", self.names[host]]
 
+    def set_rate(self, host: int, rate: str) -> None:
+        """Change ``host``'s link rate, both directions (a slow volunteer, a congested uplink)."""
+        tbf = ("tbf", "rate", rate, *_TBF)
+        self._run_in(self.names[host], "tc", "qdisc", "replace", "dev", "eth0", "root", *tbf)
+        self._run_in(self.switch, "tc", "qdisc", "replace", "dev", f"p{host}", "root", *tbf)
+
     # faults
 
     def partition(self, host: int) -> None:

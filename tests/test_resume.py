@@ -13,6 +13,7 @@ from cogen import models
 from cogen.checkpoint import CheckpointError
 from cogen.config import DataConfig, ModelConfig, NetworkConfig, NodeConfig, OptimConfig
 from cogen.node.hardware import detect_hardware
+from cogen.node.reporting import LossWindow, NodeReporter
 from cogen.node.resume import TrainingState, find_state, read_state, restore, save_state
 from cogen.node.service import ExpertNode
 from cogen.node.shards import claim_shard
@@ -94,10 +95,12 @@ def _client(**kw: object) -> SwarmClient:
 
 
 def test_a_node_keeps_its_shard_claim_alive_and_announces_its_current_base(tmp_path: Path) -> None:
-    """A claim published once expires after the record TTL and a newcomer could take the shard; a node
-    renews it whenever it announces itself. And after moving to a new base it announces that base."""
+    """A claim published once expires after the record TTL and a newcomer could take the shard; a node's
+    reporter renews it with the node's record in the background, however long the training loop is busy
+    (a long averaging round). And after moving to a new base the node announces that base."""
     first = _client()
     other = _client(initial_peers=tuple(first.visible_maddrs()))
+    reporter = None
     try:
         node = ExpertNode(
             NodeConfig(
@@ -109,20 +112,24 @@ def test_a_node_keeps_its_shard_claim_alive_and_announces_its_current_base(tmp_p
         )
         node.client, node.hardware = first, detect_hardware(CPU)
         node.shard = claim_shard(first, "medical", 4, 5.0, settle_s=0.2)
-        node._claimed = True
         base = tmp_path / "gen-000001-0123456789abcdef"
         base.mkdir()
         (base / "manifest.json").write_text("{}")
         node._set_base(1, str(base))
-        deadline = time.monotonic() + 12  # more than two record lifetimes
+        reporter = NodeReporter(first, "medical", node._node_info, 5.0, LossWindow())
+        reporter.claim = (node.shard, 4)
+        reporter.set_state("averaging")  # then the training thread says nothing for two record lifetimes
+        reporter.start()
+        deadline = time.monotonic() + 12
         while time.monotonic() < deadline:
-            node._announce("training")  # what the training loop does every third of the TTL
             time.sleep(5 / 3)
             claims = [e.record for e in other.fetch("shards") if isinstance(e.record, ShardClaim)]
             assert [c.shard for c in claims] == [node.shard], claims
         assert claim_shard(other, "medical", 4, 5.0, settle_s=0.2, preferred=node.shard) != node.shard
         (info,) = [e.record for e in other.fetch("nodes") if isinstance(e.record, NodeInfo)]
-        assert info.generation == 1 and info.model == base.name, info
+        assert info.generation == 1 and info.model == base.name and info.state == "averaging", info
     finally:
+        if reporter is not None:
+            reporter.stop()
         other.shutdown()
         first.shutdown()

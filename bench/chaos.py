@@ -1,0 +1,354 @@
+"""Chaos: a swarm across namespace hosts that loses nodes, its coordinator and a link, against a calm run.
+
+Eight hosts on 100 Mbit/s links (``tests/netns.py``): the coordinator on host 0 (generations every
+``--generation-s``), two groups of two (``medical`` on hosts 1-2, ``legal`` on 3-4), a node alone on
+``code`` (host 5), and a late ``medical`` joiner (host 6) that starts a third of the way in; tiny
+model, same seed and length in both arms. The disturbed arm, in order:
+
+1. SIGKILL a random node every ``--kill-every-s`` (restarted ``--restart-after-s`` later with the same
+   output dir; one kill with ``--quick``);
+2. SIGTERM a node mid-round (its groupmate is SIGSTOPped so the round hangs) and restart it;
+3. SIGKILL the coordinator while it collects or merges a generation, and restart it;
+4. cut one host off for ``--partition-s``, then reconnect it;
+5. start the late joiner and SIGKILL the groupmate it downloads the group's state from.
+
+The undisturbed arm starts the late joiner at the same time and disturbs nothing. Figures (from the
+processes' logs and the published generations): ``rounds_attempted``, ``rounds_applied``,
+``rounds_failed_detected``, ``nan_events`` (must be 0), ``generations_published``,
+``generations_intact`` (all verify), ``nodes_on_latest_at_end`` (all), ``max_recovery_s`` (restart to
+first applied outer step; a solo node: first inner step), ``loss_ratio`` (disturbed / undisturbed
+final mean training loss over the nodes; target <= 1.10), ``sigterm_exit_s`` (target <= 25).
+
+Run ``python bench/chaos.py --quick``; needs root. ``bench/README.md`` explains the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import re
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchlib import BenchError, run_main, table_lines, targets_json, write_report
+from chaos_swarm import ChaosSwarm, LogFacts, Member
+from netns import NetnsUnavailable, Switch, remove_stale
+
+from cogen.procs import wait_for
+
+logger = logging.getLogger("cogen.bench.chaos")
+TARGETS = {"nan_events": ("<=", 0.0), "loss_ratio": ("<=", 1.10), "sigterm_exit_s": ("<=", 25.0)}
+ON_GENERATION = re.compile(r"(?:training on|resumed) generation (\d+)")
+NODES = {"med-a": (1, "medical"), "med-b": (2, "medical"), "law-a": (3, "legal"), "law-b": (4, "legal"),
+         "code": (5, "code"), "late": (6, "medical")}  # fmt: skip
+
+
+def node_args(args: argparse.Namespace) -> list[str]:
+    return [
+        "--model", "tiny", "--block-size", "32", "--batch-size", "2", "--lr", "1e-2", "--warmup-steps", "1",
+        "--threads", "1", "--log-interval-s", "2", "--record-ttl-s", "15", "--num-shards", "8",
+        "--inner-steps", str(args.inner_steps), "--matchmaking-s", "2", "--averaging-timeout-s", "20",
+        "--seed", str(args.seed), "--grace-s", "25", "--checkpoint-every", "1",
+    ]  # fmt: skip
+
+
+def coordinator_args(args: argparse.Namespace) -> list[str]:
+    return [
+        "--model", "tiny", "--generation-s", str(args.generation_s), "--eval-blocks", "2",
+        "--eval-block-size", "32", "--router-blocks", "2", "--collect-timeout-s", "30",
+        "--poll-interval-s", "1", "--record-ttl-s", "15",
+    ]  # fmt: skip
+
+
+class Disturber:
+    """Runs the scenarios against a swarm and keeps what they measured."""
+
+    def __init__(self, swarm: ChaosSwarm, args: argparse.Namespace, deadline: float):
+        self.swarm = swarm
+        self.args = args
+        self.deadline = deadline
+        self.rng = random.Random(args.seed)
+        self.restarts: list[tuple[Member, int]] = []  # (member, index of the restarted start)
+        self.sigterm_exit_s: list[float] = []
+        self.events: list[str] = []
+
+    def _note(self, what: str) -> None:
+        logger.info("chaos: %s", what)
+        self.events.append(f"{time.strftime('%H:%M:%S')} {what}")
+
+    def _restart(self, member: Member, after_s: float) -> None:
+        time.sleep(after_s)
+        self.swarm.start(member)
+        self.restarts.append((member, len(member.starts) - 1))
+        self._note(f"restarted {member.name}")
+
+    def kill_random_nodes(self) -> None:
+        count = 1 if self.args.quick else max(1, int(self.args.kill_phase_s // self.args.kill_every_s))
+        for _ in range(count):
+            member = self.rng.choice([m for n, m in self.swarm.members.items() if n != "late" and m.alive])
+            self.swarm.kill(member)
+            self._note(f"SIGKILL {member.name}")
+            self._restart(member, self.args.restart_after_s)
+            time.sleep(max(0.0, self.args.kill_every_s - self.args.restart_after_s))
+
+    def sigterm_mid_round(self) -> None:
+        target, mate = self.swarm.members["law-a"], self.swarm.members["law-b"]
+        assert target.proc is not None and mate.proc is not None
+        mate.proc.send_signal(signal.SIGSTOP)  # its round cannot complete while the mate is frozen
+        try:
+            wait_for(lambda: self._state(target) == "averaging", 90, "law-a averaging", interval_s=0.3)
+            self._note("SIGTERM law-a mid-round")
+            self.sigterm_exit_s.append(self.swarm.terminate(target, grace_s=60))
+        finally:
+            mate.proc.send_signal(signal.SIGCONT)
+        self._note(f"law-a exited {self.sigterm_exit_s[-1]:.1f} s after SIGTERM")
+        self._restart(target, 2.0)
+
+    def _state(self, member: Member) -> str | None:
+        facts = LogFacts.read(member.logs[-1])
+        try:
+            peers = self.swarm.api("/api/peers")
+        except OSError:
+            return None
+        for peer in peers.get("peers", peers) if isinstance(peers, dict) else peers:
+            if facts.peer_id and peer.get("peer_id") == facts.peer_id:
+                return str(peer.get("state"))
+        return None
+
+    def kill_coordinator_mid_merge(self) -> None:
+        coordinator = self.swarm.coordinator
+        log = coordinator.logs[-1]
+
+        def merging() -> bool:
+            text = log.read_text(errors="replace")
+            return "ends: collecting" in text or "merging " in text
+
+        wait_for(merging, self.args.generation_s + 180, "coordinator collecting or merging", interval_s=0.2)
+        self.swarm.kill(coordinator)
+        self._note("SIGKILL coordinator mid-merge")
+        time.sleep(5.0)
+        self.swarm.start_coordinator()
+        self._note("restarted coordinator")
+
+    def partition(self) -> None:
+        host = self.swarm.members["law-b"].host
+        self.swarm.switch.partition(host)
+        self._note(f"host {host} (law-b) cut off")
+        time.sleep(self.args.partition_s)
+        self.swarm.switch.heal(host)
+        self._note(f"host {host} (law-b) reconnected")
+
+    def kill_donor(self) -> None:
+        """The late joiner downloads the group's state over a slow link from med-a (med-b is frozen, so
+        med-a is the only member that answers); med-a is SIGKILLed mid-download, med-b thawed."""
+        late, donor, other = (self.swarm.members[n] for n in ("late", "med-a", "med-b"))
+        assert other.proc is not None
+        self.swarm.switch.set_rate(late.host, self.args.joiner_rate)
+        other.proc.send_signal(signal.SIGSTOP)
+        try:
+            self.swarm.start(late)
+            self._note(f"started the late joiner on a {self.args.joiner_rate} link; med-b frozen")
+
+            def downloading() -> bool:
+                return "looking for the group's state" in late.logs[-1].read_text(errors="replace")
+
+            wait_for(downloading, 180, "the late joiner downloading the group's state", interval_s=0.05)
+            time.sleep(1.0)
+            self.swarm.kill(donor)
+            self._note("SIGKILL med-a, the late joiner's donor, mid-download")
+        finally:
+            other.proc.send_signal(signal.SIGCONT)
+        self.swarm.switch.set_rate(late.host, self.args.rate)
+        self._restart(donor, self.args.restart_after_s)
+
+    def run(self) -> None:
+        for scenario in (self.kill_random_nodes, self.sigterm_mid_round, self.kill_coordinator_mid_merge,
+                         self.partition, self.kill_donor):  # fmt: skip
+            if time.monotonic() > self.deadline:
+                raise BenchError(f"the run ended before {scenario.__name__}; give it more --seconds")
+            scenario()
+
+
+def run_arm(switch: Switch, args: argparse.Namespace, disturbed: bool, workdir: Path) -> dict[str, Any]:
+    swarm = ChaosSwarm(switch, workdir, node_args(args), coordinator_args(args))
+    for name, (host, expert) in NODES.items():
+        swarm.add(name, host, expert)
+    t0 = time.monotonic()
+    deadline = t0 + args.seconds
+    disturber = Disturber(swarm, args, deadline)
+    try:
+        swarm.start_coordinator()
+        for name, member in swarm.members.items():
+            if name != "late":
+                swarm.start(member)
+        time.sleep(args.warmup_s)
+        if disturbed:
+            disturber.run()
+        else:
+            swarm.start(swarm.members["late"])
+        while time.monotonic() < deadline:
+            time.sleep(1.0)
+        latest = wait_for_latest(swarm, args)
+        figures = figures_of(swarm, disturber, latest)
+        figures["seconds"] = round(time.monotonic() - t0, 1)
+        figures["events"] = disturber.events
+        return figures
+    finally:
+        codes = swarm.stop_all()
+        logger.info("%s arm: exit codes %s", "disturbed" if disturbed else "undisturbed", codes)
+
+
+def _published(out: Path) -> list[Path]:
+    return sorted(p for p in (out / "generations").glob("gen-*") if p.name[4:].isdigit())
+
+
+def wait_for_latest(swarm: ChaosSwarm, args: argparse.Namespace) -> int:
+    """Give the nodes ``--settle-s`` to move to the newest published generation; returns its number."""
+    gens = _published(swarm.out_dir)
+    latest = int(gens[-1].name[4:]) if gens else 0
+
+    def all_on_latest() -> bool:
+        return all(on_generation(m) >= latest for m in swarm.members.values() if m.alive)
+
+    try:
+        wait_for(all_on_latest, args.settle_s, f"every node on generation {latest}", interval_s=1.0)
+    except RuntimeError as e:
+        logger.warning("%s", e)
+    return latest
+
+
+def on_generation(member: Member) -> int:
+    """The generation a node trains on now: the newest its latest start moved to or resumed on."""
+    if not member.logs or not member.logs[-1].exists():
+        return 0
+    return max(map(int, ON_GENERATION.findall(member.logs[-1].read_text(errors="replace"))), default=0)
+
+
+def figures_of(swarm: ChaosSwarm, disturber: Disturber, latest: int) -> dict[str, Any]:
+    from cogen.protocols.manifest import ManifestError, verify_manifest
+
+    facts = [f for m in swarm.members.values() for f in swarm.facts(m)]
+    intact = 0
+    gens = _published(swarm.out_dir)
+    for gen in gens:
+        try:
+            verify_manifest(gen)
+            intact += 1
+        except (ManifestError, OSError, ValueError) as e:
+            logger.warning("%s does not verify: %s", gen.name, e)
+    recoveries = [
+        swarm.recovery_s(member, index, solo=member.expert == "code") for member, index in disturber.restarts
+    ]
+    final = [statistics.fmean(loss for _, loss in f.losses[-5:]) for f in
+             (LogFacts.read(m.logs[-1]) for m in swarm.members.values() if m.logs) if f.losses]  # fmt: skip
+    return {
+        "rounds_attempted": sum(len(f.applied) + len(f.skipped) for f in facts),
+        "rounds_applied": sum(len(f.applied) for f in facts),
+        "rounds_failed_detected": sum(len(f.skipped) for f in facts),
+        "nan_events": sum(f.non_finite for f in facts),
+        "generations_published": len(gens),
+        "generations_intact": intact,
+        "latest_generation": latest,
+        "nodes": len(swarm.members),
+        "nodes_on_latest_at_end": sum(on_generation(m) >= latest for m in swarm.members.values() if m.alive),
+        "max_recovery_s": max((r for r in recoveries if r is not None), default=None),
+        "recoveries_missing": sum(r is None for r in recoveries),
+        "final_mean_loss": statistics.fmean(final) if final else None,
+        "sigterm_exit_s": max(disturber.sigterm_exit_s, default=None),
+    }
+
+
+def report(calm: dict[str, Any], chaos: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    ratio = None
+    if calm["final_mean_loss"] and chaos["final_mean_loss"] is not None:
+        ratio = chaos["final_mean_loss"] / calm["final_mean_loss"]
+    keys = ["rounds_attempted", "rounds_applied", "rounds_failed_detected", "nan_events",
+            "generations_published", "generations_intact", "nodes_on_latest_at_end", "max_recovery_s",
+            "final_mean_loss", "sigterm_exit_s"]  # fmt: skip
+    rows = [["figure", "undisturbed", "disturbed"]]
+    for key in keys:
+        rows.append([key, _fmt(calm.get(key)), _fmt(chaos.get(key))])
+    rows.append(["loss_ratio", "", _fmt(ratio)])
+    print("\n".join(table_lines(rows)))
+    for event in chaos["events"]:
+        print(f"  {event}")
+    return {
+        **{k: chaos.get(k) for k in keys},
+        "nodes": chaos["nodes"],
+        "loss_ratio": ratio,
+        "undisturbed": calm,
+        "disturbed": chaos,
+        "targets": targets_json(TARGETS),
+        "quick": args.quick,
+        "seconds": args.seconds,
+        "command": " ".join(sys.argv),
+    }
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        remove_stale()
+        switch = Switch(len(NODES) + 1, rate=args.rate).create()
+    except NetnsUnavailable as e:
+        raise BenchError(str(e)) from None
+    root = Path(args.log_dir or tempfile.mkdtemp(prefix="cogen-chaos-"))
+    try:
+        arms = {}
+        for disturbed in (False, True):
+            name = "disturbed" if disturbed else "undisturbed"
+            logger.info("%s arm: %.0f s (logs in %s)", name, args.seconds, root / name)
+            arms[name] = run_arm(switch, args, disturbed, root / name)
+        write_report(args.json, report(arms["undisturbed"], arms["disturbed"], args))
+    finally:
+        switch.remove()
+        if args.log_dir is None and not args.keep_logs:
+            shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--quick", action="store_true", help="one pass of each scenario, shorter run")
+    p.add_argument("--seconds", type=float, default=None, help="length of each arm (default 600; quick 300)")
+    p.add_argument("--generation-s", type=float, default=None, help="coordinator --generation-s (default 90)")
+    p.add_argument("--kill-every-s", type=float, default=30.0)
+    p.add_argument("--kill-phase-s", type=float, default=120.0, help="how long random kills go on")
+    p.add_argument("--restart-after-s", type=float, default=10.0)
+    p.add_argument("--partition-s", type=float, default=60.0)
+    p.add_argument("--warmup-s", type=float, default=20.0, help="undisturbed seconds before the first event")
+    p.add_argument("--settle-s", type=float, default=120.0, help="time to reach the last generation")
+    p.add_argument("--inner-steps", type=int, default=5)
+    p.add_argument("--rate", default="100mbit")
+    p.add_argument("--joiner-rate", default="256kbit", help="the late joiner's link while it downloads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-dir", type=Path, default=None, help="keep every process's log here")
+    p.add_argument("--keep-logs", action="store_true")
+    p.add_argument("--json", type=Path, default=None, help="write the figures here")
+    args = p.parse_args(argv)
+    args.seconds = args.seconds or (300.0 if args.quick else 600.0)
+    args.generation_s = args.generation_s or (60.0 if args.quick else 90.0)
+    if args.quick:
+        args.partition_s = min(args.partition_s, 30.0)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    return run_main("chaos", lambda: run(args), plain_logging=True, unwind_on_sigterm=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
