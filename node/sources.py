@@ -104,6 +104,11 @@ class SourceBook:
         health = self._health.get(_key(source))
         return health is None or now >= health.not_before
 
+    def failures(self, source: CheckpointSource) -> int:
+        """How often ``source`` failed since it last succeeded."""
+        health = self._health.get(_key(source))
+        return health.failures if health else 0
+
     def is_distrusted(self, source: CheckpointSource) -> bool:
         health = self._health.get(_key(source))
         return health is not None and health.distrusted and self.clock() < health.not_before
