@@ -108,68 +108,70 @@ def _open(url: str, cfg: FetchConfig) -> http.client.HTTPResponse:
 def _stream(url: str, dest: Path, size: int | None, cap: int, transfer: _Transfer) -> str:
     """Stream ``url`` into ``dest``: at most ``size`` (declared) or ``cap`` bytes, before the deadline;
     returns the sha256 of what was read."""
+    started = time.monotonic()
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.closing(_open(url, transfer.cfg)) as response, open(dest, "wb") as out:
+            digest, received = _pump(response, out, url, size, cap, transfer)
+            out.flush()
+    except OSError as e:  # transfer errors are FetchErrors by now: this is the file (disk full, quota)
+        raise FetchError(f"cannot write {dest}: {e}", local=True) from None
+    elapsed = time.monotonic() - started
+    level = logging.INFO if received >= _LOUD_FILE_BYTES else logging.DEBUG
+    rate = _mb(received / max(elapsed, 1e-3))
+    logger.log(level, "fetched %s: %s in %.1f s (%s/s)", url, _mb(received), elapsed, rate)
+    transfer.files += 1
+    return digest
+
+
+def _pump(
+    response: http.client.HTTPResponse,
+    out: IO[bytes],
+    url: str,
+    size: int | None,
+    cap: int,
+    transfer: _Transfer,
+) -> tuple[str, int]:
+    """Copy ``response`` to ``out`` within the bounds of :func:`_stream`; returns (sha256, bytes)."""
     cfg, cancel = transfer.cfg, transfer.cancel
     limit = size if size is not None else cap
     what = f"its declared {size} bytes" if size is not None else f"the {cap}-byte cap of unsized files"
     started = last_log = time.monotonic()
     deadline = started + cfg.fetch_grace_s + limit / cfg.fetch_min_rate
     digest, received = hashlib.sha256(), 0
-    with contextlib.closing(_open(url, cfg)) as response, _create(dest) as out:
-        length = response.getheader("Content-Length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            raise ManifestError(f"{url} is {length} bytes, more than {what}")
-        while True:
-            if cancel is not None and cancel.is_set():
-                raise FetchError(f"{url}: cancelled", local=True)
-            try:
-                block = response.read1(min(_CHUNK, limit + 1 - received))  # one recv: a trickle is seen
-            except (OSError, http.client.HTTPException) as e:
-                raise FetchError(f"{url} failed after {received} bytes: {e}") from None
-            if not block:
-                break
-            received += len(block)
-            transfer.bytes += len(block)
-            if received > limit:
-                raise ManifestError(f"{url} is larger than {what}")
-            digest.update(block)
-            _write(out, block, dest)
-            now = time.monotonic()
-            if size is None:  # no declared size: the donor must keep up the minimum rate on average
-                deadline = started + cfg.fetch_grace_s + (received + _CHUNK) / cfg.fetch_min_rate
-            if now > deadline:
-                raise FetchError(
-                    f"{url} is too slow: {received} bytes in {now - started:.0f} s "
-                    f"(below {cfg.fetch_min_rate / 1e3:.0f} kB/s)"
-                )
-            if now - last_log >= transfer.interval_s:
-                last_log = now
-                done = f" of {_mb(size)} ({100 * received / max(size, 1):.0f}%)" if size is not None else ""
-                logger.info(
-                    "fetching %s: %s%s, %s/s", url, _mb(received), done, _mb(received / (now - started))
-                )
-    if size is not None and received < size:
-        raise FetchError(f"{url} ended after {received} of {size} bytes")
-    elapsed = time.monotonic() - started
-    level = logging.INFO if received >= _LOUD_FILE_BYTES else logging.DEBUG
-    rate = _mb(received / max(elapsed, 1e-3))
-    logger.log(level, "fetched %s: %s in %.1f s (%s/s)", url, _mb(received), elapsed, rate)
-    transfer.files += 1
-    return digest.hexdigest()
-
-
-def _create(dest: Path) -> IO[bytes]:
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        return open(dest, "wb")
-    except OSError as e:
-        raise FetchError(f"cannot write {dest}: {e}", local=True) from None
-
-
-def _write(out: IO[bytes], block: bytes, dest: Path) -> None:
-    try:
+    length = response.getheader("Content-Length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise ManifestError(f"{url} is {length} bytes, more than {what}")
+    while True:
+        if cancel is not None and cancel.is_set():
+            raise FetchError(f"{url}: cancelled", local=True)
+        try:
+            block = response.read1(min(_CHUNK, limit + 1 - received))  # one recv: a trickle is seen
+        except (OSError, http.client.HTTPException) as e:
+            raise FetchError(f"{url} failed after {received} bytes: {e}") from None
+        if not block:
+            break
+        received += len(block)
+        transfer.bytes += len(block)
+        if received > limit:
+            raise ManifestError(f"{url} is larger than {what}")
+        digest.update(block)
         out.write(block)
-    except OSError as e:  # disk full, quota, I/O error
-        raise FetchError(f"cannot write {dest}: {e}", local=True) from None
+        now = time.monotonic()
+        if size is None:  # no declared size: the donor must keep up the minimum rate on average
+            deadline = started + cfg.fetch_grace_s + (received + _CHUNK) / cfg.fetch_min_rate
+        if now > deadline:
+            raise FetchError(
+                f"{url} is too slow: {received} bytes in {now - started:.0f} s "
+                f"(below {cfg.fetch_min_rate / 1e3:.0f} kB/s)"
+            )
+        if now - last_log >= transfer.interval_s:
+            last_log = now
+            done = f" of {_mb(size)} ({100 * received / max(size, 1):.0f}%)" if size is not None else ""
+            logger.info("fetching %s: %s%s, %s/s", url, _mb(received), done, _mb(received / (now - started)))
+    if size is not None and received < size:  # cut short (a shorter Content-Length included): try again
+        raise FetchError(f"{url} ended after {received} of {size} bytes")
+    return digest.hexdigest(), received
 
 
 def fetch_base(

@@ -263,7 +263,7 @@ def test_a_trickling_donor_is_abandoned_by_its_deadline(
     served: tuple[Path, str], donors: Callable[..., Donor], tmp_path: Path
 ) -> None:
     donor = donors("trickle")
-    cfg = FetchConfig(fetch_timeout_s=30, fetch_min_rate=1e6, fetch_grace_s=1.0)
+    cfg = FetchConfig(fetch_timeout_s=30, fetch_min_rate=1e7, fetch_grace_s=1.0)
     size = (served[0] / WEIGHTS).stat().st_size
     started = time.monotonic()
     with pytest.raises(FetchError, match=r"model\.safetensors is too slow"):
@@ -412,3 +412,30 @@ def test_sources_are_ordered_by_what_the_coordinator_and_the_majority_announce()
     # this host's own failure (disk full) holds every source back
     book.local_failed()
     assert book.order(announced, {(3, good)}) == []
+
+
+def test_a_full_disk_is_this_hosts_failure_and_leaves_nothing(
+    served: tuple[Path, str], donors: Callable[..., Donor], tmp_path: Path
+) -> None:
+    """The kernel refuses writes past RLIMIT_FSIZE (EFBIG), as it would a full disk (ENOSPC)."""
+    code = """if True:
+        import json, resource, signal, sys
+        from pathlib import Path
+        from cogen.node.fetch import FetchError, fetch_base
+        from cogen.protocols import CheckpointSource
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, resource.RLIM_INFINITY))
+        try:
+            fetch_base(CheckpointSource.model_validate_json(sys.argv[1]), Path(sys.argv[2]), sys.argv[3])
+        except FetchError as e:
+            print(json.dumps({"local": e.local, "error": str(e)}))
+    """
+    bases = tmp_path / "bases"
+    source = donors("serve").source()
+    out = subprocess.run(
+        [sys.executable, "-c", code, source.model_dump_json(), str(bases), served[1]],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["local"] and "cannot write" in result["error"] and WEIGHTS in result["error"]
+    assert _empty_but(bases)
