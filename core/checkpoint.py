@@ -138,20 +138,11 @@ def _write_checkpoint(
 def write_dir_atomic(final: Path, write: Callable[[Path], None]) -> Path:
     """Fill a temporary sibling directory of ``final`` (``write``), fsync its files and rename it to
     ``final``: readers see no directory or a complete one, never a half-written one."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is meant to be shared
-    try:
+    with staging_dir(final.parent, final.name) as tmp:
         write(tmp)
-        for p in tmp.iterdir():
-            with open(p, "rb") as handle:
-                os.fsync(handle.fileno())
         if final.exists():
             shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_dir(final.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        commit_dir(tmp, final)
     return final
 
 
