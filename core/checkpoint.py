@@ -16,13 +16,15 @@ moves to it, so a crash at any moment leaves the previous checkpoint intact and 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -136,20 +138,11 @@ def _write_checkpoint(
 def write_dir_atomic(final: Path, write: Callable[[Path], None]) -> Path:
     """Fill a temporary sibling directory of ``final`` (``write``), fsync its files and rename it to
     ``final``: readers see no directory or a complete one, never a half-written one."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is meant to be shared
-    try:
+    with staging_dir(final.parent, final.name) as tmp:
         write(tmp)
-        for p in tmp.iterdir():
-            with open(p, "rb") as handle:
-                os.fsync(handle.fileno())
         if final.exists():
             shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_dir(final.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        commit_dir(tmp, final)
     return final
 
 
@@ -224,3 +217,55 @@ def write_json_atomic(path: Path, data: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def staging_dir(parent: Path, name: str) -> Iterator[Path]:
+    """A hidden temporary directory ``parent/.name-XXXX`` to build a directory in, then :func:`commit_dir`.
+
+    It is removed when the block exits in any way (an exception, KeyboardInterrupt, SystemExit) unless it
+    was committed; while the block runs it holds an ``flock``, so :func:`remove_stale_staging` can tell
+    the leftovers of a killed process from a directory another process is still building.
+    """
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=parent))
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.close(fd)
+
+
+def commit_dir(tmp: Path, final: Path) -> None:
+    """fsync every file of ``tmp``, make it world-readable and rename it to ``final`` (which must not
+    exist, or be an empty directory): readers see nothing or the whole directory."""
+    for p in Path(tmp).rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as handle:
+                os.fsync(handle.fileno())
+    Path(tmp).chmod(0o755)  # mkdtemp made it private
+    os.rename(tmp, final)
+    fsync_dir(Path(final).parent)
+
+
+def remove_stale_staging(parent: Path, min_age_s: float = 60.0) -> list[Path]:
+    """Remove the staging directories under ``parent`` that no live process holds (left by a kill);
+    returns them. One younger than ``min_age_s`` is spared: its creator may not have locked it yet."""
+    removed = []
+    for p in sorted(Path(parent).glob(".*")) if Path(parent).is_dir() else []:
+        if not p.is_dir() or p.is_symlink() or time.time() - p.stat().st_mtime < min_age_s:
+            continue
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a live download
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+        finally:
+            os.close(fd)
+    return removed

@@ -156,6 +156,38 @@ class GroupConfig(_Frozen):
     )
 
 
+class FetchConfig(_Frozen):
+    """How a node downloads a base from the peers that announce it, and when it tries again."""
+
+    fetch_timeout_s: float = Field(
+        default=30.0, gt=0, le=600, description="seconds one connect or read of a base download may block"
+    )
+    fetch_min_rate: float = Field(
+        default=256 * 1024,
+        gt=0,
+        description="bytes/s a donor must sustain: a file may take fetch_grace_s + its declared size / this",
+    )
+    fetch_grace_s: float = Field(default=30.0, ge=0, description="seconds added to every file's deadline")
+    fetch_backoff_s: float = Field(
+        default=5.0, gt=0, description="first wait before a source that failed to deliver is tried again"
+    )
+    fetch_backoff_max_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="the longest wait between tries of a failing source (doubling, jittered)",
+    )
+    distrust_s: float = Field(
+        default=6 * 3600.0,
+        ge=0,
+        description="seconds a source that served content its signed manifest contradicts is skipped",
+    )
+    max_unsized_file_bytes: int = Field(
+        default=32 << 30,
+        gt=0,
+        description="largest file accepted from a manifest that declares no sizes (manifest version 1)",
+    )
+
+
 class NodeConfig(_Frozen):
     """Everything ``cogen-node`` needs."""
 
@@ -206,6 +238,7 @@ class NodeConfig(_Frozen):
         le=3600,
         description="after SIGTERM, abandon any averaging round, save and exit within this many seconds",
     )
+    fetch: FetchConfig = FetchConfig()
 
     @field_validator("data")
     @classmethod

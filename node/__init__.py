@@ -6,6 +6,9 @@
 - ``trainer.py``  — :class:`ExpertTrainer`: inner steps on the expert's adapters
 - ``resume.py``   — the node's full training state on disk: saved every few outer steps, resumed on restart
 - ``shards.py``   — :func:`claim_shard`: a data shard no other group member reads, renewed while training
+- ``follow.py``   — :class:`BaseFollower`: newer generations found, fetched and verified; the base mirror
+- ``fetch.py``    — :func:`fetch_base`: one base from one source, bounded by its signed sizes, all or nothing
+- ``sources.py``  — :class:`SourceBook`: which source to try next; backoff and distrust of failed ones
 - ``hardware.py`` — :func:`detect_hardware` for the NodeInfo record
 - ``cli.py``      — the ``cogen-node`` command
 """

@@ -5,144 +5,56 @@ The coordinator publishes every generation as a directory (a Hugging Face checkp
 that fetched it announce their own copy the same way, so a base can come from any peer that has it.
 Trust never comes from a source: :class:`BaseFollower`, in a background thread,
 
-1. reads the CheckpointSource records; the newest generation above the node's own is the candidate;
-2. downloads its ``manifest.json``, checks that its sha256 is the announced one and that it is signed by
-   the trusted key (``--trusted-key``, else the key the coordinator announces in its SwarmInfo record)
-   before it downloads anything else;
-3. downloads every file the manifest lists into a temporary directory, hashing as it streams, and checks
-   the whole directory with :func:`verify_manifest`; a mismatch is logged and the next source is tried;
-4. renames the directory into ``<bases dir>/gen-N-<manifest sha>`` and marks it ready. The node moves to
-   it at its next outer step (:meth:`BaseFollower.take`), without restarting.
+1. reads the CheckpointSource records of generations above the node's own and orders them
+   (:class:`cogen.node.sources.SourceBook`: the coordinator's manifests first, newest generation first,
+   sources backing off or distrusted left out);
+2. tries them in that order with :func:`cogen.node.fetch.fetch_base`: the manifest's sha256 must be the
+   announced one and its signature the trusted key's (``--trusted-key``, else the key the coordinator
+   announces in its SwarmInfo record) before anything else is downloaded; every file is bounded by its
+   signed size and a deadline, hashed as it streams, and the directory is checked as a whole;
+3. a source whose transfer failed is tried again after an exponential, jittered backoff; one that served
+   content its signed manifest contradicts is skipped for ``--distrust-s``; the next source is tried;
+4. the verified directory is renamed into ``<bases dir>/gen-N-<manifest sha>`` (nothing partial is ever
+   left there: staging directories of a killed process are removed when the follower starts) and marked
+   ready. The node moves to it at its next outer step (:meth:`BaseFollower.take`), without restarting.
 
 :class:`MirrorServer` serves the fetched bases read-only over HTTP (the standard library's server).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import hashlib
 import logging
-import shutil
-import tempfile
 import threading
-import urllib.error
-import urllib.request
-from dataclasses import dataclass
+import urllib.parse
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from hivemind.utils import get_dht_time
 from pydantic import ValidationError
 
+from cogen.checkpoint import remove_stale_staging
+from cogen.config import FetchConfig
+from cogen.node.fetch import MAX_MANIFEST_BYTES, Base, FetchError, fetch_base
+from cogen.node.sources import SourceBook
 from cogen.periodic import PeriodicService
 from cogen.protocols import CheckpointSource, SwarmInfo
-from cogen.protocols.manifest import (
-    MANIFEST_FILE,
-    Manifest,
-    ManifestError,
-    check_signature,
-    read_manifest,
-    sha256_file,
-    verify_manifest,
-)
+from cogen.protocols.manifest import MANIFEST_FILE, ManifestError, read_manifest
 from cogen.swarm import SwarmClient
 
+__all__ = [
+    "MAX_MANIFEST_BYTES",
+    "Base",
+    "BaseFollower",
+    "FetchError",
+    "MirrorServer",
+    "fetch_base",
+    "generation_of",
+    "read_key",
+]
+
 logger = logging.getLogger(__name__)
-
-MAX_MANIFEST_BYTES = 16 << 20
-_CHUNK = 1 << 20
-
-
-@dataclass(frozen=True)
-class Base:
-    """A verified base checkpoint on disk."""
-
-    generation: int
-    path: Path
-    manifest_sha256: str
-    manifest: Manifest
-
-
-def _safe_name(name: str) -> bool:
-    """A manifest's file name must stay inside its directory."""
-    p = PurePosixPath(name)
-    return bool(name) and not p.is_absolute() and all(part not in ("", ".", "..") for part in p.parts)
-
-
-def _download(url: str, dest: Path, timeout_s: float, limit: int | None = None) -> str:
-    """Stream ``url`` into ``dest``; returns its sha256. Raises OSError (incl. URLError) on failure."""
-    digest = hashlib.sha256()
-    size = 0
-    with urllib.request.urlopen(url, timeout=timeout_s) as response, open(dest, "wb") as out:
-        while block := response.read(_CHUNK):
-            size += len(block)
-            if limit is not None and size > limit:
-                raise OSError(f"{url} is larger than {limit} bytes")
-            digest.update(block)
-            out.write(block)
-    return digest.hexdigest()
-
-
-def fetch_base(source: CheckpointSource, bases_dir: Path, trusted_key: str, timeout_s: float = 60.0) -> Base:
-    """Download and verify the generation ``source`` announces; raise :class:`ManifestError` if it is
-    not exactly what the trusted key signed. Reuses a verified copy already in ``bases_dir``."""
-    final = Path(bases_dir) / f"gen-{source.generation:06d}-{source.manifest_sha256[:16]}"
-    if final.is_dir():
-        with contextlib.suppress(ManifestError):
-            return _verified(final, source, trusted_key)
-        shutil.rmtree(final, ignore_errors=True)  # a corrupt copy: fetch it again
-    Path(bases_dir).mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=bases_dir))
-    base_url = source.url if source.url.endswith("/") else source.url + "/"
-    try:
-        try:
-            digest = _download(base_url + MANIFEST_FILE, tmp / MANIFEST_FILE, timeout_s, MAX_MANIFEST_BYTES)
-        except (OSError, ValueError) as e:
-            raise ManifestError(f"cannot download {base_url}{MANIFEST_FILE}: {e}") from None
-        if digest != source.manifest_sha256:
-            raise ManifestError(f"{base_url}{MANIFEST_FILE} does not match the announced sha256")
-        manifest = _verified_manifest(tmp, source, trusted_key)  # signature first, then the big files
-        for name, want in sorted(manifest.files.items()):
-            if not _safe_name(name):
-                raise ManifestError(f"the manifest names an unsafe path {name!r}")
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            try:
-                got = _download(base_url + name, tmp / name, timeout_s)
-            except (OSError, ValueError) as e:
-                raise ManifestError(f"cannot download {base_url}{name}: {e}") from None
-            if got != want:
-                raise ManifestError(f"{base_url}{name} does not match its sha256 in the manifest")
-        tmp.chmod(0o755)
-        base = _verified(tmp, source, trusted_key)
-        try:
-            tmp.rename(final)
-        except OSError:  # another process sharing the cache got there first
-            if final.is_dir():
-                return _verified(final, source, trusted_key)
-            raise
-        return Base(base.generation, final, base.manifest_sha256, base.manifest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _verified_manifest(directory: Path, source: CheckpointSource, trusted_key: str) -> Manifest:
-    manifest = read_manifest(directory)
-    check_signature(manifest, trusted_key, str(directory / MANIFEST_FILE))
-    if manifest.generation != source.generation:
-        raise ManifestError(
-            f"the manifest is generation {manifest.generation}, announced as {source.generation}"
-        )
-    return manifest
-
-
-def _verified(directory: Path, source: CheckpointSource, trusted_key: str) -> Base:
-    if sha256_file(directory / MANIFEST_FILE) != source.manifest_sha256:
-        raise ManifestError(f"{directory / MANIFEST_FILE} does not match the announced sha256")
-    _verified_manifest(directory, source, trusted_key)
-    manifest = verify_manifest(directory, trusted_key)
-    return Base(manifest.generation, directory, source.manifest_sha256, manifest)
 
 
 class _QuietHandler(SimpleHTTPRequestHandler):
@@ -151,6 +63,13 @@ class _QuietHandler(SimpleHTTPRequestHandler):
 
     def list_directory(self, path: Any) -> None:
         self.send_error(404)  # files are fetched by name from a manifest; no listings
+
+    def send_head(self) -> Any:
+        parts = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path).split("/")
+        if any(part.startswith(".") for part in parts):  # a base still being downloaded, or junk
+            self.send_error(404)
+            return None
+        return super().send_head()
 
 
 class MirrorServer:
@@ -195,6 +114,7 @@ class BaseFollower(PeriodicService):
         trusted_key: str | None,
         interval_s: float = 5.0,
         mirror: MirrorServer | None = None,
+        fetch: FetchConfig | None = None,
     ):
         super().__init__("base-follower", interval_s)
         self.client = client
@@ -202,10 +122,16 @@ class BaseFollower(PeriodicService):
         self.generation = generation  # the newest generation fetched (or trained on)
         self.pinned_key = trusted_key
         self.mirror = mirror
+        self.fetch_cfg = fetch or FetchConfig()
+        self.sources = SourceBook(self.fetch_cfg)
         self._ready: Base | None = None
         self._served: list[Base] = []
         self._lock = threading.Lock()
-        self._refused: set[tuple[str, str]] = set()  # (url, manifest sha) that failed: not retried
+
+    def start(self) -> None:
+        for stale in remove_stale_staging(self.bases_dir):
+            logger.info("removed %s, left by an interrupted download", stale)
+        super().start()
 
     def has_ready(self) -> bool:
         with self._lock:
@@ -219,53 +145,89 @@ class BaseFollower(PeriodicService):
 
     def trusted_key(self) -> str | None:
         """The pinned key, else the one key the swarm's coordinator announces (none if ambiguous)."""
-        if self.pinned_key:
-            return self.pinned_key
-        keys = {
-            e.record.manifest_key
-            for e in self.client.fetch("swarm")
-            if isinstance(e.record, SwarmInfo) and e.record.manifest_key
+        return self._trust()[0]
+
+    def _trust(self) -> tuple[str | None, set[bytes]]:
+        """The trusted key and the owners of the SwarmInfo records that announce it (the coordinator)."""
+        infos = [
+            e for e in self.client.fetch("swarm") if isinstance(e.record, SwarmInfo) and e.record.manifest_key
+        ]
+        key = self.pinned_key
+        if not key:
+            keys = {e.record.manifest_key for e in infos if isinstance(e.record, SwarmInfo)}
+            if len(keys) > 1:
+                logger.warning(
+                    "several coordinators announce different manifest keys; pin one with --trusted-key"
+                )
+                return None, set()
+            key = next(iter(keys), None)
+        owners = {
+            e.owner
+            for e in infos
+            if isinstance(e.record, SwarmInfo)
+            and key
+            and (e.record.manifest_key or "").strip() == key.strip()
         }
-        if len(keys) > 1:
-            logger.warning(
-                "several coordinators announce different manifest keys; pin one with --trusted-key"
-            )
-            return None
-        return next(iter(keys), None)
+        return key, owners
 
     def tick(self) -> None:
         self._announce_served()
-        sources = [
-            e.record
+        announced = [
+            (e.owner, e.record)
             for e in self.client.fetch("checkpoints")
-            if isinstance(e.record, CheckpointSource)
-            and e.record.generation > self.generation
-            and (e.record.url, e.record.manifest_sha256) not in self._refused
+            if isinstance(e.record, CheckpointSource) and e.record.generation > self.generation
         ]
-        if not sources:
+        if not announced:
             return
-        key = self.trusted_key()
+        key, coordinators = self._trust()
         if key is None:
             logger.warning(
-                "generation %d is announced but no manifest key is trusted yet", sources[0].generation
+                "generation %d is announced but no manifest key is trusted yet", announced[0][1].generation
             )
             return
-        newest = max(s.generation for s in sources)
-        candidates = [s for s in sources if s.generation == newest]
-        for source in sorted(candidates, key=lambda s: s.time, reverse=True):
-            try:
-                base = fetch_base(source, self.bases_dir, key)
-            except (ManifestError, ValidationError) as e:  # another source may still be good
-                logger.warning("refusing generation %d from %s: %s", source.generation, source.url, e)
-                self._refused.add((source.url, source.manifest_sha256))
-                continue
-            logger.info("fetched and verified generation %d from %s", base.generation, source.url)
-            with self._lock:
-                self._ready = base
-                self.generation = base.generation
-                self._served.append(base)
-            self._announce_served()
-            return
+        endorsed = {(s.generation, s.manifest_sha256) for owner, s in announced if owner in coordinators}
+        for source in self.sources.order(announced, endorsed):
+            if self.stopping:
+                return
+            if self._try(source, key):
+                return
+
+    def _try(self, source: CheckpointSource, key: str) -> bool:
+        """One attempt at ``source``; True once its base is fetched, verified and ready."""
+        try:
+            base = fetch_base(
+                source, self.bases_dir, key, self.fetch_cfg, cancel=self._stop, progress_s=self.interval_s
+            )
+        except FetchError as e:
+            if self.stopping:
+                return False
+            if e.local:
+                delay = self.sources.local_failed()
+                logger.warning(
+                    "cannot fetch generation %d: %s; trying again in %.0f s", source.generation, e, delay
+                )
+                return True  # every other source would fail here as well
+            delay = self.sources.transfer_failed(source)
+            logger.warning(
+                "fetching generation %d from %s failed: %s; trying that source again in %.0f s",
+                source.generation, source.url, e, delay,
+            )  # fmt: skip
+            return False
+        except (ManifestError, ValidationError) as e:
+            delay = self.sources.distrust(source)
+            logger.warning(
+                "refusing generation %d from %s: %s; skipping that source for %.0f s",
+                source.generation, source.url, e, delay,
+            )  # fmt: skip
+            return False
+        self.sources.succeeded(source)
+        logger.info("fetched and verified generation %d from %s", base.generation, source.url)
+        with self._lock:
+            self._ready = base
+            self.generation = base.generation
+            self._served.append(base)
+        self._announce_served()
+        return True
 
     def _announce_served(self) -> None:
         """Tell the swarm this node serves the newest base it fetched (only with a mirror)."""

@@ -2,11 +2,15 @@
 
 ``manifest.json`` records a generation's lineage (parent base and its hashes, the experts and their
 hashes), how it was made (method, parameters, weights), how it scored (evaluation matrix, ranking), the
-sha256 of every other file in the directory, and an RSA signature over the canonical JSON of all that
-(sorted keys, no whitespace, the ``signature`` field left out). The signature scheme is hivemind's
+sha256 and size of every other file in the directory, and an RSA signature over the canonical JSON of
+all that (sorted keys, no whitespace, the ``signature`` field left out). The signature scheme is hivemind's
 (RSA-PSS over SHA-256, base64), so anyone verifies it with ``hivemind.utils.crypto.RSAPublicKey``.
 Signing lives with the coordinator (``cogen.coordinator.merging.manifest``); this module is what a node
 needs to trust a checkpoint it fetched: :func:`verify_manifest`.
+
+Versions: 2 declares every file's size (``sizes``), so a downloader stops reading at the signed size;
+1 (before sizes) is still read and verified as it was signed (its canonical form has no ``sizes``), and
+a downloader bounds its files by a global cap instead (:meth:`Manifest.declared_size` is ``None``).
 """
 
 from __future__ import annotations
@@ -18,13 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from hivemind.utils.crypto import RSAPublicKey
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, model_validator
 
 from cogen.protocols.ranking import Ranking
 from cogen.protocols.version import software_version
 
 MANIFEST_FILE = "manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+#: versions this cogen reads: 1 has no file sizes (it verifies as signed; downloads use a global cap)
+READABLE_VERSIONS = (1, 2)
 
 
 class ManifestError(RuntimeError):
@@ -110,14 +116,31 @@ class Manifest(BaseModel):
         default=None, description="robust overall ranking (Borda, Bradley–Terry, bootstrap) and the cheap one"
     )
     files: dict[str, str] = Field(description="every other file in the directory -> sha256")
+    sizes: dict[str, NonNegativeInt] = Field(
+        default_factory=dict, description="every file in files -> its size in bytes (version 2; empty in 1)"
+    )
     created_at: float = Field(default_factory=time.time)
     software_version: str = Field(default_factory=software_version)
     public_key: str = Field(default="", description="the signer's RSA public key (OpenSSH format)")
     signature: str = Field(default="", description="base64 RSA-PSS signature of canonical_bytes()")
 
+    @model_validator(mode="after")
+    def _sizes_match_files(self) -> Manifest:
+        if self.manifest_version >= 2 and set(self.sizes) != set(self.files):
+            raise ValueError("sizes must list exactly the files of the manifest")
+        if self.manifest_version < 2 and self.sizes:
+            raise ValueError(f"a version {self.manifest_version} manifest declares no sizes")
+        return self
+
+    def declared_size(self, name: str) -> int | None:
+        """The signed size of file ``name`` in bytes; ``None`` for a manifest older than sizes."""
+        return self.sizes[name] if self.manifest_version >= 2 else None
+
     def canonical_bytes(self) -> bytes:
-        """What is signed: the manifest without its signature, as sorted, compact JSON."""
-        data = self.model_dump(mode="json", exclude={"signature"})
+        """What is signed: the manifest without its signature, as sorted, compact JSON (a version 1
+        manifest was signed before ``sizes`` existed, so its canonical form leaves them out)."""
+        exclude = {"signature"} if self.manifest_version >= 2 else {"signature", "sizes"}
+        data = self.model_dump(mode="json", exclude=exclude)
         return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
@@ -126,6 +149,16 @@ def file_hashes(directory: Path) -> dict[str, str]:
     directory = Path(directory)
     return {
         p.relative_to(directory).as_posix(): sha256_file(p)
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.relative_to(directory).as_posix() != MANIFEST_FILE
+    }
+
+
+def file_sizes(directory: Path) -> dict[str, int]:
+    """Size in bytes of every file under ``directory`` (relative POSIX paths) except the manifest."""
+    directory = Path(directory)
+    return {
+        p.relative_to(directory).as_posix(): p.stat().st_size
         for p in sorted(directory.rglob("*"))
         if p.is_file() and p.relative_to(directory).as_posix() != MANIFEST_FILE
     }
@@ -140,11 +173,10 @@ def read_manifest(directory: Path) -> Manifest:
         raise ManifestError(f"{directory} has no {MANIFEST_FILE}") from None
     except (OSError, ValueError) as e:
         raise ManifestError(f"cannot read {path}: {e}") from None
-    if not isinstance(raw, dict) or raw.get("manifest_version") != MANIFEST_VERSION:
-        version = raw.get("manifest_version") if isinstance(raw, dict) else None
-        raise ManifestError(
-            f"{path}: unsupported manifest_version {version!r} (this cogen reads {MANIFEST_VERSION})"
-        )
+    version = raw.get("manifest_version") if isinstance(raw, dict) else None
+    if type(version) is not int or version not in READABLE_VERSIONS:
+        readable = ", ".join(map(str, READABLE_VERSIONS))
+        raise ManifestError(f"{path}: unsupported manifest_version {version!r} (this cogen reads {readable})")
     try:
         return Manifest.model_validate(raw)
     except ValidationError as e:
@@ -167,17 +199,25 @@ def check_signature(manifest: Manifest, trusted_key: str | None, where: str) -> 
 
 
 def verify_manifest(directory: Path, trusted_key: str | None = None) -> Manifest:
-    """Check the signature (by ``trusted_key``, if given) and every file's sha256; return the manifest."""
+    """Check the signature (by ``trusted_key``, if given), every file's size (from version 2) and
+    sha256; return the manifest."""
     directory = Path(directory)
     manifest = read_manifest(directory)
     check_signature(manifest, trusted_key, str(directory / MANIFEST_FILE))
-    actual = file_hashes(directory)
-    for name, digest in manifest.files.items():
-        if name not in actual:
+    on_disk = file_sizes(directory)
+    for name in manifest.files:
+        if name not in on_disk:
             raise ManifestError(f"{directory / name} is listed in the manifest but missing")
-        if actual[name] != digest:
-            raise ManifestError(f"{directory / name} does not match its sha256 in the manifest")
-    unlisted = sorted(set(actual) - set(manifest.files))
+        declared = manifest.declared_size(name)
+        if declared is not None and on_disk[name] != declared:
+            raise ManifestError(
+                f"{directory / name} has {on_disk[name]} bytes; the manifest declares {declared}"
+            )
+    unlisted = sorted(set(on_disk) - set(manifest.files))
     if unlisted:
         raise ManifestError(f"{directory / unlisted[0]} is not listed in the manifest")
+    actual = file_hashes(directory)
+    for name, digest in manifest.files.items():
+        if actual[name] != digest:
+            raise ManifestError(f"{directory / name} does not match its sha256 in the manifest")
     return manifest

@@ -87,3 +87,21 @@ def test_another_key_is_not_trusted(copy: Path, tmp_path: Path) -> None:
     (copy / MANIFEST_FILE).write_text(json.dumps(data))
     with pytest.raises(ManifestError, match="is not signed"):
         verify_manifest(copy)
+
+
+def test_every_file_size_is_signed_and_checked(copy: Path) -> None:
+    manifest = verify_manifest(copy)
+    assert manifest.sizes == {name: (copy / name).stat().st_size for name in manifest.files}
+    config = copy / "config.json"
+    config.write_text(config.read_text() + " ")  # still valid JSON, one byte longer
+    with pytest.raises(ManifestError, match=rf"config\.json has {manifest.sizes['config.json'] + 1} bytes"):
+        verify_manifest(copy)
+    data = json.loads((copy / MANIFEST_FILE).read_text())
+    del data["sizes"]  # a version 2 manifest must declare them
+    (copy / MANIFEST_FILE).write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match="sizes must list exactly the files"):
+        read_manifest(copy)
+    data["manifest_version"] = 3
+    (copy / MANIFEST_FILE).write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match=r"unsupported manifest_version 3 \(this cogen reads 1, 2\)"):
+        read_manifest(copy)

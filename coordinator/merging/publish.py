@@ -26,7 +26,7 @@ from typing import Any
 from cogen.checkpoint import fsync_dir, sha256_file, swap_symlink, write_json_atomic
 from cogen.coordinator.merging.manifest import Identity, sign_manifest
 from cogen.coordinator.merging.registry import MergeError
-from cogen.protocols.manifest import MANIFEST_FILE, Manifest, file_hashes, verify_manifest
+from cogen.protocols.manifest import MANIFEST_FILE, Manifest, file_hashes, file_sizes, verify_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def publish(
 ) -> Path:
     """Write ``model`` + ``tokenizer`` and the signed ``manifest`` as generation ``manifest.generation``.
 
-    The manifest's ``files`` are filled in here; returns the generation directory.
+    The manifest's ``files`` and ``sizes`` are filled in here; returns the generation directory.
     """
     out = Path(out)
     final = generation_dir(out, manifest.generation)
@@ -93,7 +93,8 @@ def publish(
         tokenizer.save_pretrained(tmp)
         if extra is not None:
             extra(tmp)  # more files of this generation (the routed mixture), hashed like the rest
-        signed = sign_manifest(manifest.model_copy(update={"files": file_hashes(tmp)}), identity)
+        listed = {"files": file_hashes(tmp), "sizes": file_sizes(tmp)}
+        signed = sign_manifest(manifest.model_copy(update=listed), identity)
         write_json_atomic(tmp / MANIFEST_FILE, signed.model_dump(mode="json"))
         for p in tmp.rglob("*"):
             if p.is_file():
