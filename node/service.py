@@ -229,7 +229,7 @@ class ExpertNode:
                 mirror = None
         follower = BaseFollower(
             self.client, bases_dir, self.generation, read_key(cfg.trusted_key),
-            interval_s=min(10.0, cfg.log_interval_s), mirror=mirror,
+            interval_s=min(10.0, cfg.log_interval_s), mirror=mirror, fetch=cfg.fetch,
         )  # fmt: skip
         follower.start()
         return follower
