@@ -51,7 +51,7 @@ def test_a_generation_across_hosts_with_a_mirror_and_a_volunteer_behind_nat(
     coordinator = peers.start("coordinator", "cogen.coordinator.cli", [
         "--swarm", peers.swarm, "--host", "0.0.0.0", "--port", "0", "--announce-host", coordinator_host,
         "--api-host", "0.0.0.0", "--api-port", "8765", "--ready-file", str(ready), "--poll-interval-s", "0.5",
-        "--record-ttl-s", "10", "--model", "tiny", "--generation-outer-steps", "2", "--max-generations", "1",
+        "--record-ttl-s", "10", "--model", "tiny", "--generation-outer-steps", "4", "--max-generations", "1",
         "--out-dir", str(tmp_path / "out"), "--eval-blocks", "2", "--eval-block-size", "32",
         "--router-blocks", "2", "--collect-timeout-s", "40",
     ], prefix=net.exec_prefix(0))  # fmt: skip

@@ -1,6 +1,7 @@
 """Two generations end to end: coordinator + nodes on 127.0.0.1 with the tiny model.
 
-The coordinator ends a generation once every group made two outer steps, collects each expert from
+The coordinator ends a generation once every group made eight outer steps (24 inner steps: enough for
+the experts to learn something measurable on a quiet machine), collects each expert from
 its group over hivemind (no files uploaded), merges and publishes a signed base, and serves it; the
 nodes fetch it, verify it and go on training on it without restarting — twice.
 """
@@ -31,7 +32,7 @@ def _generations(peers: Peers, name: str) -> list[int]:
 def test_two_generations_end_to_end(peers: Peers, tmp_path: Path) -> None:
     out = tmp_path / "coordinator"
     peers.start_coordinator(
-        "--model", "tiny", "--generation-outer-steps", "2", "--max-generations", "2",
+        "--model", "tiny", "--generation-outer-steps", "8", "--max-generations", "2",
         "--out-dir", str(out), "--eval-blocks", "4", "--eval-block-size", "32", "--merge-method", "ties",
         "--collect-timeout-s", "30",
     )  # fmt: skip
