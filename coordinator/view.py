@@ -205,9 +205,10 @@ class SwarmMonitor(PeriodicService):
             self._add_round(expert, summary, persist=True)
 
     def set_generations(self, generations: list[GenerationSummary]) -> None:
-        """Replace the list of published generations (oldest first)."""
+        """Replace the list of published generations (oldest first); the API serves it from now on."""
         with self._lock:
             self._generations = list(generations)
+        self._view = None  # rebuilt by the next view(), not only after the next poll
 
     def _add_round(self, expert: str, summary: RoundSummary, persist: bool) -> None:
         self._rounds.setdefault(expert, deque(maxlen=50)).append(summary)
