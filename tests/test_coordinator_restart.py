@@ -13,6 +13,7 @@ import re
 import shutil
 import socket
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,7 @@ from cogen.coordinator.merging.publish import (
     remove_stale_temps,
 )
 from cogen.periodic import Backoff
-from cogen.procs import kill_group, read_json, wait_for
+from cogen.procs import ChildFailed, kill_group, read_json, tail, wait_for
 from cogen.protocols.manifest import MANIFEST_FILE, read_manifest, sha256_file, verify_manifest
 from cogen.swarm import NetworkError, SwarmClient, ensure_p2p_identity
 
@@ -127,6 +128,15 @@ def test_only_published_generations_are_served(two_generations: tuple[Path, Path
     assert api.get("/checkpoints/gen-000002/manifest.json").status_code == 200
 
 
+def _wait(peers: Peers, condition: Callable[[], bool], timeout_s: float, what: str, names: list[str]) -> None:
+    """``wait_for`` on live ``names``; a failure shows the tail of every log of the test."""
+    try:
+        wait_for(condition, timeout_s, what, interval_s=0.05, alive=[peers.procs[n] for n in names])
+    except ChildFailed as e:
+        logs = "\n".join(f"--- {n}:\n{tail(peers.log(n), 25)}" for n in peers.procs)
+        raise AssertionError(f"{e}\n{logs}") from None
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -158,13 +168,13 @@ def test_coordinator_killed_mid_merge_comes_back_with_its_peer_id_and_merges_aga
     for name, expert in nodes.items():
         peers.start_node(name, expert, *NODE_ARGS)
     log = peers.log("coordinator")
-    wait_for(lambda: "generation 1 published" in log.read_text(), 240, "generation 1 published",
-             interval_s=0.5, alive=list(peers.procs.values()))  # fmt: skip
+    live = ["coordinator", *nodes]
+    _wait(peers, lambda: "generation 1 published" in log.read_text(), 240, "generation 1 published", live)
     # generation 2 ends: kill the coordinator as soon as it says it merges (before it can publish)
-    wait_for(lambda: "generation 1 ends: collecting" in log.read_text(), 240, "generation 2 collected",
-             interval_s=0.2, alive=list(peers.procs.values()))  # fmt: skip
-    wait_for(lambda: log.read_text().count("merging 2 experts") >= 2, 120, "generation 2 merging",
-             interval_s=0.05, alive=list(peers.procs.values()))  # fmt: skip
+    _wait(
+        peers, lambda: "generation 1 ends: collecting" in log.read_text(), 240, "generation 2 collected", live
+    )
+    _wait(peers, lambda: log.read_text().count("merging 2 experts") >= 2, 120, "generation 2 merging", live)
     known = read_json(out / "known-peers.json")  # whom the coordinator dials again after a restart
     kill_group(peers.procs["coordinator"])
     assert peers.procs["coordinator"].wait(30) < 0
@@ -185,9 +195,10 @@ def test_coordinator_killed_mid_merge_comes_back_with_its_peer_id_and_merges_aga
     assert [g["generation"] for g in get_json(api + "/api/generations")][:1] == [1]  # read back from disk
 
     # the nodes, which kept training on generation 1, follow the generation merged again as number 2
-    alive = [peers.procs[n] for n in (*nodes, "coordinator-2")]
-    wait_for(lambda: all(MOVED.findall(peers.log(n).read_text())[-1:] == ["2"] for n in nodes), 240,
-             "the nodes on generation 2", interval_s=1.0, alive=alive)  # fmt: skip
+    def on_two() -> bool:
+        return all(MOVED.findall(peers.log(n).read_text())[-1:] == ["2"] for n in nodes)
+
+    _wait(peers, on_two, 240, "the nodes on generation 2", [*nodes, "coordinator-2"])
     assert [g["generation"] for g in get_json(api + "/api/generations")] == [1, 2]
     m1, m2 = (verify_manifest(generations / f"gen-{g:06d}") for g in (1, 2))
     assert m2.parent.manifest_sha256 == sha256_file(generations / "gen-000001" / MANIFEST_FILE)
