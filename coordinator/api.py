@@ -7,11 +7,14 @@ served as is, so latency does not grow with requests. ``/metrics`` is Prometheus
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Collection
 from pathlib import Path
 
-from fastapi import FastAPI, Response
+from fastapi import FastAPI, HTTPException, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.types import Scope
 
 from cogen.coordinator.dashboard import mount_dashboard
 from cogen.coordinator.metrics import make_registry
@@ -24,16 +27,31 @@ def _json(body: bytes) -> Response:
     return Response(content=body, media_type="application/json", headers={"Cache-Control": "no-store"})
 
 
+class PublishedFiles(StaticFiles):
+    """Static files of the generation dirs named by ``served()`` only: a publish's temp dir, a rejected
+    or a not-yet-verified generation is a 404, whatever lies in the directory."""
+
+    def __init__(self, directory: Path, served: Callable[[], Collection[str]]):
+        super().__init__(directory=directory)
+        self._served = served
+
+    async def get_response(self, path: str, scope: Scope) -> Response:
+        if path.split(os.sep, 1)[0] not in self._served():
+            raise HTTPException(status_code=404)
+        return await super().get_response(path, scope)
+
+
 def create_app(
     monitor: SwarmMonitor,
     registry: CollectorRegistry | None = None,
     observer: bool = False,
     checkpoints_dir: Path | None = None,
+    served: Callable[[], Collection[str]] = frozenset,
 ) -> FastAPI:
     """The API over ``monitor``; ``registry`` defaults to a fresh one with the swarm's collector.
 
-    With ``checkpoints_dir``, the published generations' files are served under ``/checkpoints/``
-    (nodes verify them against the signed manifest, so plain static files are enough)."""
+    With ``checkpoints_dir``, the files of the generations named by ``served()`` (dir names) are served
+    under ``/checkpoints/`` (nodes verify them against the signed manifest, so static files are enough)."""
     registry = registry if registry is not None else make_registry(monitor)
     app = FastAPI(
         title="cogen " + ("dashboard (observer)" if observer else "coordinator"),
@@ -80,6 +98,6 @@ def create_app(
 
     if checkpoints_dir is not None:
         Path(checkpoints_dir).mkdir(parents=True, exist_ok=True)
-        app.mount("/checkpoints", StaticFiles(directory=checkpoints_dir), name="checkpoints")
+        app.mount("/checkpoints", PublishedFiles(checkpoints_dir, served), name="checkpoints")
     mount_dashboard(app)
     return app

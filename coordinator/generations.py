@@ -14,12 +14,19 @@
    ``gen-N`` (HF checkpoint + signed manifest) atomically under ``out_dir``;
 3. **announce**: a :class:`CheckpointSource` record points at the files, served by the coordinator's
    HTTP server under ``/checkpoints/``; nodes fetch, verify and move to it at their next outer step.
+
+A failed collection or merge is retried with exponential backoff (:class:`cogen.periodic.Backoff`).
+A restarted coordinator picks up where it was: it removes what a killed publish left, reads back every
+published generation that verifies (the newest is the current base, numbering continues from it, the
+API lists them all) and serves only those; a generation that was being merged when it was killed is
+collected and merged again under the same number.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -34,9 +41,10 @@ from cogen.config import CoordinatorConfig, MergeConfig
 from cogen.coordinator.merging import MergeError, merge_experts
 from cogen.coordinator.merging.manifest import Identity
 from cogen.coordinator.merging.merge import IDENTITY_FILE
-from cogen.coordinator.merging.publish import GENERATIONS
+from cogen.coordinator.merging.publish import GENERATIONS, published_generations, remove_stale_temps
 from cogen.coordinator.schemas import DomainScore, GenerationSummary
 from cogen.corpora import known_domains
+from cogen.periodic import Backoff
 from cogen.protocols import CheckpointSource, GroupProgress, NodeInfo
 from cogen.protocols.keys import group_prefix
 from cogen.protocols.manifest import MANIFEST_FILE, Manifest, read_manifest, sha256_file
@@ -153,7 +161,12 @@ class GenerationLoop:
 
     :meth:`poll` runs in the coordinator's main thread (hivemind averagers, which collecting needs,
     must be created there); the merge itself runs in a background thread, so the coordinator keeps
-    announcing the swarm and serving its API meanwhile."""
+    announcing the swarm and serving its API meanwhile. :meth:`announce` is called by the coordinator's
+    announcer thread, so a long collection never lets the checkpoint record expire."""
+
+    #: retries after a failed collection or merge: 5 s, doubling, at most 2 minutes apart
+    RETRY_BASE_S = 5.0
+    RETRY_CAP_S = 120.0
 
     def __init__(self, client: SwarmClient, cfg: CoordinatorConfig, monitor: Any, api_url: str):
         self.client = client
@@ -170,17 +183,33 @@ class GenerationLoop:
         self.published: list[tuple[Manifest, str, Path]] = []
         self._merging: threading.Thread | None = None
         self._merged: Path | None = None
-        self._last_announce = 0.0
-        self._retry_at = 0.0  # after a failed collection, when to try again
+        self._backoff = Backoff(self.RETRY_BASE_S, self.RETRY_CAP_S)
+        self._retry_at = 0.0  # after a failed collection or merge, when to try again
+        self._restore()
+
+    def _restore(self) -> None:
+        """Continue from what ``out_dir`` holds: its newest verifying generation is the current base."""
+        for stale in remove_stale_temps(self.out_dir):
+            logger.info("removed %s, left by a publish that did not finish", stale)
+        self.published = published_generations(self.out_dir, self.identity.public_key)
+        if not self.published:
+            return
+        manifest, _, final = self.published[-1]
+        self.base, self.generation = str(final), manifest.generation
+        # the generation's clock started when it was published, not when this process did
+        self.started = time.monotonic() - min(max(0.0, time.time() - manifest.created_at), 10 * 86400.0)
+        self.monitor.set_generations([summarize(m, s) for m, s, _ in self.published])
+        logger.info(
+            "resuming from %s: %d published generations verify, generation %d is the current base (%s)",
+            self.out_dir, len(self.published), self.generation, final,
+        )  # fmt: skip
 
     @property
     def manifest_key(self) -> str:
         return self.identity.public_key
 
     def poll(self) -> None:
-        """One look: re-announce, take a finished merge, or end the generation if it is due."""
-        if time.monotonic() - self._last_announce > self.client.cfg.record_ttl_s / 3:
-            self._announce()
+        """One look: take a finished merge, or end the generation if it is due."""
         if self._merging is not None:
             if self._merging.is_alive():
                 return
@@ -195,7 +224,11 @@ class GenerationLoop:
         experts = self._experts()
         paths = self._collect(experts) if experts else []
         if not paths:
-            self._retry_at = time.monotonic() + 10.0
+            delay = self._failed()
+            logger.warning(
+                "no expert could be collected (attempt %d); generation %d continues, next try in %.0f s",
+                self._backoff.failures, self.generation, delay,
+            )  # fmt: skip
         else:
             self._merged = None
             self._merging = threading.Thread(
@@ -238,6 +271,7 @@ class GenerationLoop:
         nxt = self.generation + 1
         logger.info("generation %d ends: collecting %s", self.generation, ", ".join(experts))
         collected = self.out_dir / "collected" / f"gen-{nxt:06d}"
+        shutil.rmtree(collected, ignore_errors=True)  # an earlier try's experts (or a killed one's temps)
         paths: list[Path] = []
         for expert in experts:
             try:
@@ -247,9 +281,13 @@ class GenerationLoop:
                 logger.info("collected expert %r from its group", expert)
             except Exception as e:  # one group's failure must not stop the generation
                 logger.warning("could not collect expert %r: %s", expert, e)
-        if not paths:
-            logger.warning("no expert could be collected; generation %d continues", self.generation)
         return paths
+
+    def _failed(self) -> float:
+        """Count a failed attempt; the next one waits for the backoff's delay."""
+        delay = self._backoff.failed()
+        self._retry_at = time.monotonic() + delay
+        return delay
 
     def _merge(self, paths: list[Path], experts: list[str]) -> None:
         nxt = self.generation + 1
@@ -263,12 +301,16 @@ class GenerationLoop:
         )  # fmt: skip
         try:
             self._merged = merge_experts(merge_cfg)
-        except MergeError as e:  # e.g. no expert is better than the base yet: try again later
+        except Exception as e:  # MergeError: e.g. no expert is better than the base yet; try again later
+            delay = self._failed()
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if not isinstance(e, MergeError):
+                reason = f"{type(e).__name__}: {reason}"
+                logger.debug("merging generation %d failed", nxt, exc_info=True)
             logger.warning(
-                "generation %d not published: %s; generation %d continues", nxt, e, self.generation
-            )
-        except Exception:
-            logger.exception("merging generation %d failed; generation %d continues", nxt, self.generation)
+                "generation %d not published (attempt %d): %s; generation %d continues, next try in %.0f s",
+                nxt, self._backoff.failures, reason, self.generation, delay,
+            )  # fmt: skip
 
     def _published(self, final: Path) -> None:
         nxt = self.generation + 1
@@ -277,11 +319,16 @@ class GenerationLoop:
         self.published.append((manifest, sha, final))
         self.monitor.set_generations([summarize(m, s) for m, s, _ in self.published])
         self.base, self.generation, self.started = str(final), nxt, time.monotonic()
-        self._announce()
+        self._backoff.succeeded()
+        self.announce()
         logger.info("generation %d published (%s): %s", nxt, manifest.method, final)
 
-    def _announce(self) -> None:
-        self._last_announce = time.monotonic()
+    def served(self) -> set[str]:
+        """Names of the generation dirs the coordinator serves: published ones that verify, no others."""
+        return {final.name for _, _, final in self.published}
+
+    def announce(self) -> None:
+        """Point the swarm at the newest published generation (a :class:`CheckpointSource` record)."""
         if not self.published:
             return
         manifest, sha, final = self.published[-1]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: rounds have a generation (version 1 files are upgraded in place)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS loss_points (
@@ -29,7 +29,7 @@ CREATE INDEX IF NOT EXISTS loss_points_expert_t ON loss_points (expert, t);
 CREATE TABLE IF NOT EXISTS rounds (
     expert TEXT NOT NULL, outer_step INTEGER NOT NULL, finished_at REAL NOT NULL, group_size INTEGER NOT NULL,
     duration_s REAL NOT NULL, bytes_sent INTEGER NOT NULL, ok INTEGER NOT NULL, error TEXT,
-    PRIMARY KEY (expert, outer_step, finished_at)
+    generation INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (expert, outer_step, finished_at)
 ) WITHOUT ROWID;
 """
 
@@ -54,6 +54,10 @@ class RoundRow:
     bytes_sent: int
     ok: bool
     error: str | None = None
+    generation: int = 0
+
+
+_ROUND_COLUMNS = "expert, outer_step, finished_at, group_size, duration_s, bytes_sent, ok, error, generation"
 
 
 class History:
@@ -74,6 +78,11 @@ class History:
             row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
             if row is None:
                 self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            elif int(row[0]) == 1:  # rounds had no generation: they were all generation 0's, as far as known
+                self._db.execute("ALTER TABLE rounds ADD COLUMN generation INTEGER NOT NULL DEFAULT 0")
+                self._db.execute(
+                    "UPDATE meta SET value = ? WHERE key='schema_version'", (str(SCHEMA_VERSION),)
+                )
             elif int(row[0]) != SCHEMA_VERSION:
                 raise RuntimeError(f"history file {self.path} has schema {row[0]}, expected {SCHEMA_VERSION}")
 
@@ -97,7 +106,7 @@ class History:
     def add_round(self, row: RoundRow) -> None:
         with self._lock:
             self._db.execute(
-                "INSERT OR REPLACE INTO rounds VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT OR REPLACE INTO rounds ({_ROUND_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     row.expert,
                     row.outer_step,
@@ -107,6 +116,7 @@ class History:
                     row.bytes_sent,
                     int(row.ok),
                     row.error,
+                    row.generation,
                 ),
             )
 
@@ -124,13 +134,13 @@ class History:
 
     def rounds(self, expert: str | None = None, limit: int = 100) -> list[RoundRow]:
         """The latest averaging rounds, newest first."""
-        query = "SELECT * FROM rounds"
+        query = f"SELECT {_ROUND_COLUMNS} FROM rounds"
         args: tuple[object, ...] = ()
         if expert is not None:
             query, args = query + " WHERE expert = ?", (expert,)
         with self._lock:
             rows = self._db.execute(query + " ORDER BY finished_at DESC LIMIT ?", (*args, limit)).fetchall()
-        return [RoundRow(e, s, f, g, d, b, bool(ok), err) for e, s, f, g, d, b, ok, err in rows]
+        return [RoundRow(e, s, f, g, d, b, bool(ok), err, gen) for e, s, f, g, d, b, ok, err, gen in rows]
 
     def prune(self, now: float | None = None) -> int:
         """Drop points beyond ``max_points`` per peer and anything older than ``retention_s``."""

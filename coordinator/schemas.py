@@ -18,7 +18,8 @@ class _Frozen(BaseModel):
 class RoundSummary(_Frozen):
     """One averaging round (outer step) of an expert group."""
 
-    outer_step: int
+    outer_step: int = Field(description="the group's outer step; it starts again at each generation")
+    generation: int = Field(default=0, description="the generation of the base the group trains on")
     finished_at: float = Field(description="unix time the round ended")
     group_size: int = Field(description="peers that took part")
     duration_s: float

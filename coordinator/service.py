@@ -5,6 +5,10 @@ and ``/metrics``, and â€” with ``generation_s`` or ``generation_outer_steps`` â€
 collects the experts from their groups, ranks and merges them, and publishes and serves the next
 base (:mod:`cogen.coordinator.generations`). With ``observer=True`` (``cogen dashboard``) it is a
 read-only DHT client that announces nothing: the same view and API, for anyone who wants to watch a swarm.
+
+A coordinator keeps its libp2p peer id in a key file (``--p2p-identity``, by default in its out dir when
+it merges), so the multiaddr it prints stays valid after a restart; an announcer thread keeps its
+records (SwarmInfo, the newest generation's CheckpointSource) fresh whatever the main loop is doing.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +32,8 @@ from cogen.coordinator.merging.publish import GENERATIONS
 from cogen.coordinator.metrics import NodeScraper, make_registry
 from cogen.coordinator.view import SwarmMonitor
 from cogen.models import cache_root
+from cogen.periodic import PeriodicService
+from cogen.procs import read_json
 from cogen.protocols import SwarmInfo, software_version
 from cogen.swarm import NetworkError, SwarmClient, check_compatible
 
@@ -72,6 +79,21 @@ class ApiServer:
         return self._thread is not None and self._thread.is_alive()
 
 
+class Announcer(PeriodicService):
+    """Calls ``announce`` every ``interval_s`` in its own thread (records outlive a slow main loop)."""
+
+    def __init__(self, announce: Callable[[], None], interval_s: float):
+        super().__init__("announcer", interval_s)
+        self._announce = announce
+
+    def tick(self) -> None:
+        self._announce()
+
+
+P2P_IDENTITY_FILE = "p2p-identity.key"
+KNOWN_PEERS_FILE = "known-peers.json"  #: next to the identity: whom to dial again after a restart
+
+
 class Coordinator:
     """The swarm's coordinator. ``run()`` blocks until the stop Event is set."""
 
@@ -86,6 +108,7 @@ class Coordinator:
         self.scraper: NodeScraper | None = None
         self.generations: GenerationLoop | None = None
         self.public_api_url = ""
+        self.announcer: Announcer | None = None
 
     @property
     def name(self) -> str:
@@ -100,9 +123,51 @@ class Coordinator:
     def is_running(self) -> bool:
         return self.api is not None and self.api.is_running()
 
+    def merges(self) -> bool:
+        return (
+            not self.cfg.observer and (self.cfg.generation_s or self.cfg.generation_outer_steps) is not None
+        )
+
+    def p2p_identity(self) -> Path | None:
+        """The key file that fixes this coordinator's peer id (observers need none)."""
+        if self.cfg.observer:
+            return None
+        if self.cfg.p2p_identity is not None:
+            return self.cfg.p2p_identity
+        return Path(self.cfg.out_dir) / P2P_IDENTITY_FILE if self.merges() else None
+
+    def known_peers_path(self) -> Path | None:
+        identity = self.p2p_identity()
+        return identity.with_name(KNOWN_PEERS_FILE) if identity is not None else None
+
+    def _known_peers(self) -> list[str]:
+        """The peers this coordinator was connected to before it restarted (a bad file: none)."""
+        path = self.known_peers_path()
+        try:
+            data = read_json(path) if path is not None else None
+        except (OSError, ValueError) as e:
+            logger.warning("ignoring %s: %s", path, e)
+            return []
+        peers = data.get("peers") if isinstance(data, dict) else None
+        if not isinstance(peers, list):
+            return []
+        return [p for p in peers if isinstance(p, str) and p.startswith("/") and len(p) < 512][:64]
+
+    def _remember_peers(self) -> None:
+        path = self.known_peers_path()
+        if path is not None and self.client is not None:
+            peers = self.client.connected_peers()
+            if peers:
+                write_json_atomic(path, {"peers": peers})
+
     def run(self) -> None:
         cfg = self.cfg
-        self.client = client = SwarmClient(cfg.network, client_mode=cfg.observer)
+        rejoin = self._known_peers()
+        if rejoin:
+            logger.info("dialling %d peers known from before the restart", len(rejoin))
+        self.client = client = SwarmClient(
+            cfg.network, client_mode=cfg.observer, identity_path=self.p2p_identity(), rejoin=rejoin
+        )
         try:
             check_compatible(client)
             if cfg.keep_history:
@@ -111,10 +176,13 @@ class Coordinator:
             self.monitor.start()
             self.scraper = NodeScraper(self.monitor, interval_s=max(cfg.poll_interval_s, 2.0))
             self.scraper.start()
-            merging = not cfg.observer and (cfg.generation_s or cfg.generation_outer_steps) is not None
+            merging = self.merges()
             checkpoints = Path(cfg.out_dir) / GENERATIONS if merging else None
             registry = make_registry(self.monitor, self.scraper)
-            app = create_app(self.monitor, registry, observer=cfg.observer, checkpoints_dir=checkpoints)
+            app = create_app(
+                self.monitor, registry, observer=cfg.observer, checkpoints_dir=checkpoints,
+                served=lambda: self.generations.served() if self.generations is not None else set(),
+            )  # fmt: skip
             self.api = ApiServer(app, cfg.api_host, cfg.api_port)
             self.api.start()
             if not cfg.observer:  # what the swarm is told: reachable from other machines, never 0.0.0.0
@@ -131,6 +199,8 @@ class Coordinator:
                 print(f"cogen dashboard: watching swarm {cfg.network.swarm!r} (read-only)", flush=True)
             else:
                 self._announce()
+                self.announcer = Announcer(self._keep_up, cfg.network.record_ttl_s / 3)
+                self.announcer.start()
                 print(f"cogen-coordinator: swarm {cfg.network.swarm!r} is up", flush=True)
                 print(f"  nodes join with: --initial-peers {' '.join(maddrs)}", flush=True)
             print(
@@ -151,7 +221,7 @@ class Coordinator:
         finally:
             if self.generations is not None:
                 self.generations.wait(timeout_s=5.0)
-            for service in (self.api, self.scraper, self.monitor):
+            for service in (self.announcer, self.api, self.scraper, self.monitor):
                 if service is not None:
                     service.stop()
             if self.history is not None:
@@ -159,8 +229,15 @@ class Coordinator:
             client.shutdown()
             logger.info("%s stopped", self.name)
 
+    def _keep_up(self) -> None:
+        self._announce()
+        self._remember_peers()
+
     def _announce(self) -> None:
+        """SwarmInfo and, when merging, the newest generation's CheckpointSource."""
         assert self.client is not None and self.api is not None
+        if self.generations is not None:
+            self.generations.announce()
         self.client.publish(
             "swarm",
             SwarmInfo(
@@ -176,14 +253,11 @@ class Coordinator:
 
     def _serve(self) -> None:
         assert self.monitor is not None
-        last_announce = last_log = time.monotonic()
+        last_log = time.monotonic()
         while not self.stop_event.wait(1.0):
             if self.generations is not None:
                 self.generations.poll()  # collecting needs the main thread; merging runs in the background
             now = time.monotonic()
-            if not self.cfg.observer and now - last_announce >= self.cfg.network.record_ttl_s / 3:
-                self._announce()
-                last_announce = now
             if now - last_log >= self.cfg.log_interval_s:
                 snap = self.monitor.snapshot()
                 experts = ", ".join(f"{e.expert}:{e.members}" for e in snap.experts) or "none"

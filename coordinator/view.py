@@ -91,7 +91,7 @@ class SwarmMonitor(PeriodicService):
         self._rounds: dict[str, deque[RoundSummary]] = {}
         self._round_totals: dict[str, list[int]] = {}  # expert -> [ok, failed, bytes]
         self._generations: list[GenerationSummary] = []
-        self._seen_rounds: set[tuple[str, int, bool]] = set()
+        self._seen_rounds: set[tuple[str, int, int, bool]] = set()  # (expert, generation, outer step, ok)
         self._lock = threading.Lock()
         super().__init__("swarm-monitor", poll_interval_s)
         self._view: SwarmView | None = None
@@ -111,7 +111,7 @@ class SwarmMonitor(PeriodicService):
             state.last_seen = max(state.last_seen, point.t)
             state.series.append((point.t, point.step, point.loss))
         for row in reversed(history.rounds(limit=1000)):
-            self._seen_rounds.add((row.expert, row.outer_step, row.ok))
+            self._seen_rounds.add((row.expert, row.generation, row.outer_step, row.ok))
             fields = {k: v for k, v in row.__dict__.items() if k != "expert"}
             self._add_round(row.expert, RoundSummary(**fields), persist=False)
 
@@ -160,7 +160,8 @@ class SwarmMonitor(PeriodicService):
         """Averaging rounds from the nodes' ``groups`` records, where this protocol version has them.
 
         Read defensively (by attribute) so the view works with and without group averaging; a round is
-        recorded once per (expert, outer step, result), as its first reporting member saw it.
+        recorded once per (expert, generation, outer step, result), as its first reporting member saw it
+        (a group's outer steps start again at each generation).
         """
         if "groups" not in RECORD_SCHEMAS:
             return
@@ -169,17 +170,24 @@ class SwarmMonitor(PeriodicService):
             expert = getattr(rec, "expert", None)
             if last is None or not isinstance(expert, str):
                 continue
-            key = (expert, int(last.outer_step), bool(last.ok))
+            generation = getattr(rec, "generation", 0)
+            key = (
+                expert,
+                generation if isinstance(generation, int) else 0,
+                int(last.outer_step),
+                bool(last.ok),
+            )
             if key in self._seen_rounds:
                 continue
             self._seen_rounds.add(key)
             summary = RoundSummary(
-                outer_step=key[1],
+                outer_step=key[2],
+                generation=key[1],
                 finished_at=float(last.time),
                 group_size=int(last.group_size),
                 duration_s=float(last.duration_s),
                 bytes_sent=int(last.bytes_sent),
-                ok=key[2],
+                ok=key[3],
                 error=str(getattr(last, "reason", "")) or None,
             )
             self.record_round(expert, summary)
@@ -197,9 +205,10 @@ class SwarmMonitor(PeriodicService):
             self._add_round(expert, summary, persist=True)
 
     def set_generations(self, generations: list[GenerationSummary]) -> None:
-        """Replace the list of published generations (oldest first)."""
+        """Replace the list of published generations (oldest first); the API serves it from now on."""
         with self._lock:
             self._generations = list(generations)
+        self._view = None  # rebuilt by the next view(), not only after the next poll
 
     def _add_round(self, expert: str, summary: RoundSummary, persist: bool) -> None:
         self._rounds.setdefault(expert, deque(maxlen=50)).append(summary)
@@ -325,6 +334,7 @@ def build_groups(
         online = [p for p in members if p.online]
         losses = [p.loss for p in online if p.loss is not None]
         last = rounds.get(name, [])[-1] if rounds.get(name) else None
+        current = [r for r in rounds.get(name, []) if last is not None and r.generation == last.generation]
         ok, failed, sent = totals.get(name, [0, 0, 0])
         curves = [
             LossSeries(
@@ -344,7 +354,7 @@ def build_groups(
                 samples_per_second=sum(p.samples_per_second for p in online),
                 tokens=sum(p.tokens for p in members),
                 mean_loss=sum(losses) / len(losses) if losses else None,
-                outer_step=max((r.outer_step for r in rounds.get(name, [])), default=None),
+                outer_step=max((r.outer_step for r in current), default=None),  # on the current base
                 last_round=last,
                 rounds_ok=ok,
                 rounds_failed=failed,

@@ -330,6 +330,12 @@ class CoordinatorConfig(_Frozen):
         description="the PEM key that signs manifests, created on first use "
         "(default: <cache dir>/coordinator-identity.pem)",
     )
+    p2p_identity: Path | None = Field(
+        default=None,
+        description="the libp2p key (mode 0600, created on first use) that keeps the coordinator's peer id, "
+        "and so the --initial-peers multiaddr nodes join with, the same across restarts (default: "
+        "OUT/p2p-identity.key when the coordinator merges generations, else a new id at each start)",
+    )
 
     @field_validator("public_url")
     @classmethod

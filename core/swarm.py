@@ -7,15 +7,21 @@ its schema is checked by :class:`cogen.protocols.CogenRecordValidator` on every 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import hivemind
 import torch
 from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.p2p import P2P
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
@@ -29,6 +35,7 @@ from cogen.addresses import (
     public_host,
     warn_if_unreachable,
 )
+from cogen.checkpoint import fsync_dir
 from cogen.config import NetworkConfig
 from cogen.protocols import (
     PROTOCOL_VERSION,
@@ -69,11 +76,58 @@ def owner_fingerprint(owner: bytes) -> str:
     return hashlib.sha256(owner).hexdigest()[:16]
 
 
+def ensure_p2p_identity(path: Path) -> Path:
+    """The libp2p private key at ``path`` (hivemind's format), created with mode 0600 if missing.
+
+    The key is written inside a fresh private directory next to ``path`` and linked into place, so it is
+    never readable by others, not even for a moment, and a concurrent creator wins. A key that others
+    can read is refused: whoever read it can take this peer's id."""
+    path = Path(path)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        private = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))  # mode 0700
+        try:
+            tmp = private / path.name
+            P2P.generate_identity(str(tmp))
+            tmp.chmod(0o600)
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, path)
+                fsync_dir(path.parent)
+                logger.info(
+                    "created the libp2p identity %s (the peer id stays the same across restarts)", path
+                )
+        finally:
+            shutil.rmtree(private, ignore_errors=True)
+    if not path.is_file():
+        raise NetworkError(f"the libp2p identity {path} is not a file")
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise NetworkError(
+            f"the libp2p identity {path} is readable by others (mode {mode:o}): whoever read it can take "
+            f"this peer's id; chmod 600 it (or delete it for a new id)"
+        )
+    return path
+
+
 class SwarmClient:
-    """Joins (or starts) a swarm's DHT and reads/writes cogen records."""
+    """Joins (or starts) a swarm's DHT and reads/writes cogen records.
+
+    With ``identity_path`` the libp2p peer id (and so the multiaddrs others join with) is read from
+    that key file, created on first use (:func:`ensure_p2p_identity`): the same after a restart.
+    ``rejoin`` are multiaddrs of peers it was connected to before a restart (:meth:`connected_peers`):
+    without initial peers it dials them, so a restarted bootstrap peer is back in the swarm (its peers
+    dropped it from their routing tables while it was down); none answering is not an error."""
 
     def __init__(
-        self, cfg: NetworkConfig, *, client_mode: bool = False, private_key: RSAPrivateKey | None = None
+        self,
+        cfg: NetworkConfig,
+        *,
+        client_mode: bool = False,
+        private_key: RSAPrivateKey | None = None,
+        identity_path: Path | None = None,
+        rejoin: Sequence[str] = (),
     ):
         self.cfg = cfg
         self.private_key = private_key or RSAPrivateKey()
@@ -86,15 +140,22 @@ class SwarmClient:
             port = port or free_port(cfg.host)
             announce = [f"/{_proto(cfg.announce_host)}/{cfg.announce_host}/tcp/{port}"]
         host_maddrs = [f"/{_proto(cfg.host)}/{cfg.host}/tcp/{port}"]
+        options: dict[str, Any] = {}
+        if identity_path:
+            options["identity_path"] = str(ensure_p2p_identity(identity_path))
+        initial = list(cfg.initial_peers)
+        if rejoin and not initial:
+            initial, options["ensure_bootstrap_success"] = list(rejoin), False
         try:
             self.dht = hivemind.DHT(
-                initial_peers=list(cfg.initial_peers),
+                initial_peers=initial,
                 host_maddrs=host_maddrs,
                 announce_maddrs=announce,
                 client_mode=self.client_mode,
                 record_validators=make_validators(cfg.swarm, self.private_key),
                 start=True,
                 await_ready=True,
+                **options,
             )
         except Exception as e:  # hivemind raises several types for bad multiaddrs / unreachable peers
             message = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -146,6 +207,10 @@ class SwarmClient:
             return None
         return http_url(host, port, path)
 
+    def connected_peers(self, limit: int = 64) -> list[str]:
+        """Multiaddrs (with ``/p2p/<id>``) of the peers this one is connected to, at most ``limit``."""
+        return list(self.dht.run_coroutine(_connected_maddrs))[:limit]
+
     def publish(self, kind: str, record: Record, ttl_s: float | None = None) -> Future[Any]:
         """Store ``record`` under this peer's subkey; returns a future (training never waits on it)."""
         if not isinstance(record, RECORD_SCHEMAS[kind]):
@@ -179,6 +244,11 @@ class SwarmClient:
     def shutdown(self) -> None:
         if self.dht.is_alive():
             self.dht.shutdown()
+
+
+async def _connected_maddrs(_dht: hivemind.DHT, node: Any) -> list[str]:
+    """Runs in the DHT's process (``DHT.run_coroutine``): its libp2p connections as multiaddrs."""
+    return [f"{addr}/p2p/{info.peer_id}" for info in await node.p2p.list_peers() for addr in info.addrs]
 
 
 def check_compatible(client: SwarmClient) -> None:

@@ -26,7 +26,14 @@ from cogen.coordinator.schemas import (
 )
 from cogen.coordinator.view import SwarmMonitor
 from cogen.procs import wait_for
-from cogen.protocols import Hardware, NodeInfo, TrainingProgress, software_version
+from cogen.protocols import (
+    GroupProgress,
+    Hardware,
+    NodeInfo,
+    RoundReport,
+    TrainingProgress,
+    software_version,
+)
 from cogen.swarm import SwarmClient
 
 SWARM = "apitest"
@@ -140,6 +147,44 @@ def test_api_serves_peers_groups_alerts_and_survives_a_restart(dht, tmp_path: Pa
     _poll_until(again, lambda v: len(v.snapshot.peers) == 2, "restarted monitor sees both peers")
     group = next(g for g in again.view().groups if g.expert == "medical")
     assert group.loss[0].step == [1, 2, 3] and group.outer_step == 4
+    assert again.history is not None
+    again.history.close()
+
+
+def group_progress(client: SwarmClient, expert: str, generation: int, outer_step: int) -> GroupProgress:
+    report = RoundReport(
+        outer_step=outer_step, ok=True, reason="", group_size=2, duration_s=1.0, bytes_sent=1000,
+        weight=8.0, time=get_dht_time(),
+    )  # fmt: skip
+    return GroupProgress(
+        peer_id=client.peer_id, expert=expert, outer_step=outer_step, generation=generation, inner_steps=3,
+        compression="8bit", rounds_ok=outer_step, rounds_failed=0, last_round=report,
+    )  # fmt: skip
+
+
+def test_rounds_of_each_generation_are_kept_apart(dht, tmp_path: Path) -> None:
+    """A group's outer steps start again on a new base: generation 1's round 1 is not generation 0's."""
+    host, medical, _ = dht
+    history = History(tmp_path / "history.sqlite3")
+    monitor = SwarmMonitor(host, poll_interval_s=0.2, history=history)
+    medical.publish("nodes", node_info(medical, "code")).result()
+    expected = [(0, 1), (0, 2), (1, 1)]
+    for generation, step in expected:  # what one member reports as its group moves on to generation 1
+        medical.publish("groups", group_progress(medical, "code", generation, step)).result()
+        _poll_until(monitor, lambda v, g=generation, s=step: any(
+            r.last_round and (r.last_round.generation, r.last_round.outer_step) == (g, s)
+            for r in v.groups if r.expert == "code"
+        ) or None, f"generation {generation}'s round {step}")  # fmt: skip
+    group = next(g for g in monitor.view().groups if g.expert == "code")
+    assert group.rounds_ok == 3 and group.outer_step == 1  # the current generation's outer step
+    rows = sorted((r.generation, r.outer_step) for r in history.rounds(expert="code"))
+    assert rows == expected
+    history.close()
+    # restarted on the same file: every round is back, and none is counted twice
+    again = SwarmMonitor(host, poll_interval_s=0.2, history=History(tmp_path / "history.sqlite3"))
+    again.poll()
+    group = next(g for g in again.view().groups if g.expert == "code")
+    assert group.rounds_ok == 3 and group.last_round is not None and group.last_round.generation == 1
     assert again.history is not None
     again.history.close()
 

@@ -65,3 +65,28 @@ def test_concurrent_writer_and_readers(tmp_path: Path) -> None:
     assert not errors
     assert h.count_points() == 5 * 50
     h.close()
+
+
+def test_a_schema_1_file_is_upgraded_and_keeps_its_rounds(tmp_path: Path) -> None:
+    """Files written before rounds had a generation open as generation 0's rounds."""
+    import sqlite3
+
+    path = tmp_path / "history.sqlite3"
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+        "INSERT INTO meta VALUES ('schema_version', '1');"
+        "CREATE TABLE rounds (expert TEXT NOT NULL, outer_step INTEGER NOT NULL, finished_at REAL NOT NULL,"
+        " group_size INTEGER NOT NULL, duration_s REAL NOT NULL, bytes_sent INTEGER NOT NULL,"
+        " ok INTEGER NOT NULL, error TEXT, PRIMARY KEY (expert, outer_step, finished_at)) WITHOUT ROWID;"
+        "INSERT INTO rounds VALUES ('medical', 3, 1000.0, 2, 1.0, 10, 1, NULL);"
+    )
+    db.commit()
+    db.close()
+    h = History(path)
+    h.add_round(RoundRow("medical", 1, 1001.0, 2, 1.0, 10, True, generation=1))
+    assert [(r.generation, r.outer_step) for r in h.rounds()] == [(1, 1), (0, 3)]
+    h.close()
+    h = History(path)  # upgraded once, opened as version 2 from now on
+    assert len(h.rounds()) == 2
+    h.close()

@@ -9,7 +9,8 @@ Layout::
 A generation is written into a hidden temporary directory next to its final place, every file is
 fsynced, the directory is renamed into place, and only then does ``latest`` move: a crash at any
 moment leaves ``latest`` on the previous, complete generation. Published generations are never
-overwritten.
+overwritten. A restarted coordinator removes what a killed publish left (:func:`remove_stale_temps`)
+and reads its generations back (:func:`published_generations`): only those that verify are served.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,12 +28,20 @@ from typing import Any
 from cogen.checkpoint import fsync_dir, sha256_file, swap_symlink, write_json_atomic
 from cogen.coordinator.merging.manifest import Identity, sign_manifest
 from cogen.coordinator.merging.registry import MergeError
-from cogen.protocols.manifest import MANIFEST_FILE, Manifest, file_hashes, file_sizes, verify_manifest
+from cogen.protocols.manifest import (
+    MANIFEST_FILE,
+    Manifest,
+    ManifestError,
+    file_hashes,
+    file_sizes,
+    verify_manifest,
+)
 
 logger = logging.getLogger(__name__)
 
 GENERATIONS = "generations"
 LATEST = "latest"
+REJECTED = "rejected"  #: generation dirs that did not verify at start, kept for a person to look at
 _GEN_DIR = re.compile(r"^gen-(\d{6,})$")
 
 
@@ -54,6 +64,55 @@ def latest_generation(out: Path) -> Path | None:
     """The generation directory ``OUT/latest`` points at, or ``None``."""
     link = Path(out) / LATEST
     return link.resolve() if link.exists() else None
+
+
+def remove_stale_temps(out: Path) -> list[Path]:
+    """Delete what a publish killed half-way left: its hidden temp dirs under ``OUT/generations/``
+    and a temp ``latest`` link. Call it only while no publish into ``out`` runs (at start)."""
+    out, removed = Path(out), []
+    root = out / GENERATIONS
+    for p in sorted(root.glob(".gen-*")) + sorted(out.glob(f".{LATEST}-*")):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def published_generations(out: Path, trusted_key: str | None) -> list[tuple[Manifest, str, Path]]:
+    """Every generation published under ``out`` that verifies, oldest first: (manifest, its sha256, dir).
+
+    A generation dir verifies when its manifest is signed by ``trusted_key``, every file matches its
+    sha256 and the manifest's number is the dir's. One that does not is moved to ``OUT/rejected/``
+    (never deleted, never served) and reported in one log line; ``latest`` is pointed at the newest
+    generation that verifies."""
+    out, found = Path(out), []
+    root = out / GENERATIONS
+    for path in sorted(root.iterdir() if root.is_dir() else []):
+        match = _GEN_DIR.match(path.name)
+        if match is None or not path.is_dir():
+            continue
+        try:
+            manifest = verify_manifest(path, trusted_key)
+            if manifest.generation != int(match.group(1)):
+                raise ManifestError(f"its manifest is generation {manifest.generation}")
+        except ManifestError as e:
+            rejected = out / REJECTED / f"{path.name}-{int(time.time())}"
+            rejected.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(path, rejected)
+            logger.warning(
+                "generation dir %s does not verify (%s): not served, moved to %s", path, e, rejected
+            )
+            continue
+        found.append((manifest, sha256_file(path / MANIFEST_FILE), path))
+    found.sort(key=lambda item: item[0].generation)
+    link = out / LATEST
+    if found and latest_generation(out) != found[-1][2].resolve():
+        swap_symlink(link, found[-1][2])
+    elif not found and link.is_symlink():
+        link.unlink()
+    return found
 
 
 def parent_info(model_path: str) -> tuple[int, dict[str, str], str | None]:
