@@ -93,6 +93,8 @@ class ChaosSwarm:
         self.coordinator = Member("coordinator", 0, "")
         self.members: dict[str, Member] = {}
         self.initial_peers: list[str] = []
+        # each run builds its models in its own cache; each node keeps its bases apart, like its own machine
+        self.env = {"COGEN_CACHE_DIR": str(workdir / "cache")}
 
     @property
     def out_dir(self) -> Path:
@@ -111,7 +113,7 @@ class ChaosSwarm:
             "--swarm", "chaos", "--host", "0.0.0.0", "--port", str(DHT_PORT), "--announce-host", address,
             "--api-host", "0.0.0.0", "--api-port", str(API_PORT), "--ready-file", str(ready),
             "--out-dir", str(self.out_dir), *self.coordinator_args,
-        ], log, prefix=self.switch.exec_prefix(0))  # fmt: skip
+        ], log, env=self.env, prefix=self.switch.exec_prefix(0))  # fmt: skip
         member.starts.append(time.time())
         member.logs.append(log)
         proc = member.proc
@@ -128,8 +130,8 @@ class ChaosSwarm:
         member.proc = spawn("cogen.node.cli", [
             "--swarm", "chaos", "--host", "0.0.0.0", "--initial-peers", *self.initial_peers,
             "--expert", member.expert, "--output-dir", str(self.workdir / member.name),
-            *self.node_args, *member.extra,
-        ], log, prefix=self.switch.exec_prefix(member.host))  # fmt: skip
+            "--bases-dir", str(self.workdir / member.name / "bases"), *self.node_args, *member.extra,
+        ], log, env=self.env, prefix=self.switch.exec_prefix(member.host))  # fmt: skip
         member.starts.append(time.time())
         member.logs.append(log)
 

@@ -7,6 +7,8 @@ its schema is checked by :class:`cogen.protocols.CogenRecordValidator` on every 
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -207,9 +209,16 @@ class SwarmClient:
             return None
         return http_url(host, port, path)
 
-    def connected_peers(self, limit: int = 64) -> list[str]:
-        """Multiaddrs (with ``/p2p/<id>``) of the peers this one is connected to, at most ``limit``."""
-        return list(self.dht.run_coroutine(_connected_maddrs))[:limit]
+    def connected_peers(self, limit: int = 64, timeout_s: float = 10.0) -> list[str]:
+        """Multiaddrs (with ``/p2p/<id>``) of the peers this one is connected to, at most ``limit``; empty
+        if the p2p daemon does not answer within ``timeout_s`` (its peer listing can hang)."""
+        future = self.dht.run_coroutine(_connected_maddrs, return_future=True)
+        try:
+            return list(future.result(timeout=timeout_s))[:limit]
+        except (TimeoutError, concurrent.futures.TimeoutError):
+            future.cancel()
+            logger.debug("listing connected peers timed out after %.0f s", timeout_s)
+            return []
 
     def publish(self, kind: str, record: Record, ttl_s: float | None = None) -> Future[Any]:
         """Store ``record`` under this peer's subkey; returns a future (training never waits on it)."""
@@ -248,7 +257,8 @@ class SwarmClient:
 
 async def _connected_maddrs(_dht: hivemind.DHT, node: Any) -> list[str]:
     """Runs in the DHT's process (``DHT.run_coroutine``): its libp2p connections as multiaddrs."""
-    return [f"{addr}/p2p/{info.peer_id}" for info in await node.p2p.list_peers() for addr in info.addrs]
+    peers = await asyncio.wait_for(node.p2p.list_peers(), timeout=5.0)
+    return [f"{addr}/p2p/{info.peer_id}" for info in peers for addr in info.addrs]
 
 
 def check_compatible(client: SwarmClient) -> None:
