@@ -55,7 +55,7 @@ def node_args(args: argparse.Namespace) -> list[str]:
         "--model", "tiny", "--block-size", "32", "--batch-size", "2", "--lr", "1e-2", "--warmup-steps", "1",
         "--threads", "1", "--log-interval-s", "2", "--record-ttl-s", "15", "--num-shards", "8",
         "--inner-steps", str(args.inner_steps), "--matchmaking-s", "2", "--averaging-timeout-s", "20",
-        "--seed", str(args.seed), "--grace-s", "25", "--checkpoint-every", "1",
+        "--seed", str(args.seed), "--grace-s", "25", "--checkpoint-every", "4",
     ]  # fmt: skip
 
 
@@ -78,6 +78,7 @@ class Disturber:
         self.restarts: list[tuple[Member, int]] = []  # (member, index of the restarted start)
         self.sigterm_exit_s: list[float] = []
         self.events: list[str] = []
+        self.failed: list[str] = []  # scenarios that could not be carried out, and why
 
     def _note(self, what: str) -> None:
         logger.info("chaos: %s", what)
@@ -99,16 +100,21 @@ class Disturber:
             time.sleep(max(0.0, self.args.kill_every_s - self.args.restart_after_s))
 
     def sigterm_mid_round(self) -> None:
+        """Once law-b shows it is averaging, freeze it (the round cannot complete) and SIGTERM law-a,
+        which is in that same round: law-a must abandon it, save and exit within its grace period."""
         target, mate = self.swarm.members["law-a"], self.swarm.members["law-b"]
         assert target.proc is not None and mate.proc is not None
-        mate.proc.send_signal(signal.SIGSTOP)  # its round cannot complete while the mate is frozen
+        wait_for(lambda: self._state(mate) == "averaging", 180, "law-b averaging", interval_s=0.2)
+        mate.proc.send_signal(signal.SIGSTOP)
         try:
-            wait_for(lambda: self._state(target) == "averaging", 90, "law-a averaging", interval_s=0.3)
-            self._note("SIGTERM law-a mid-round")
+            time.sleep(0.5)
+            self._note("SIGTERM law-a mid-round (law-b frozen)")
             self.sigterm_exit_s.append(self.swarm.terminate(target, grace_s=60))
         finally:
             mate.proc.send_signal(signal.SIGCONT)
-        self._note(f"law-a exited {self.sigterm_exit_s[-1]:.1f} s after SIGTERM")
+        abandoned = "abandon" in target.logs[-1].read_text(errors="replace")
+        exit_s = self.sigterm_exit_s[-1]
+        self._note(f"law-a exited {exit_s:.1f} s after SIGTERM (round abandoned: {abandoned})")
         self._restart(target, 2.0)
 
     def _state(self, member: Member) -> str | None:
@@ -125,9 +131,10 @@ class Disturber:
     def kill_coordinator_mid_merge(self) -> None:
         coordinator = self.swarm.coordinator
         log = coordinator.logs[-1]
+        seen = len(log.read_text(errors="replace"))  # only a collection or merge that starts from now on
 
         def merging() -> bool:
-            text = log.read_text(errors="replace")
+            text = log.read_text(errors="replace")[seen:]
             return "ends: collecting" in text or "merging " in text
 
         wait_for(merging, self.args.generation_s + 180, "coordinator collecting or merging", interval_s=0.2)
@@ -169,11 +176,17 @@ class Disturber:
         self._restart(donor, self.args.restart_after_s)
 
     def run(self) -> None:
+        """Each scenario in turn; one that cannot be carried out is recorded as failed, the rest go on."""
         for scenario in (self.kill_random_nodes, self.sigterm_mid_round, self.kill_coordinator_mid_merge,
                          self.partition, self.kill_donor):  # fmt: skip
             if time.monotonic() > self.deadline:
-                raise BenchError(f"the run ended before {scenario.__name__}; give it more --seconds")
-            scenario()
+                self.failed.append(f"{scenario.__name__}: the run ended first (give it more --seconds)")
+                continue
+            try:
+                scenario()
+            except (RuntimeError, OSError) as e:  # ChildFailed (a wait ran out) is a RuntimeError
+                self.failed.append(f"{scenario.__name__}: {e}")
+                self._note(f"scenario {scenario.__name__} failed: {e}")
 
 
 def run_arm(switch: Switch, args: argparse.Namespace, disturbed: bool, workdir: Path) -> dict[str, Any]:
@@ -199,6 +212,7 @@ def run_arm(switch: Switch, args: argparse.Namespace, disturbed: bool, workdir: 
         figures = figures_of(swarm, disturber, latest)
         figures["seconds"] = round(time.monotonic() - t0, 1)
         figures["events"] = disturber.events
+        figures["scenarios_failed"] = disturber.failed
         return figures
     finally:
         codes = swarm.stop_all()
@@ -279,9 +293,12 @@ def report(calm: dict[str, Any], chaos: dict[str, Any], args: argparse.Namespace
     print("\n".join(table_lines(rows)))
     for event in chaos["events"]:
         print(f"  {event}")
+    for failed in chaos["scenarios_failed"]:
+        print(f"  FAILED {failed}")
     return {
         **{k: chaos.get(k) for k in keys},
         "nodes": chaos["nodes"],
+        "scenarios_failed": chaos["scenarios_failed"],
         "loss_ratio": ratio,
         "undisturbed": calm,
         "disturbed": chaos,
