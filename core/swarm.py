@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -209,6 +210,22 @@ class SwarmClient:
             return None
         return http_url(host, port, path)
 
+    def reconnect(self, maddrs: Sequence[str], timeout_s: float = 5.0) -> int:
+        """Ping ``maddrs`` (default: the initial peers) so they are in this peer's routing table again.
+
+        hivemind drops a peer that stopped answering (a partition, a restart) from its routing table
+        and never looks for it again, so a peer cut off for a while would stay alone after the link is
+        back. Returns how many answered; cheap (one ping each), so a service calls it periodically."""
+        peer_ids = sorted({m.rsplit("/p2p/", 1)[1] for m in maddrs if "/p2p/" in m})[:64]
+        if not peer_ids:
+            return 0
+        future = self.dht.run_coroutine(functools.partial(_ping, peer_ids, timeout_s), return_future=True)
+        try:
+            return int(future.result(timeout=timeout_s + 5))
+        except (TimeoutError, concurrent.futures.TimeoutError):
+            future.cancel()
+            return 0
+
     def connected_peers(self, limit: int = 64, timeout_s: float = 10.0) -> list[str]:
         """Multiaddrs (with ``/p2p/<id>``) of the peers this one is connected to, at most ``limit``; empty
         if the p2p daemon does not answer within ``timeout_s`` (its peer listing can hang)."""
@@ -253,6 +270,18 @@ class SwarmClient:
     def shutdown(self) -> None:
         if self.dht.is_alive():
             self.dht.shutdown()
+
+
+async def _ping(peer_ids: Sequence[str], timeout_s: float, _dht: hivemind.DHT, node: Any) -> int:
+    """Runs in the DHT's process: DHTProtocol.call_ping adds each peer that answers to the routing table."""
+    from hivemind.p2p import PeerID
+
+    pings = [node.protocol.call_ping(PeerID.from_base58(p), validate=False) for p in peer_ids]
+    try:
+        done = await asyncio.wait_for(asyncio.gather(*pings, return_exceptions=True), timeout=timeout_s)
+    except TimeoutError:
+        return 0
+    return sum(1 for d in done if d is not None and not isinstance(d, BaseException))
 
 
 async def _connected_maddrs(_dht: hivemind.DHT, node: Any) -> list[str]:

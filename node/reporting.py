@@ -4,9 +4,10 @@
 ``ShardClaim`` and its latest ``GroupProgress`` are renewed every third of the record TTL by a
 background thread — not by the training loop, so that a long averaging round, a slow step or a base
 switch never lets them expire (a groupmate would then think the node gone and train alone, the
-coordinator would leave its expert out, and a newcomer could take its shard). ``set_state`` publishes
-a change at once. :meth:`observe` collects inner steps; :meth:`report` logs one summary line and
-publishes ``TrainingProgress`` for the steps since the last one.
+coordinator would leave its expert out, and a newcomer could take its shard). Each renewal first pings
+the initial peers, so that a node cut off for a while finds the swarm again once its link is back.
+``set_state`` publishes a change at once. :meth:`observe` collects inner steps; :meth:`report` logs
+one summary line and publishes ``TrainingProgress`` for the steps since the last one.
 """
 
 from __future__ import annotations
@@ -92,6 +93,8 @@ class NodeReporter(PeriodicService):
         self.client.publish("groups", progress)
 
     def tick(self) -> None:
+        # after a partition hivemind forgets the peers it lost: ping the initial ones back into view
+        self.client.reconnect(self.client.cfg.initial_peers)
         self._publish()
         group = self._group
         if group is not None:

@@ -1,0 +1,34 @@
+"""A bare swarm peer for ``test_partition.py``: announces itself every second and prints how many
+other peers' records it sees (``sees N``). ``python tests/partition_peer.py READY_FILE [INITIAL...]``."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from cogen.checkpoint import write_json_atomic
+from cogen.config import NetworkConfig
+from cogen.protocols import SwarmInfo
+from cogen.swarm import SwarmClient
+
+
+def main() -> None:
+    ready, initial = Path(sys.argv[1]), tuple(sys.argv[2:])
+    client = SwarmClient(NetworkConfig(swarm="part", host="0.0.0.0", port=31337, initial_peers=initial,
+                                       record_ttl_s=8))  # fmt: skip
+    write_json_atomic(ready, {"maddrs": client.visible_maddrs()})
+    while True:
+        now = time.time()
+        info = SwarmInfo(
+            swarm="part", coordinator_peer_id=client.peer_id, software_version="0", started_at=now, updated_at=now
+        )
+        client.publish("swarm", info)
+        client.reconnect(client.cfg.initial_peers)  # what NodeReporter.tick does every third of the TTL
+        others = [e for e in client.fetch("swarm") if e.owner != client.owner]
+        print(f"sees {len(others)}", flush=True)
+        time.sleep(1.0)
+
+
+if __name__ == "__main__":
+    main()
