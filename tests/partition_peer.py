@@ -20,8 +20,9 @@ def main() -> None:
     write_json_atomic(ready, {"maddrs": client.visible_maddrs()})
     while True:
         now = time.time()
+        peer = client.peer_id
         info = SwarmInfo(
-            swarm="part", coordinator_peer_id=client.peer_id, software_version="0", started_at=now, updated_at=now
+            swarm="part", coordinator_peer_id=peer, software_version="0", started_at=now, updated_at=now
         )
         client.publish("swarm", info)
         client.reconnect(client.cfg.initial_peers)  # what NodeReporter.tick does every third of the TTL
