@@ -69,12 +69,20 @@ function renderPeers(peers) {
     + `<td class="expert">${esc(p.expert)}</td>`
     + `<td><span class="state ${esc(p.state)}">${esc(p.state)}</span></td>`
     + `<td title="${esc(p.device_name)}">${esc(p.device)} · ${esc(p.precision)}</td>`
-    + `<td>${fmtBytes(p.memory_bytes)}</td>`
+    + `<td class="memory">${memoryText(p)}</td>`
     + `<td class="num">${p.step}</td>`
     + `<td class="num">${p.loss_is_nan ? "NaN" : fmtNumber(p.loss, 3)}</td>`
     + `<td class="num">${fmtNumber(p.samples_per_second, 1)}</td>`
     + `<td class="num">${fmtAgo(p.last_seen_s)}</td>`
     + `<td>${esc(p.software_version)} / p${esc(p.protocol_version)}</td></tr>`).join("");
+}
+
+function memoryText(p) {
+  // the node's own memory (RSS, and CUDA memory on a GPU), then the machine's total
+  const own = p.rss_bytes === null || p.rss_bytes === undefined ? "–" : fmtBytes(p.rss_bytes);
+  const gpu = p.gpu_memory_bytes === null || p.gpu_memory_bytes === undefined
+    ? "" : ` · GPU ${fmtBytes(p.gpu_memory_bytes)}`;
+  return `<span class="own">${own}${gpu}</span> <span class="total">of ${fmtBytes(p.memory_bytes)}</span>`;
 }
 
 function roundText(round) {
