@@ -6,6 +6,7 @@
 - ``alerts.py``    — pure alert rules (stale peer, NaN or rising loss, failed round, version mismatch)
 - ``schemas.py``   — API response models: swarm snapshot, peers, groups, averaging rounds, generations
 - ``api.py``       — the FastAPI app (``/api/*``, ``/metrics``, OpenAPI at ``/openapi.json``)
+- ``health.py``    — the checks behind ``/healthz`` and ``/readyz``
 - ``metrics.py``   — Prometheus collector of the swarm and scraper of nodes' own ``/metrics``
 - ``dashboard.py`` — the page (``static/``) and plotly.js from the installed ``plotly`` package
 - ``merging/``     — merge methods, ranking weights, signed manifests, published generations

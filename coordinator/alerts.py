@@ -2,7 +2,7 @@
 
 - ``stale_peer``: a peer stopped reporting (its records expired or are older than the stale limit)
 - ``loss_nan``: a peer of a group reports a NaN loss
-- ``loss_rising``: a group member's recent losses are clearly above its best earlier ones
+- ``loss_rising``: a group member's smoothed loss has stayed well above its best earlier smoothed loss
 - ``averaging_failed``: a group's latest averaging round failed
 - ``version_mismatch``: a peer runs another cogen software or protocol version than the coordinator
 """
@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -57,29 +58,31 @@ class RoundFacts(Protocol):
 
 @dataclass(frozen=True)
 class RisingRule:
-    """A curve rises when the mean of its last ``window`` losses exceeds the lowest mean of any earlier
-    ``window`` consecutive losses by more than ``tolerance`` (relative)."""
+    """A curve rises when its smoothed loss — the median of each ``window`` consecutive reports, which
+    one noisy batch cannot move — has stayed more than ``tolerance`` (relative) above the best smoothed
+    loss before it for the last ``hold`` reports (a minimum duration: a short bump raises nothing)."""
 
-    window: int = 5
-    tolerance: float = 0.10
+    window: int = 15
+    hold: int = 8
+    tolerance: float = 0.25
+
+
+def smoothed(losses: Sequence[float], window: int) -> list[float]:
+    """The running median of the finite losses over ``window`` consecutive points (one per full window)."""
+    finite = [x for x in losses if math.isfinite(x)]
+    return [statistics.median(finite[i - window : i]) for i in range(window, len(finite) + 1)]
 
 
 def loss_rise(losses: Sequence[float], rule: RisingRule = RisingRule()) -> float | None:
-    """The relative rise of a loss curve's recent mean over its best earlier mean, if it is rising."""
-    finite = [x for x in losses if math.isfinite(x)]
-    w = rule.window
-    if len(finite) < 2 * w:
+    """The sustained relative rise of a loss curve's smoothed loss over its best earlier smoothed loss,
+    if it is rising (see :class:`RisingRule`); ``None`` otherwise or while the curve is too short."""
+    curve = smoothed(losses, rule.window)
+    if len(curve) <= rule.hold:
         return None
-    recent = sum(finite[-w:]) / w
-    window_sum = sum(finite[:w])
-    best_sum = window_sum
-    for i in range(w, len(finite) - w):  # windows ending before the recent one, in O(n)
-        window_sum += finite[i] - finite[i - w]
-        best_sum = min(best_sum, window_sum)
-    best = best_sum / w
+    best = min(curve[: -rule.hold])
     if best <= 0:
         return None
-    rise = recent / best - 1.0
+    rise = min(curve[-rule.hold :]) / best - 1.0
     return rise if rise > rule.tolerance else None
 
 
@@ -145,7 +148,8 @@ def compute_alerts(
                     severity="warning",
                     subject=expert,
                     expert=expert,
-                    message=f"group {expert}: loss rose {worst[0]:.0%} above its best (peer {worst[1]})",
+                    message=f"group {expert}: smoothed loss (median of {rule.window} reports) has stayed "
+                    f"{worst[0]:.0%} above its best for {rule.hold} reports (peer {worst[1]})",
                 )
             )
     for expert, last in sorted(last_rounds.items()):

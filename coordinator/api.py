@@ -7,6 +7,7 @@ served as is, so latency does not grow with requests. ``/metrics`` is Prometheus
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Collection
 from pathlib import Path
@@ -20,6 +21,7 @@ from cogen.coordinator.dashboard import mount_dashboard
 from cogen.coordinator.metrics import make_registry
 from cogen.coordinator.schemas import AlertList, GenerationSummary, GroupSummary, PeerSummary, SwarmSnapshot
 from cogen.coordinator.view import SwarmMonitor
+from cogen.health import Check, HealthChecks, verdict
 from cogen.protocols import software_version
 
 
@@ -47,11 +49,14 @@ def create_app(
     observer: bool = False,
     checkpoints_dir: Path | None = None,
     served: Callable[[], Collection[str]] = frozenset,
+    health: HealthChecks | None = None,
 ) -> FastAPI:
     """The API over ``monitor``; ``registry`` defaults to a fresh one with the swarm's collector.
 
     With ``checkpoints_dir``, the files of the generations named by ``served()`` (dir names) are served
-    under ``/checkpoints/`` (nodes verify them against the signed manifest, so static files are enough)."""
+    under ``/checkpoints/`` (nodes verify them against the signed manifest, so static files are enough).
+    ``health`` answers ``/healthz`` and ``/readyz`` (:mod:`cogen.coordinator.health`); without it they
+    check only that the monitor polls."""
     registry = registry if registry is not None else make_registry(monitor)
     app = FastAPI(
         title="cogen " + ("dashboard (observer)" if observer else "coordinator"),
@@ -92,9 +97,31 @@ def create_app(
     def metrics() -> Response:
         return Response(content=generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/healthz", summary="Liveness: the DHT monitor is polling")
-    def healthz() -> dict[str, object]:
-        return {"ok": monitor.is_running(), "polls": monitor.polls, "observer": observer}
+    def probe(ready: bool) -> Response:
+        if health is None:
+            checks = [Check("monitor", monitor.is_running(), f"{monitor.polls} polls of the swarm")]
+        else:
+            checks = health.ready() if ready else health.live()
+        status, body = verdict(checks)
+        body.update(polls=monitor.polls, observer=observer)
+        return Response(json.dumps(body), status_code=status, media_type="application/json",
+                        headers={"Cache-Control": "no-store"})  # fmt: skip
+
+    @app.get(
+        "/healthz",
+        summary="Liveness: the API serves, the monitor polls, the DHT answers "
+        "(200, or 503 naming the failed check)",
+    )
+    def healthz() -> Response:
+        return probe(ready=False)
+
+    @app.get(
+        "/readyz",
+        summary="Readiness: alive, the swarm read, published generations read back, the swarm announced "
+        "(200, or 503 naming the failed check)",
+    )
+    def readyz() -> Response:
+        return probe(ready=True)
 
     if checkpoints_dir is not None:
         Path(checkpoints_dir).mkdir(parents=True, exist_ok=True)

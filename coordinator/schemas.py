@@ -91,7 +91,13 @@ class PeerSummary(_Frozen):
     online: bool
     device: str
     device_name: str
-    memory_bytes: int
+    memory_bytes: int = Field(description="the machine's total memory: the GPU's on a GPU, else RAM")
+    rss_bytes: int | None = Field(
+        default=None, description="the node process's resident memory at its last report (null: not reported)"
+    )
+    gpu_memory_bytes: int | None = Field(
+        default=None, description="CUDA memory the node process held at its last report (null: no GPU)"
+    )
     precision: str
     generation: int = Field(default=0, description="the generation of the base the peer trains on")
     software_version: str

@@ -27,6 +27,7 @@ from cogen.checkpoint import write_json_atomic
 from cogen.config import CoordinatorConfig
 from cogen.coordinator.api import create_app
 from cogen.coordinator.generations import GenerationLoop
+from cogen.coordinator.health import CoordinatorHealth
 from cogen.coordinator.history import History
 from cogen.coordinator.merging.publish import GENERATIONS
 from cogen.coordinator.metrics import NodeScraper, make_registry
@@ -182,6 +183,7 @@ class Coordinator:
             app = create_app(
                 self.monitor, registry, observer=cfg.observer, checkpoints_dir=checkpoints,
                 served=lambda: self.generations.served() if self.generations is not None else set(),
+                health=CoordinatorHealth(self),
             )  # fmt: skip
             self.api = ApiServer(app, cfg.api_host, cfg.api_port)
             self.api.start()

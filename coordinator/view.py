@@ -251,6 +251,8 @@ class SwarmMonitor(PeriodicService):
                     loss_is_nan=loss is not None and math.isnan(loss),
                     samples_per_second=prog.samples_per_second if prog else 0.0,
                     peak_memory_bytes=prog.peak_memory_bytes if prog else 0,
+                    rss_bytes=prog.rss_bytes if prog else None,
+                    gpu_memory_bytes=prog.gpu_memory_bytes if prog else None,
                     last_seen_s=round(now - state.last_seen, 3),
                 )
             )

@@ -8,6 +8,7 @@ The shared core (this package) holds what nodes and the coordinator both need:
 - ``data.py``       — deterministic split, sharding, tokenising and packing into blocks
 - ``checkpoint.py`` — adapter checkpoints: safetensors + JSON metadata, atomic
 - ``swarm.py``      — a peer's DHT handle with cogen's validators and typed records
+- ``health.py``     — health checks and the 200/503 JSON verdict of /healthz and /readyz
 - ``evaluation.py`` — validation loss; ``telemetry.py`` — logging and memory figures
 - ``demo.py``       — ``cogen demo``; ``cli.py`` — the ``cogen`` command
 

@@ -207,9 +207,12 @@ class NodeConfig(_Frozen):
         default=None,
         ge=0,
         le=65535,
-        description="serve this node's Prometheus /metrics on this port (0: any free)",
+        description="serve this node's Prometheus /metrics, /healthz (alive: DHT answers) and /readyz "
+        "(model loaded, training, on the latest base) on this port (0: any free)",
     )
-    metrics_host: str = Field(default="127.0.0.1", description="address the node's /metrics listens on")
+    metrics_host: str = Field(
+        default="127.0.0.1", description="address the node's /metrics, /healthz, /readyz listen on"
+    )
     follow: bool = Field(
         default=True, description="move to each newer generation the coordinator publishes, at an outer step"
     )
@@ -263,7 +266,12 @@ class CoordinatorConfig(_Frozen):
         description="the URL other machines reach the HTTP API at, where a proxy stands in front of it "
         "(default: http://<announce host or API host>:<API port>)",
     )
-    api_port: int = Field(default=8765, ge=0, le=65535, description="HTTP API port (0: any free port)")
+    api_port: int = Field(
+        default=8765,
+        ge=0,
+        le=65535,
+        description="HTTP port of the dashboard, API, /metrics, /healthz and /readyz (0: any free port)",
+    )
     poll_interval_s: float = Field(default=2.0, gt=0, le=600, description="seconds between DHT reads")
     stale_after_s: float = Field(
         default=90.0, gt=0, description="a peer not heard from for this long is shown as stale"

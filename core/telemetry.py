@@ -50,6 +50,13 @@ def peak_memory_bytes(device: torch.device | None = None) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
+def gpu_memory_bytes() -> int | None:
+    """CUDA memory this process holds now (allocated by torch), or None where it uses no GPU."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return None
+    return int(torch.cuda.memory_allocated())
+
+
 def current_memory_bytes() -> int:
     import psutil
 

@@ -9,6 +9,8 @@
 - ``follow.py``   — :class:`BaseFollower`: newer generations found, fetched and verified; the base mirror
 - ``fetch.py``    — :func:`fetch_base`: one base from one source, bounded by its signed sizes, all or nothing
 - ``sources.py``  — :class:`SourceBook`: which source to try next; backoff and distrust of failed ones
+- ``metrics.py``  — :class:`NodeMetrics`: the node's /metrics, /healthz and /readyz in one HTTP thread
+- ``health.py``   — :class:`NodeHealth`: the checks behind /healthz and /readyz
 - ``hardware.py`` — :func:`detect_hardware` for the NodeInfo record
 - ``cli.py``      — the ``cogen-node`` command
 """

@@ -1,26 +1,85 @@
-"""A node's own Prometheus metrics, served at ``http://HOST:PORT/metrics`` when ``--metrics-port`` is set.
+"""A node's own HTTP endpoints when ``--metrics-port`` is set: ``/metrics``, ``/healthz`` and ``/readyz``.
 
 :class:`NodeMetrics` keeps its own ``CollectorRegistry`` (never the global one), so several can live
 in one process (tests). The coordinator scrapes the ``cogen_node_*`` families of every node that
-announces its metrics URL and re-exposes them with ``peer`` and ``expert`` labels.
+announces its metrics URL and re-exposes them with ``peer`` and ``expert`` labels. ``/healthz`` and
+``/readyz`` answer 200 or 503 with a JSON body naming the failed checks (:mod:`cogen.node.health`).
+One standard-library ``ThreadingHTTPServer`` in a background thread serves all three.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+import socket
 import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Enum,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from cogen.addresses import http_url
+from cogen.health import Check, HealthChecks, verdict
+
+logger = logging.getLogger(__name__)
 
 NODE_STATES = ("joining", "training", "averaging", "stopping")
 
 
-class NodeMetrics:
-    """``start(host, port)`` / ``stop()`` / ``is_running()``; ``observe_step`` after every inner step."""
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    metrics: NodeMetrics
 
-    def __init__(self, expert: str = ""):
+    def __init__(self, host: str, port: int, metrics: NodeMetrics):
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.metrics = metrics
+        super().__init__((host, port), _Handler)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        metrics = self.server.metrics
+        if path == "/metrics":
+            self._send(200, CONTENT_TYPE_LATEST, generate_latest(metrics.registry))
+        elif path in ("/healthz", "/readyz"):
+            try:
+                status, body = verdict(metrics.checks(ready=path == "/readyz"))
+            except Exception as e:  # a check that raises is a failed check, never a dropped connection
+                status, body = verdict([Check("checks", False, f"{type(e).__name__}: {e}"[:200])])
+            self._send(status, "application/json", json.dumps(body).encode())
+        else:
+            self._send(404, "text/plain; charset=utf-8", b"not found: try /metrics, /healthz or /readyz\n")
+
+    def _send(self, status: int, content_type: str, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        logger.debug("metrics: " + format, *args)
+
+
+class NodeMetrics:
+    """``start(host, port)`` / ``stop()`` / ``is_running()``; ``observe_step`` after every inner step.
+
+    ``health`` answers ``/healthz`` and ``/readyz``; without it they report only that the process serves."""
+
+    def __init__(self, expert: str = "", health: HealthChecks | None = None):
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.steps = Counter("cogen_node_steps", "Inner steps done", registry=r)
@@ -40,16 +99,31 @@ class NodeMetrics:
         self.state = Enum("cogen_node_state", "What the node is doing", states=list(NODE_STATES), registry=r)
         self.info = Gauge("cogen_node_info", "Constant 1, labelled with the expert", ["expert"], registry=r)
         self.info.labels(expert=expert).set(1)
-        self._server: WSGIServer | None = None
+        self.health = health
+        self.step_seconds_total = 0.0  # for the mean step time (how long one outer step takes)
+        self.steps_timed = 0
+        self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
     def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
-        """Serve ``/metrics`` in a background thread; returns its URL (port 0 picks a free one)."""
-        server, thread = start_http_server(port, addr=host, registry=self.registry)
-        self._server, self._thread = server, thread
+        """Serve ``/metrics``, ``/healthz``, ``/readyz`` in a background thread; returns the metrics URL
+        (port 0 picks a free one)."""
+        self._server = _Server(host, port, self)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="node-metrics", daemon=True)
+        self._thread.start()
         url = self.url
         assert url is not None
         return url
+
+    def checks(self, ready: bool) -> list[Check]:
+        """The checks behind ``/readyz`` (``ready``) or ``/healthz``."""
+        if self.health is None:
+            return [Check("process", True, "serving")]
+        return self.health.ready() if ready else self.health.live()
+
+    @property
+    def mean_step_s(self) -> float | None:
+        return self.step_seconds_total / self.steps_timed if self.steps_timed else None
 
     @property
     def port(self) -> int | None:
@@ -61,7 +135,7 @@ class NodeMetrics:
             return None
         host, port = self._server.server_address[:2]
         host = host.decode() if isinstance(host, bytes) else str(host)
-        return f"http://{host}:{port}/metrics"
+        return http_url(host, int(port), "/metrics")
 
     def observe_step(self, loss: float, samples: int, tokens: int, seconds: float) -> None:
         """Record one inner step (a NaN loss is counted, and the loss gauge shows NaN)."""
@@ -72,6 +146,8 @@ class NodeMetrics:
         if math.isnan(loss):
             self.nan_steps.inc()
         if seconds > 0:
+            self.step_seconds_total += seconds
+            self.steps_timed += 1
             self.step_seconds.observe(seconds)
             self.samples_per_second.set(samples / seconds)
 

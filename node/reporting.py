@@ -25,7 +25,7 @@ from cogen.node.shards import renew_claim
 from cogen.periodic import PeriodicService
 from cogen.protocols import GroupProgress, NodeInfo, TrainingProgress
 from cogen.swarm import SwarmClient
-from cogen.telemetry import format_bytes
+from cogen.telemetry import current_memory_bytes, format_bytes, gpu_memory_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +116,8 @@ class NodeReporter(PeriodicService):
         loss, rate = self.window.close()
         self.client.publish("progress", TrainingProgress(
             peer_id=self.client.peer_id, expert=self.expert, step=step, samples=samples, tokens=tokens,
-            loss=loss, samples_per_second=rate, peak_memory_bytes=peak, time=get_dht_time(),
+            loss=loss, samples_per_second=rate, peak_memory_bytes=peak, rss_bytes=current_memory_bytes(),
+            gpu_memory_bytes=gpu_memory_bytes(), time=get_dht_time(),
         ))  # fmt: skip
         logger.info(
             "%s | step %d | loss %.4f | %.2f samples/s | %d tokens | peak mem %s | skipped %d",

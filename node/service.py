@@ -32,6 +32,7 @@ from cogen.data import train_batches
 from cogen.node.follow import Base, BaseFollower, MirrorServer, generation_of, read_key
 from cogen.node.group import GroupAverager
 from cogen.node.hardware import detect_hardware
+from cogen.node.health import NodeHealth
 from cogen.node.metrics import NodeMetrics
 from cogen.node.reporting import LossWindow, NodeReporter
 from cogen.node.resume import (
@@ -118,7 +119,7 @@ class ExpertNode:
         except (ValueError, OSError) as e:
             raise DataError(str(e)) from None
         if cfg.metrics_port is not None:
-            self.metrics = NodeMetrics(expert=self.expert)
+            self.metrics = NodeMetrics(expert=self.expert, health=NodeHealth(self))
             logger.info("serving node metrics at %s", self.metrics.start(cfg.metrics_host, cfg.metrics_port))
         self.client = client = SwarmClient(cfg.network)
         try:

@@ -91,7 +91,14 @@ class TrainingProgress(Record):
     tokens: int = Field(ge=0, description="tokens trained on")
     loss: float = Field(description="mean training loss over the last interval (NaN is reported, not hidden)")
     samples_per_second: NonNegativeFinite
-    peak_memory_bytes: int = Field(ge=0)
+    peak_memory_bytes: int = Field(
+        ge=0, description="the process's peak RSS (on a GPU: peak CUDA allocation)"
+    )
+    # added after protocol 2 shipped; optional, so records of nodes that do not send them stay valid
+    rss_bytes: int | None = Field(default=None, ge=0, description="the node process's resident memory now")
+    gpu_memory_bytes: int | None = Field(
+        default=None, ge=0, description="CUDA memory the node process holds now (null without a GPU)"
+    )
     time: NonNegativeFinite = Field(description="DHT time of the report")
 
 

@@ -64,10 +64,10 @@ def node_info(client: SwarmClient, expert: str, version: str | None = None) -> N
     )
 
 
-def progress(client: SwarmClient, expert: str, step: int, loss: float) -> TrainingProgress:
+def progress(client: SwarmClient, expert: str, step: int, loss: float, **memory: int) -> TrainingProgress:
     return TrainingProgress(
         peer_id=client.peer_id, expert=expert, step=step, samples=2 * step, tokens=64 * step, loss=loss,
-        samples_per_second=4.0, peak_memory_bytes=2**20, time=get_dht_time(),
+        samples_per_second=4.0, peak_memory_bytes=2**20, time=get_dht_time(), **memory,  # type: ignore[arg-type]
     )  # fmt: skip
 
 
@@ -99,7 +99,8 @@ def test_api_serves_peers_groups_alerts_and_survives_a_restart(dht, tmp_path: Pa
     history = History(tmp_path / "history.sqlite3")
     monitor = SwarmMonitor(host, poll_interval_s=0.2, stale_after_s=60, history=history)
     for step, loss in enumerate([3.0, 2.5, math.nan], start=1):
-        medical.publish("progress", progress(medical, "medical", step, loss)).result()
+        memory = {"rss_bytes": 300 << 20, "gpu_memory_bytes": 5 << 30}
+        medical.publish("progress", progress(medical, "medical", step, loss, **memory)).result()
         legal.publish("progress", progress(legal, "legal", step, 4.0 - step)).result()
         _poll_until(monitor, lambda v, s=step: all(p.step == s for p in v.snapshot.peers) and len(
             v.snapshot.peers) == 2, f"progress step {step}")  # fmt: skip
@@ -113,6 +114,9 @@ def test_api_serves_peers_groups_alerts_and_survives_a_restart(dht, tmp_path: Pa
     }
     assert set(peers) == {"medical", "legal"} and peers["medical"].loss_is_nan
     assert peers["legal"].software_version == "0.0.1-old" and peers["legal"].device_name == "test <b>cpu</b>"
+    # the node's own memory, apart from the machine's total (a node that does not report it: null)
+    assert (peers["medical"].rss_bytes, peers["medical"].gpu_memory_bytes) == (300 << 20, 5 << 30)
+    assert peers["medical"].memory_bytes == 2**30 and peers["legal"].rss_bytes is None
 
     groups = {
         g.expert: g for g in TypeAdapter(list[GroupSummary]).validate_python(api.get("/api/groups").json())

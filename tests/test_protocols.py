@@ -78,6 +78,22 @@ def test_good_records_round_trip_through_msgpack() -> None:
         assert record.protocol_version == PROTOCOL_VERSION
 
 
+def test_progress_without_memory_fields_is_still_valid() -> None:
+    """Records of nodes that report no RSS / GPU memory (the fields came later) keep validating."""
+    old = progress()
+    del old["rss_bytes"], old["gpu_memory_bytes"]
+    record = check_record("progress", OWNER, MSGPackSerializer.dumps(old))
+    assert (
+        isinstance(record, TrainingProgress) and record.rss_bytes is None and record.gpu_memory_bytes is None
+    )
+    new = check_record(
+        "progress", OWNER, MSGPackSerializer.dumps(progress(rss_bytes=2**28, gpu_memory_bytes=0))
+    )
+    assert isinstance(new, TrainingProgress) and new.rss_bytes == 2**28
+    with pytest.raises(RecordRejected, match="rss_bytes"):
+        check_record("progress", OWNER, MSGPackSerializer.dumps(progress(rss_bytes=-1)))
+
+
 @pytest.mark.parametrize(
     ("kind", "payload", "complaint"),
     [

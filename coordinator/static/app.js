@@ -69,12 +69,20 @@ function renderPeers(peers) {
     + `<td class="expert">${esc(p.expert)}</td>`
     + `<td><span class="state ${esc(p.state)}">${esc(p.state)}</span></td>`
     + `<td title="${esc(p.device_name)}">${esc(p.device)} · ${esc(p.precision)}</td>`
-    + `<td>${fmtBytes(p.memory_bytes)}</td>`
+    + `<td class="memory">${memoryText(p)}</td>`
     + `<td class="num">${p.step}</td>`
     + `<td class="num">${p.loss_is_nan ? "NaN" : fmtNumber(p.loss, 3)}</td>`
     + `<td class="num">${fmtNumber(p.samples_per_second, 1)}</td>`
     + `<td class="num">${fmtAgo(p.last_seen_s)}</td>`
     + `<td>${esc(p.software_version)} / p${esc(p.protocol_version)}</td></tr>`).join("");
+}
+
+function memoryText(p) {
+  // the node's own memory (RSS, and CUDA memory on a GPU), then the machine's total
+  const own = p.rss_bytes === null || p.rss_bytes === undefined ? "–" : fmtBytes(p.rss_bytes);
+  const gpu = p.gpu_memory_bytes === null || p.gpu_memory_bytes === undefined
+    ? "" : ` · GPU ${fmtBytes(p.gpu_memory_bytes)}`;
+  return `<span class="own">${own}${gpu}</span> <span class="total">of ${fmtBytes(p.memory_bytes)}</span>`;
 }
 
 function roundText(round) {
@@ -156,14 +164,25 @@ function renderGenerations(generations) {
     + `<td>${g.signature_ok === null ? "unchecked" : g.signature_ok ? "valid" : "INVALID"}</td></tr>`).join("");
   const domains = [...new Set(latest.scores.map((s) => s.domain))];
   const ranked = latest.ranking.length ? latest.ranking : [...new Set(latest.scores.map((s) => s.expert))];
-  const experts = latest.scores.some((s) => s.expert === "merged") ? [...ranked, "merged"] : ranked;
+  // the base the experts started from, the experts (ranked), the merged base, the routed mixture
+  const has = (name) => latest.scores.some((s) => s.expert === name);
+  const experts = [...(has("base") ? ["base"] : []), ...ranked.filter((e) => e !== "base"),
+    ...["merged", "mixture"].filter(has)];
   const cell = (d, e) => latest.scores.find((s) => s.domain === d && s.expert === e);
-  const matrix = experts.map((e) => `<tr><td>${esc(e)}</td>`
-    + domains.map((d) => `<td class="num">${fmtNumber(cell(d, e)?.loss, 3)}</td>`).join("") + "</tr>").join("");
+  const change = (d, e) => {  // against the base: what training, merging or routing bought
+    const base = cell(d, "base")?.loss, loss = cell(d, e)?.loss;
+    if (e === "base" || base === null || base === undefined || loss === null || loss === undefined) return "";
+    const pct = (100 * (loss - base)) / base;
+    return ` <span class="delta ${pct <= 0 ? "better" : "worse"}">${pct > 0 ? "+" : ""}${pct.toFixed(1)} %</span>`;
+  };
+  const matrix = experts.map((e) => `<tr data-row="${esc(e)}"><td>${esc(e)}</td>`
+    + domains.map((d) => `<td class="num">${fmtNumber(cell(d, e)?.loss, 3)}${change(d, e)}</td>`).join("")
+    + "</tr>").join("");
   root.innerHTML = `<div class="table-wrap"><table><thead><tr><th class="num">Gen</th><th>Base</th>`
     + `<th>Parent</th><th>Created</th><th>Merge</th><th>Manifest</th><th>Signature</th></tr></thead>`
     + `<tbody>${lineage}</tbody></table></div>`
-    + `<h2>Evaluation of generation ${latest.generation} (loss per domain, experts ranked; cheap-ranking `
+    + `<h2>Evaluation of generation ${latest.generation} (loss per domain and change against the base; `
+    + `experts ranked; cheap-ranking `
     + `Kendall τ ${fmtNumber(latest.kendall_tau, 2)})</h2>`
     + `<div class="table-wrap"><table><thead><tr><th>Expert</th>`
     + domains.map((d) => `<th class="num">${esc(d)}</th>`).join("") + `</tr></thead><tbody>${matrix}</tbody></table></div>`
