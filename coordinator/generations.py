@@ -130,7 +130,12 @@ def summarize(manifest: Manifest, manifest_sha256: str) -> GenerationSummary:
     """A published generation as the API and the dashboard show it."""
     scores = []
     if manifest.evaluation is not None:
+        best, base = manifest.best, manifest.evaluation.base
         for domain in manifest.evaluation.domains:
+            # the base the experts started from, then each expert, the merged base and the mixture
+            scores.append(DomainScore(domain=domain, expert="base", loss=base.get(domain)))
+            if best is not None and best.kind == "moe":
+                scores.append(DomainScore(domain=domain, expert="mixture", loss=best.losses.get(domain)))
             order = manifest.ranking.get(domain, [])
             for expert, losses in manifest.evaluation.experts.items():
                 rank = order.index(expert) + 1 if expert in order else None
