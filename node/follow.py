@@ -125,6 +125,7 @@ class BaseFollower(PeriodicService):
         self.fetch_cfg = fetch or FetchConfig()
         self.sources = SourceBook(self.fetch_cfg)
         self._ready: Base | None = None
+        self.looked = threading.Event()  # set once the first look at the swarm's generations is done
         self._served: list[Base] = []
         self._lock = threading.Lock()
 
@@ -171,6 +172,12 @@ class BaseFollower(PeriodicService):
         return key, owners
 
     def tick(self) -> None:
+        try:
+            self._look()
+        finally:
+            self.looked.set()
+
+    def _look(self) -> None:
         self._announce_served()
         announced = [
             (e.owner, e.record)

@@ -135,6 +135,8 @@ class ExpertNode:
                 " ".join(client.visible_maddrs()),
             )
             self.hardware = detect_hardware(device)
+            self.follower = self._start_follower()
+            model_path = self._newest_base(model_path)
             self._set_base(generation_of(model_path), model_path)
             self.reporter = NodeReporter(
                 client, self.expert, self._node_info, cfg.network.record_ttl_s, self.losses, self.metrics
@@ -182,7 +184,6 @@ class ExpertNode:
             )
             self.group = self._join_group(model, trainer, saved)
             trainer.batches = skip
-            self.follower = self._start_follower()
             self._announce("training")
             while (reason := self._train(trainer, device)) == "new_base":
                 base = self.follower.take() if self.follower is not None else None
@@ -234,6 +235,21 @@ class ExpertNode:
         )  # fmt: skip
         follower.start()
         return follower
+
+    def _newest_base(self, model_path: str) -> str:
+        """Start on the swarm's newest base rather than on ``--model``'s (a node restarted after the
+        swarm moved on, or joining late): the follower's first look fetches and verifies it, or reuses
+        the verified copy this node already has; bounded, so that a slow download does not hold up
+        training (the node then moves to it at an outer step, as usual)."""
+        if self.follower is None:
+            return model_path
+        self.follower.looked.wait(self.cfg.fetch.fetch_timeout_s)
+        base = self.follower.take()
+        if base is None:
+            return model_path
+        logger.info("%s: starting on generation %d, the swarm's newest (%s)", self.expert, base.generation,
+                    base.path)  # fmt: skip
+        return str(base.path)
 
     def _switch_base(
         self, base: Base, old: ExpertTrainer, batches: Any, device: torch.device

@@ -19,7 +19,7 @@ from cogen.checkpoint import latest_checkpoint, read_metadata
 from cogen.procs import wait_for
 from cogen.protocols.manifest import MANIFEST_FILE, sha256_file, verify_manifest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(540)]
 
 NODE_ARGS = ["--inner-steps", "3", "--matchmaking-s", "1.5", "--averaging-timeout-s", "30", "--lr", "2e-2"]
 MOVED = re.compile(r"now training on generation (\d+)")
@@ -62,8 +62,16 @@ def test_two_generations_end_to_end(peers: Peers, tmp_path: Path) -> None:
     assert (out / "latest").resolve() == second.resolve()
     AutoModelForCausalLM.from_pretrained(second)  # a plain Hugging Face checkpoint
 
-    for name in nodes:  # the nodes saved their generation-1 expert before moving on, then went on
+    # a node that joins now starts on the newest base (fetched and verified before it loads a model),
+    # not on generation 0's
+    late = peers.start_node("late", "medical", *NODE_ARGS)
+    wait_for(lambda: "starting on generation 2" in peers.log("late").read_text(), 120,
+             "the late node starting on generation 2", interval_s=0.5, alive=[late])  # fmt: skip
+    assert "now training on generation" not in peers.log("late").read_text()  # no switch needed
+
+    for name in [*nodes, "late"]:  # the nodes saved their generation-1 expert before moving on, then went on
         peers.terminate(name)
+    assert peers.wait_exit("late", 120) == 0
     for name in nodes:
         assert peers.wait_exit(name, 120) == 0
         meta = read_metadata(latest_checkpoint(peers.workdir / name))
