@@ -104,7 +104,9 @@ class Disturber:
         which is in that same round: law-a must abandon it, save and exit within its grace period."""
         target, mate = self.swarm.members["law-a"], self.swarm.members["law-b"]
         assert target.proc is not None and mate.proc is not None
-        wait_for(lambda: self._state(mate) == "averaging", 180, "law-b averaging", interval_s=0.2)
+        both = (target, mate)
+        in_round = lambda: all(self._state(m) == "averaging" for m in both)  # noqa: E731
+        wait_for(in_round, 180, "law-a and law-b averaging", interval_s=0.2)
         mate.proc.send_signal(signal.SIGSTOP)
         try:
             time.sleep(0.5)

@@ -243,7 +243,10 @@ class ExpertNode:
         training (the node then moves to it at an outer step, as usual)."""
         if self.follower is None:
             return model_path
-        self.follower.looked.wait(self.cfg.fetch.fetch_timeout_s)
+        deadline = time.monotonic() + self.cfg.fetch.fetch_timeout_s
+        while not self.follower.looked.wait(0.2):  # a stop (SIGTERM) must not wait for the look
+            if self.stop_event.is_set() or time.monotonic() > deadline:
+                return model_path
         base = self.follower.take()
         if base is None:
             return model_path
