@@ -176,10 +176,22 @@ class GroupAverager:
         """Load the group's anchor, momentum and outer step from a member, if there is one (hivemind
         tries the members in order of their outer step, and the next one if a download breaks off)."""
         logger.info("looking for the group's state (up to %.0f s)", self.cfg.join_timeout_s)
+        future = self.state_averager.load_state_from_peers(wait=False, timeout=self.cfg.join_timeout_s)
+        deadline = time.monotonic() + self.cfg.join_timeout_s
         try:
-            loaded = self.state_averager.load_state_from_peers(timeout=self.cfg.join_timeout_s)
-        except Exception as e:  # a peer that vanished mid-download: start fresh instead
-            logger.warning("could not load the group's state: %s", e)
+            while not self.stop.is_set():  # a stop (SIGTERM) does not wait for a slow or frozen donor
+                try:
+                    loaded = future.result(timeout=min(0.5, max(0.0, deadline - time.monotonic())))
+                    break
+                except (TimeoutError, concurrent.futures.TimeoutError):
+                    if time.monotonic() >= deadline:
+                        raise
+            else:
+                future.cancel()
+                return False
+        except Exception as e:  # a peer that vanished mid-download, or none answered in time: start fresh
+            future.cancel()
+            logger.warning("could not load the group's state: %s", e or type(e).__name__)
             return False
         if loaded is None:
             return False
