@@ -117,7 +117,7 @@ class Peers:
             "--swarm", self.swarm, "--host", "127.0.0.1", "--port", "0", "--api-port", "0",
             "--ready-file", str(ready), "--poll-interval-s", "0.5", "--record-ttl-s", "10", *extra,
         ])  # fmt: skip
-        self.coordinator_info = wait_for(lambda: read_json(ready), 60, "coordinator ready", alive=[proc])
+        self.coordinator_info = wait_for(lambda: read_json(ready), 180, "coordinator ready", alive=[proc])
         return self.coordinator_info
 
     @property
