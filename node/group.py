@@ -229,9 +229,24 @@ class GroupAverager:
         self.outer_step, self._samples_at_anchor = outer_step, samples_at_anchor
 
     def momentum_state(self) -> list[torch.Tensor]:
-        """A copy of the outer momentum (for saving the node's state)."""
+        """A copy of the outer momentum."""
         with self.state_averager.get_tensors() as shared:
             return [t.clone() for t in shared[len(self.anchor) :]]
+
+    def state_copy(self, timeout_s: float | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Copies of the anchor and the outer momentum, read together (for saving the node's state).
+
+        With ``timeout_s``, raises :class:`TimeoutError` if a round still holds the group's tensors that
+        long: hivemind keeps them locked for a whole all-reduce, also one this member just abandoned, and
+        a node that is stopping must not wait out the averaging timeout."""
+        lock = self.state_averager.lock_averaged_tensors
+        if timeout_s is not None:
+            if not lock.acquire(timeout=timeout_s):
+                raise TimeoutError(f"a round held the group's state for over {timeout_s:.0f} s")
+            lock.release()  # free now: nothing starts a round while the node saves
+        with self.state_averager.get_tensors() as shared:
+            n = len(self.anchor)
+            return [t.clone() for t in shared[:n]], [t.clone() for t in shared[n:]]
 
     @property
     def samples_at_anchor(self) -> int:
@@ -422,8 +437,8 @@ class GroupAverager:
         else:
             self.rounds_failed += 1
             logger.warning("outer step %d not applied: %s", self.outer_step, reason)
-        with self.delta_averager.get_tensors() as delta:
-            sent = estimate_bytes_sent(delta, self.compression, group_size)
+        # from the shapes alone: the averager may still hold its tensors' lock in a round just abandoned
+        sent = estimate_bytes_sent(self.anchor, self.compression, group_size)
         self.last_round = RoundReport(
             outer_step=self.outer_step, ok=ok, reason=reason[:200], group_size=group_size,
             duration_s=time.monotonic() - start, bytes_sent=sent, weight=float(weight), time=get_dht_time(),

@@ -146,13 +146,18 @@ def save_state(
     model: torch.nn.Module,
     trainer: ExpertTrainer,
     group: GroupAverager | None,
+    lock_timeout_s: float | None = None,
 ) -> Path:
-    """Write the node's full training state for ``meta.generation``; returns its directory."""
+    """Write the node's full training state for ``meta.generation``; returns its directory.
+
+    Raises :class:`TimeoutError` (nothing written) if the group's state stays locked over
+    ``lock_timeout_s`` (see :meth:`GroupAverager.state_copy`)."""
     from safetensors.torch import save_file
 
     tensors = {f"weights.{n}": p.detach().cpu().clone().contiguous() for n, p in trainable(model).items()}
     if group is not None:
-        for i, (a, m) in enumerate(zip(group.anchor_state(), group.momentum_state(), strict=True)):
+        anchor, momentum = group.state_copy(lock_timeout_s)
+        for i, (a, m) in enumerate(zip(anchor, momentum, strict=True)):
             tensors[f"anchor.{i}"], tensors[f"momentum.{i}"] = a.contiguous(), m.contiguous()
     optimizer = flatten(trainer.optimizer.state_dict(), "optimizer", tensors)
     scheduler = json.loads(json.dumps(trainer.scheduler.state_dict(), default=lambda o: None))

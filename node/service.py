@@ -54,6 +54,8 @@ from cogen.telemetry import format_bytes, peak_memory_bytes
 
 logger = logging.getLogger(__name__)
 
+STOP_LOCK_S = 5.0  #: how long a stopping node waits for a round to release the group's state before saving
+
 
 class DataError(RuntimeError):
     """The expert's domain data cannot be read (one-line explanation)."""
@@ -320,7 +322,7 @@ class ExpertNode:
         self._saved_outer = group.outer_step if group is not None else None
         return group
 
-    def _save_state(self, trainer: ExpertTrainer) -> Path:
+    def _save_state(self, trainer: ExpertTrainer, lock_timeout_s: float | None = None) -> Path:
         """Save the full training state (see :mod:`cogen.node.resume`)."""
         assert self.client is not None
         cfg, group = self.cfg, self.group
@@ -333,7 +335,7 @@ class ExpertNode:
             data=self._data_fingerprint,
             first_loss=self.losses.first_loss, train_loss=self.losses.last_loss, optimizer=None, scheduler={},
         )  # fmt: skip
-        path = save_state(cfg.output_dir, meta, trainer.model, trainer, group)
+        path = save_state(cfg.output_dir, meta, trainer.model, trainer, group, lock_timeout_s)
         self._saved_outer = meta.outer_step
         self._saved_at = (trainer.steps, meta.outer_step)
         logger.info("%s: saved training state at outer step %s, inner step %d to %s",
@@ -479,7 +481,11 @@ class ExpertNode:
         )
         ckpt = save_adapter(model, cfg.output_dir, meta)
         if self._saved_at != (trainer.steps, meta.outer_step):  # not saved at this very step yet
-            self._save_state(trainer)
+            try:  # a stopping node does not wait out a round that still holds the group's state
+                self._save_state(trainer, STOP_LOCK_S if self.stop_event.is_set() else None)
+            except TimeoutError as e:
+                logger.warning("%s: training state not saved (%s); a restart resumes from the last one saved",
+                               self.expert, e)  # fmt: skip
         peak = peak_memory_bytes(device)
         logger.info(
             "%s: %s after %d steps (%d tokens); adapter saved to %s; peak memory %s",

@@ -247,6 +247,14 @@ class Switch:
     def get_json(self, host: int, url: str, timeout_s: float = 10.0) -> Any:
         return json.loads(self.urlopen(host, url, timeout_s))
 
+    def reachable(self, host: int, url: str, timeout_s: float = 2.0) -> bool:
+        """Whether ``url`` answers a GET from inside ``host`` within ``timeout_s``."""
+        try:
+            self.urlopen(host, url, timeout_s)
+            return True
+        except OSError:
+            return False
+
     def remove(self) -> None:
         """Delete every namespace this switch created (idempotent)."""
         while self._created:

@@ -62,6 +62,8 @@ def test_a_generation_across_hosts_with_a_mirror_and_a_volunteer_behind_nat(
 
     net.block_tcp(3, coordinator_host, 8765)  # the solo node cannot fetch from the coordinator
     net.block_inbound(4)  # a volunteer behind NAT
+    api = f"http://{coordinator_host}:8765/api/swarm"
+    assert net.reachable(1, api, timeout_s=10) and not net.reachable(3, api), "host 3 must not reach the API"
     nodes = {"med-a": (1, "medical", []), "med-b": (2, "medical", []), "law": (3, "legal", []),
              "med-nat": (4, "medical", ["--client-mode"])}  # fmt: skip
     for name, (host, expert, extra) in nodes.items():

@@ -338,3 +338,27 @@ def test_drift_between_lossy_members_is_reported_and_stays_bounded(make_group) -
             assert 0 < r.drift < 1e-2 and 0 < r.drift_relative < 2e-3, r
     first = max(r.drift or 0.0 for r in synced[0])
     assert max(r.drift or 0.0 for r in synced[-1]) <= 3 * first  # bounded: no walk away over the steps
+
+
+def test_a_stopping_member_does_not_wait_for_a_round_that_holds_its_tensors(make_group) -> None:
+    """hivemind keeps an averager's tensors locked for a whole all-reduce, also one this member just
+    abandoned: reporting that round and saving the state on the way out must not wait for the lock."""
+    (member,) = make_group(1, "held")
+    g = member.group
+    member.train([torch.full(shape, 0.1) for shape in SHAPES])
+    assert g.begin_round(total_samples=8)
+    delta_lock, state_lock = g.delta_averager.lock_averaged_tensors, g.state_averager.lock_averaged_tensors
+    assert delta_lock.acquire(timeout=10) and state_lock.acquire(timeout=10)  # as an all-reduce in flight
+    try:
+        g.stop.set()
+        start = time.monotonic()
+        report = g.finish_round()
+        assert report is not None and not report.ok and "abandoned" in report.reason
+        with pytest.raises(TimeoutError, match="held the group's state"):
+            g.state_copy(timeout_s=0.5)
+        assert time.monotonic() - start < 5.0
+    finally:
+        delta_lock.release()
+        state_lock.release()
+    anchor, momentum = g.state_copy(timeout_s=5.0)  # once the round lets go, the state is read as usual
+    assert [tuple(a.shape) for a in anchor] == SHAPES and all(float(m.abs().sum()) == 0 for m in momentum)
