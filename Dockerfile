@@ -8,14 +8,15 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /opt/cogen
 COPY requirements/ requirements/
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY scripts/ scripts/
 COPY core/ core/
+COPY app/ app/
 COPY node/ node/
 COPY coordinator/ coordinator/
 COPY protocols/ protocols/
 RUN bash scripts/bootstrap.sh \
-    && .venv/bin/python -c "from cogen.models import resolve_model; resolve_model('smollm2-135m')"
+    && .venv/bin/python -c "from cogen.core.models import resolve_model; resolve_model('smollm2-135m')"
 
 VOLUME ["/cache", "/runs"]
 EXPOSE 31337 8765

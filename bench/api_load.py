@@ -35,15 +35,15 @@ from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
-from cogen.procs import read_json, spawn, stop, tail, wait_for
+from cogen.core.procs import read_json, spawn, stop, tail, wait_for
 from cogen.protocols import (
-    CogenRecordValidator,
     Hardware,
     NodeInfo,
     TrainingProgress,
     software_version,
     swarm_key,
 )
+from cogen.protocols.validation import CogenRecordValidator
 
 SWARM = "apiload"
 EXPERTS = ("medical", "legal", "code", "literature")

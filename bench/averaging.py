@@ -234,7 +234,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     import hivemind
     import torch
 
-    from cogen.config import GroupConfig
+    from cogen.core.config import GroupConfig
 
     nbytes = args.size_mb * MB
     return {

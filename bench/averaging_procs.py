@@ -290,7 +290,7 @@ def run_rounds(children: list[Child], compression: str, args: argparse.Namespace
 def _run_schedule(children: list[Child], args: argparse.Namespace, label: str, rounds: Rounds) -> None:
     # bare hivemind first: a cogen failure that kills the peers' averagers then loses no bare figure
     schedule = [(kind, i > 0) for kind in ("bare", "cogen") for i in range(args.rounds + 1)]
-    from cogen.config import GroupConfig
+    from cogen.core.config import GroupConfig
 
     # a cogen round gives up looking for a group after 2 * matchmaking + 5 s, then all-reduces
     timeout = args.round_timeout + 2 * GroupConfig().matchmaking_s + 5 + 30

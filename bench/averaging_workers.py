@@ -74,7 +74,7 @@ class Peer:
     def setup(self, compression: str) -> None:
         from hivemind import DecentralizedAverager
 
-        from cogen.config import GroupConfig
+        from cogen.core.config import GroupConfig
         from cogen.node.group import GroupAverager
         from cogen.node.wire import wire_compression
 

@@ -42,12 +42,12 @@ def run_main(
 ) -> int:
     """A bench script's ``main`` after parsing: run it, and turn a failure into a numbered exit code.
 
-    ``model_errors``: a ``cogen.models.ModelError`` exits with ``ExitCode.MODEL``. ``plain_logging``:
+    ``model_errors``: a ``cogen.core.models.ModelError`` exits with ``ExitCode.MODEL``. ``plain_logging``:
     configure logging without cogen's setup (which imports transformers), for the scripts that drive
     other processes only. ``unwind_on_sigterm``: SIGTERM unwinds like an exception, so the ``finally``
     blocks remove children and network namespaces. ``errors``: what exits with ``ExitCode.ERROR``.
     """
-    from cogen.exit_codes import ExitCode
+    from cogen.core.exit_codes import ExitCode
 
     log = logging.getLogger(f"cogen.bench.{name}")
     if unwind_on_sigterm:
@@ -55,12 +55,12 @@ def run_main(
     if plain_logging:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     else:
-        from cogen.telemetry import setup_logging
+        from cogen.core.telemetry import setup_logging
 
         setup_logging()
     model_error: tuple[type[Exception], ...] = ()
     if model_errors:
-        from cogen.models import ModelError
+        from cogen.core.models import ModelError
 
         model_error = (ModelError,)
     try:
@@ -81,7 +81,7 @@ def run_main(
 
 def child_main(run: Callable[[], dict[str, Any]]) -> int:
     """The ``--worker`` side: quiet logs, then the figures as one marked JSON line for :func:`run_child`."""
-    from cogen.telemetry import setup_logging
+    from cogen.core.telemetry import setup_logging
 
     setup_logging(os.environ.get("COGEN_LOG_LEVEL", "WARNING"))
     warnings.filterwarnings("ignore", category=UserWarning)
@@ -138,7 +138,7 @@ def write_report(path: Path | None, report: Mapping[str, Any]) -> None:
     """Write ``report`` to ``path`` as JSON, atomically (nothing when ``path`` is None), and say so."""
     if path is None:
         return
-    from cogen.checkpoint import write_json_atomic
+    from cogen.core.checkpoint import write_json_atomic
 
     write_json_atomic(path, dict(report))
     print(f"wrote {path}", flush=True)

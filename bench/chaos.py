@@ -41,7 +41,7 @@ from benchlib import BenchError, run_main, table_lines, targets_json, write_repo
 from chaos_swarm import ChaosSwarm, LogFacts, Member
 from netns import NetnsUnavailable, Switch, remove_stale
 
-from cogen.procs import wait_for
+from cogen.core.procs import wait_for
 
 logger = logging.getLogger("cogen.bench.chaos")
 TARGETS = {"nan_events": ("<=", 0.0), "loss_ratio": ("<=", 1.10), "sigterm_exit_s": ("<=", 25.0)}

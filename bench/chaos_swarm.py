@@ -3,7 +3,7 @@
 Host 0 runs the coordinator (DHT on a fixed port and a stable identity, so a restarted coordinator is
 found at the same multiaddr); every node runs on a host of its own, with its own output dir that
 survives its restarts. Processes are real ``cogen-coordinator`` / ``cogen-node`` children started with
-``ip netns exec`` (:func:`cogen.procs.spawn`); each keeps one log per start (``NAME.N.log``), which is
+``ip netns exec`` (:func:`cogen.core.procs.spawn`); each keeps one log per start (``NAME.N.log``), which is
 what the figures are read from (:class:`LogFacts`).
 """
 
@@ -18,7 +18,7 @@ from typing import Any
 
 from netns import Switch
 
-from cogen.procs import kill_group, read_json, spawn, stop, wait_for
+from cogen.core.procs import kill_group, read_json, spawn, stop, wait_for
 
 DHT_PORT = 31337
 API_PORT = 8765

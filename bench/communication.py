@@ -1,7 +1,7 @@
 """Bytes on the wire per training token: per-step fp32 data-parallel averaging against cogen's outer steps.
 
 An *algorithmic* benchmark, in one process: ``--workers`` simulated workers, each with its own copy of
-the trainable weights, its own inner optimizer and its own data shard (``cogen.data.train_batches``
+the trainable weights, its own inner optimizer and its own data shard (``cogen.core.data.train_batches``
 shard ``i`` of ``W``), train the same model from the same seeded start on the same total tokens in
 these arms:
 
@@ -48,7 +48,7 @@ from typing import Any
 
 import torch
 
-from cogen.config import GroupConfig
+from cogen.core.config import GroupConfig
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # the siblings, also when loaded by path (tests)
     sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from benchlib import BenchError
 
-from cogen import models
-from cogen.config import GroupConfig, OptimConfig
+from cogen.core import models
+from cogen.core.config import GroupConfig, OptimConfig
 
 GROUP_DEFAULTS = GroupConfig()
 
@@ -76,8 +76,8 @@ class Data:
 
 def load_data(s: Settings, steps_per_worker: int, workers: int) -> Data:
     """Tokenise ``steps_per_worker`` batches of each worker's shard, folded into the small vocabulary."""
-    from cogen.corpora import get_corpus
-    from cogen.data import gpt2_tokenizer, train_batches, validation_blocks
+    from cogen.core.corpora import get_corpus
+    from cogen.core.data import gpt2_tokenizer, train_batches, validation_blocks
 
     tokenizer = gpt2_tokenizer()
     try:
@@ -136,6 +136,6 @@ class Worker:
 
 def evaluate(model: torch.nn.Module, blocks: torch.Tensor) -> float:
     """Validation loss (nats per token) with cogen's evaluation."""
-    from cogen.evaluation import validation_loss
+    from cogen.core.evaluation import validation_loss
 
     return validation_loss(model, blocks, batch_size=32)

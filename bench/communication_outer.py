@@ -14,7 +14,7 @@ from typing import cast
 import torch
 from hivemind.compression import CompressionBase, CompressionInfo, deserialize_torch_tensor
 
-from cogen.config import GroupConfig
+from cogen.core.config import GroupConfig
 from cogen.node.group import GroupAverager
 
 

@@ -11,7 +11,7 @@ merge's memory is counted from the resident set after the base is loaded, so the
 merge alone.
 
 The experts are real cogen checkpoints: PEFT LoRA adapters (seeded random A and B, every default target
-module) on the real base model, written by ``cogen.checkpoint.save_adapter`` exactly as a node writes
+module) on the real base model, written by ``cogen.core.checkpoint.save_adapter`` exactly as a node writes
 them. Every measurement runs in a fresh child process (this script with a hidden ``--worker``); a child
 resets its peak resident set (``/proc/self/clear_refs``) just before the measured phase and reads
 ``VmHWM`` after it, and a sampler thread records the peak anonymous and file-backed resident sets, which
@@ -37,9 +37,9 @@ from typing import Any
 import torch
 from benchlib import BenchError, child_main, run_child, run_main, table_lines, write_report
 
-from cogen import models
-from cogen.checkpoint import ADAPTER_WEIGHTS
-from cogen.telemetry import format_bytes
+from cogen.core import models
+from cogen.core.checkpoint import ADAPTER_WEIGHTS
+from cogen.core.telemetry import format_bytes
 
 logger = logging.getLogger("cogen.bench.merge_cost")
 
@@ -212,8 +212,8 @@ def make_experts(
     model_name: str, model_path: str, root: Path, count: int, rank: int
 ) -> tuple[list[Path], dict[str, int]]:
     """``count`` seeded random LoRA experts on the base, saved by ``save_adapter``; also their sizes."""
-    from cogen.checkpoint import AdapterMetadata, save_adapter
-    from cogen.config import ModelConfig
+    from cogen.core.checkpoint import AdapterMetadata, save_adapter
+    from cogen.core.config import ModelConfig
 
     cfg = ModelConfig(lora_rank=rank)
     model = models.add_lora(models.load_base(model_path, "fp32", torch.device("cpu")), cfg, seed=0)

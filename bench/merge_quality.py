@@ -6,7 +6,7 @@ Model over data: one LoRA expert per domain, each trained with cogen's own train
 tokens (its batches cycle through the domains). The experts are then merged with every registered
 dense method (weights from the evaluation, as ``cogen-coordinator merge --eval-domains`` chooses them)
 and as the routed mixture ``moe`` (:mod:`cogen.coordinator.merging.moe`); every model is evaluated on
-each domain's validation blocks with :func:`cogen.evaluation.validation_loss`.
+each domain's validation blocks with :func:`cogen.core.evaluation.validation_loss`.
 
 Targets (from issue 5): with the best method, on every domain the merged loss is within 5% of that
 domain's expert and below the base, and its mean over domains is at most the centralised model's;
@@ -30,16 +30,22 @@ from typing import Any
 
 import torch
 
-from cogen import models
-from cogen.checkpoint import AdapterMetadata, latest_checkpoint, load_adapter, save_adapter, write_json_atomic
-from cogen.config import ModelConfig, OptimConfig
 from cogen.coordinator.merging import moe, registry
 from cogen.coordinator.merging.evaluate import domain_blocks, evaluate_experts, losses
 from cogen.coordinator.merging.experts import load_experts
 from cogen.coordinator.merging.merge import load_base_fp32, merge_into
 from cogen.coordinator.merging.weights import format_matrix, ranking_weights
-from cogen.corpora import get_corpus
-from cogen.data import train_batches
+from cogen.core import models
+from cogen.core.checkpoint import (
+    AdapterMetadata,
+    latest_checkpoint,
+    load_adapter,
+    save_adapter,
+    write_json_atomic,
+)
+from cogen.core.config import ModelConfig, OptimConfig
+from cogen.core.corpora import get_corpus
+from cogen.core.data import train_batches
 from cogen.node.trainer import ExpertTrainer
 from cogen.protocols.manifest import EvalMatrix
 

@@ -5,12 +5,12 @@ adapters and bitsandbytes AdamW8bit) against the floor, a hand-written transform
 same 8-bit base, LoRA config, optimizer, batches and thread count.
 
 Memory: the node's method against fp32 full fine-tuning (all weights trainable, torch AdamW), both as
-model-state bytes (weights + gradients + optimizer state, ``cogen.telemetry.model_state_bytes``) and as
+model-state bytes (weights + gradients + optimizer state, ``cogen.core.telemetry.model_state_bytes``) and as
 the measured peak resident set size of the process.
 
 Every configuration runs in a fresh child process (this script with ``--worker NAME``), one after
 another, because peak RSS is a per-process figure. The batches are tokenised once, up front, by
-``cogen.data.train_batches`` and handed to every child, so no configuration times tokenisation.
+``cogen.core.data.train_batches`` and handed to every child, so no configuration times tokenisation.
 The child's side (building and measuring one configuration) is ``bench/node_overhead_child.py``.
 
 Run ``python bench/node_overhead.py --help``; ``bench/README.md`` explains the figures.
@@ -40,9 +40,9 @@ from benchlib import (
 )
 from node_overhead_child import BUILDERS, DESCRIPTIONS, run_worker
 
-from cogen import models
-from cogen.config import DataConfig, ModelConfig, OptimConfig
-from cogen.telemetry import format_bytes
+from cogen.core import models
+from cogen.core.config import DataConfig, ModelConfig, OptimConfig
+from cogen.core.telemetry import format_bytes
 
 TARGETS = {
     "throughput_ratio": (">=", 0.97),
@@ -59,8 +59,8 @@ def make_batches(args: argparse.Namespace, model_path: str, out: Path) -> None:
     """Tokenise ``warmup + steps`` batches once with the node's data path and save them for the children."""
     from safetensors.torch import save_file
 
-    from cogen.corpora import get_corpus
-    from cogen.data import train_batches
+    from cogen.core.corpora import get_corpus
+    from cogen.core.data import train_batches
 
     data = DataConfig(block_size=args.block_size, batch_size=args.batch_size)
     try:

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from benchlib import BenchError
 
-from cogen import models
-from cogen.config import ModelConfig, OptimConfig
-from cogen.telemetry import current_memory_bytes, model_state_bytes, peak_memory_bytes
+from cogen.core import models
+from cogen.core.config import ModelConfig, OptimConfig
+from cogen.core.telemetry import current_memory_bytes, model_state_bytes, peak_memory_bytes
 
 DESCRIPTIONS = {
     "cogen": "8-bit base + LoRA + AdamW8bit, cogen's ExpertTrainer.step (what a node runs)",

@@ -165,8 +165,8 @@ class Procs:
 
 def wait_for(condition: Any, timeout_s: float, what: str, procs: Procs, names: list[str]) -> Any:
     """cogen's ``wait_for``, failing with a BenchError (and the dead process's log tail)."""
-    from cogen.procs import ChildFailed
-    from cogen.procs import wait_for as wait
+    from cogen.core.procs import ChildFailed
+    from cogen.core.procs import wait_for as wait
 
     try:
         return wait(condition, timeout_s, what, 0.25, [procs.procs[n] for n in names])
@@ -304,7 +304,7 @@ def format_table(arms: dict[str, dict[str, Any]]) -> str:
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
-    from cogen.config import GroupConfig
+    from cogen.core.config import GroupConfig
 
     stale = remove_stale()
     if stale:

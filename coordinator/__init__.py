@@ -9,13 +9,31 @@
 - ``health.py``    — the checks behind ``/healthz`` and ``/readyz``
 - ``metrics.py``   — Prometheus collector of the swarm and scraper of nodes' own ``/metrics``
 - ``dashboard.py`` — the page (``static/``) and plotly.js from the installed ``plotly`` package
+- ``generations.py`` — :class:`GenerationLoop`: collect each group's expert, rank, merge, publish
 - ``merging/``     — merge methods, ranking weights, signed manifests, published generations
 - ``cli.py``       — the ``cogen-coordinator`` and ``cogen dashboard`` commands
 """
 
-from cogen.coordinator.history import History
-from cogen.coordinator.schemas import PeerSummary, SwarmSnapshot
-from cogen.coordinator.service import ApiServer, Coordinator
-from cogen.coordinator.view import SwarmMonitor, SwarmView
+from typing import TYPE_CHECKING
 
+from cogen.core.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from cogen.coordinator.history import History
+    from cogen.coordinator.schemas import PeerSummary, SwarmSnapshot
+    from cogen.coordinator.service import ApiServer, Coordinator
+    from cogen.coordinator.view import SwarmMonitor, SwarmView
+
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "ApiServer": "cogen.coordinator.service",
+        "Coordinator": "cogen.coordinator.service",
+        "History": "cogen.coordinator.history",
+        "PeerSummary": "cogen.coordinator.schemas",
+        "SwarmSnapshot": "cogen.coordinator.schemas",
+        "SwarmMonitor": "cogen.coordinator.view",
+        "SwarmView": "cogen.coordinator.view",
+    },
+)
 __all__ = ["ApiServer", "Coordinator", "History", "PeerSummary", "SwarmMonitor", "SwarmSnapshot", "SwarmView"]

@@ -21,7 +21,7 @@ from cogen.coordinator.dashboard import mount_dashboard
 from cogen.coordinator.metrics import make_registry
 from cogen.coordinator.schemas import AlertList, GenerationSummary, GroupSummary, PeerSummary, SwarmSnapshot
 from cogen.coordinator.view import SwarmMonitor
-from cogen.health import Check, HealthChecks, verdict
+from cogen.core.health import Check, HealthChecks, verdict
 from cogen.protocols import software_version
 
 

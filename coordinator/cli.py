@@ -11,12 +11,11 @@ import argparse
 import sys
 import threading
 
-from cogen.cli_common import run_main, stop_on_signals
-from cogen.config import CoordinatorConfig, MergeConfig
-from cogen.coordinator.service import Coordinator
-from cogen.exit_codes import ExitCode
-from cogen.settings import ConfigError, add_config_arguments, build_config
-from cogen.telemetry import setup_logging
+from cogen.core.cli_common import run_main, stop_on_signals
+from cogen.core.config import CoordinatorConfig, MergeConfig
+from cogen.core.exit_codes import ExitCode
+from cogen.core.settings import ConfigError, add_config_arguments, build_config
+from cogen.core.telemetry import setup_logging
 
 
 def build_parser(observer: bool = False) -> argparse.ArgumentParser:
@@ -51,6 +50,8 @@ def _run(argv: list[str] | None, observer: bool) -> int:
             cfg = build_config(CoordinatorConfig, args)
         if cfg.observer and not cfg.network.initial_peers:
             raise ConfigError("--initial-peers: an observer needs the multiaddr of a peer in the swarm")
+        from cogen.coordinator.service import Coordinator  # torch and hivemind: not for --help or a bad flag
+
         stop = threading.Event()
         stop_on_signals(stop)
         Coordinator(cfg, stop).run()
@@ -73,18 +74,6 @@ def build_merge_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _register_merge_failures() -> None:
-    """Exit codes of the merge's own errors (imported lazily: the swarm service does not need PEFT)."""
-    from cogen.cli_common import FAILURES, register_failure
-    from cogen.coordinator.merging import ManifestError, MergeError
-    from cogen.coordinator.merging.registry import UnknownMethodError
-
-    if not any(exc is MergeError for exc, _, _ in FAILURES):
-        register_failure(UnknownMethodError, ExitCode.CONFIG, "bad configuration")
-        register_failure(MergeError, ExitCode.DATA, "merge")
-        register_failure(ManifestError, ExitCode.DATA, "manifest")
-
-
 def merge_main(argv: list[str] | None = None) -> int:
     """``cogen-coordinator merge``: parse, build :class:`MergeConfig`, run ``merge_experts``."""
     args = build_merge_parser().parse_args(argv)
@@ -93,7 +82,6 @@ def merge_main(argv: list[str] | None = None) -> int:
         setup_logging(args.log_level)
         from cogen.coordinator.merging import merge_experts
 
-        _register_merge_failures()
         merge_experts(build_config(MergeConfig, args))
         return ExitCode.OK
 

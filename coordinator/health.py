@@ -1,7 +1,7 @@
 """The coordinator's ``/healthz`` and ``/readyz`` checks (served by its API, :mod:`cogen.coordinator.api`).
 
 - ``/healthz`` (alive): the API serves, the swarm monitor polls, the DHT answers
-  (:func:`cogen.health.dht_check`).
+  (:func:`cogen.core.health.dht_check`).
 - ``/readyz`` (doing its job): alive, and its state is rebuilt — the monitor has read the swarm at
   least once, a merging coordinator has read its published generations back from its out dir, and a
   coordinator (not an observer) announces the swarm.
@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from cogen.config import CoordinatorConfig
 from cogen.coordinator.generations import GenerationLoop
 from cogen.coordinator.view import SwarmMonitor
-from cogen.health import Check, dht_check
-from cogen.periodic import PeriodicService
-from cogen.swarm import SwarmClient
+from cogen.core.config import CoordinatorConfig
+from cogen.core.health import Check, dht_check
+from cogen.core.periodic import PeriodicService
+from cogen.core.swarm import SwarmClient
 
 
 class ApiFacts(Protocol):

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from cogen.coordinator.view import SwarmMonitor
-from cogen.periodic import PeriodicService
+from cogen.core.periodic import PeriodicService
 
 logger = logging.getLogger(__name__)
 

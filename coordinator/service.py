@@ -22,9 +22,6 @@ from typing import Any
 
 import uvicorn
 
-from cogen.addresses import http_url, is_unspecified
-from cogen.checkpoint import write_json_atomic
-from cogen.config import CoordinatorConfig
 from cogen.coordinator.api import create_app
 from cogen.coordinator.generations import GenerationLoop
 from cogen.coordinator.health import CoordinatorHealth
@@ -32,11 +29,14 @@ from cogen.coordinator.history import History
 from cogen.coordinator.merging.publish import GENERATIONS
 from cogen.coordinator.metrics import NodeScraper, make_registry
 from cogen.coordinator.view import SwarmMonitor
-from cogen.models import cache_root
-from cogen.periodic import PeriodicService
-from cogen.procs import read_json
+from cogen.core.addresses import http_url, is_unspecified
+from cogen.core.checkpoint import write_json_atomic
+from cogen.core.config import CoordinatorConfig
+from cogen.core.models import cache_root
+from cogen.core.periodic import PeriodicService
+from cogen.core.procs import read_json
+from cogen.core.swarm import NetworkError, SwarmClient, check_compatible
 from cogen.protocols import SwarmInfo, software_version
-from cogen.swarm import NetworkError, SwarmClient, check_compatible
 
 logger = logging.getLogger(__name__)
 

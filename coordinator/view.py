@@ -33,9 +33,9 @@ from cogen.coordinator.schemas import (
     RoundSummary,
     SwarmSnapshot,
 )
-from cogen.periodic import PeriodicService
+from cogen.core.periodic import PeriodicService
+from cogen.core.swarm import SwarmClient, owner_fingerprint
 from cogen.protocols import PROTOCOL_VERSION, RECORD_SCHEMAS, NodeInfo, TrainingProgress, software_version
-from cogen.swarm import SwarmClient, owner_fingerprint
 
 logger = logging.getLogger(__name__)
 

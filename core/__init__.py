@@ -1,6 +1,4 @@
-"""cogen: a swarm trains 8-bit domain experts over hivemind and fuses them, generation after generation.
-
-The shared core (this package) holds what nodes and the coordinator both need:
+"""The shared core: what nodes and the coordinator both need (it imports neither side).
 
 - ``config.py``     — one frozen config model per concern; ``settings.py`` fills them from flags/env/files
 - ``models.py``     — model names -> weights (SmolLM2 from GGUF, tiny), 8-bit loading, LoRA, 8-bit optimizer
@@ -10,9 +8,15 @@ The shared core (this package) holds what nodes and the coordinator both need:
 - ``swarm.py``      — a peer's DHT handle with cogen's validators and typed records
 - ``health.py``     — health checks and the 200/503 JSON verdict of /healthz and /readyz
 - ``evaluation.py`` — validation loss; ``telemetry.py`` — logging and memory figures
-- ``demo.py``       — ``cogen demo``; ``cli.py`` — the ``cogen`` command
+- ``addresses.py``  — which host and URL a peer announces (never a wildcard, loopback only locally)
+- ``periodic.py``   — a background service that repeats a task (start/stop/is_running) and a backoff
+- ``lazy.py``       — lazy re-exports, so a package's heavy modules load on first use, not on ``--help``
+- ``procs.py``      — starting ``python -m cogen...`` children, waiting on conditions with deadlines
+- ``cli_common.py`` — what every command shares: logging, signals, the grace period, exit codes;
+  ``exit_codes.py`` — the numbered exit codes and the errors they stand for
 
-Sub-packages: :mod:`cogen.protocols` (the wire), :mod:`cogen.node`, :mod:`cogen.coordinator`.
+cogen's packages: :mod:`cogen.protocols` (the wire), :mod:`cogen.core` (this one), :mod:`cogen.node`,
+:mod:`cogen.coordinator` and :mod:`cogen.app` (the ``cogen`` command and ``cogen demo``).
 """
 
 from cogen.protocols.version import PROTOCOL_VERSION, software_version

@@ -30,6 +30,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from cogen.core.exit_codes import CommandError, ExitCode
 from cogen.protocols.manifest import sha256_file
 from cogen.protocols.version import software_version
 
@@ -38,8 +39,11 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 METADATA_VERSION = 2
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RuntimeError, CommandError):
     """A checkpoint is missing, unreadable or corrupt (one-line explanation)."""
+
+    exit_code = ExitCode.DATA
+    what = "checkpoint"
 
 
 class AdapterMetadata(BaseModel):

@@ -9,27 +9,9 @@ import threading
 from collections.abc import Callable
 from types import FrameType
 
-from cogen.checkpoint import CheckpointError
-from cogen.exit_codes import ExitCode
-from cogen.models import ModelError
-from cogen.protocols import IncompatibleProtocolError
-from cogen.settings import ConfigError
-from cogen.swarm import NetworkError
+from cogen.core.exit_codes import ExitCode
 
 logger = logging.getLogger("cogen")
-
-#: exception type -> (exit code, what failed)
-FAILURES: list[tuple[type[BaseException], ExitCode, str]] = [
-    (ConfigError, ExitCode.CONFIG, "bad configuration"),
-    (IncompatibleProtocolError, ExitCode.PROTOCOL, "incompatible swarm"),
-    (NetworkError, ExitCode.NETWORK, "network"),
-    (ModelError, ExitCode.MODEL, "model"),
-    (CheckpointError, ExitCode.DATA, "checkpoint"),
-]
-
-
-def register_failure(exc_type: type[BaseException], code: ExitCode, what: str) -> None:
-    FAILURES.append((exc_type, code, what))
 
 
 def stop_on_signals(stop_event: threading.Event) -> None:
@@ -66,9 +48,9 @@ def run_main(command: str, body: Callable[[], int]) -> int:
         logger.error("%s: interrupted", command)
         return ExitCode.INTERRUPTED
     except Exception as e:
-        for exc_type, code, what in FAILURES:
-            if isinstance(e, exc_type):
-                logger.error("%s: %s error: %s", command, what, e)
-                return code
+        code = getattr(e, "exit_code", None)  # the error classes carry theirs (cogen.core.exit_codes)
+        if isinstance(code, int) and code != ExitCode.OK:
+            logger.error("%s: %s error: %s", command, getattr(e, "what", "unexpected"), e)
+            return code
         logger.exception("%s: unexpected failure", command)
         return ExitCode.ERROR

@@ -1,7 +1,7 @@
 """Configuration: one frozen pydantic model per concern.
 
 CLI flags, ``COGEN_*`` environment variables and config files (JSON or TOML) all fill these same
-models (see :mod:`cogen.settings`); nothing is declared twice. Field names are unique across the
+models (see :mod:`cogen.core.settings`); nothing is declared twice. Field names are unique across the
 concerns so that each has exactly one flag (``lora_rank`` -> ``--lora-rank`` / ``COGEN_LORA_RANK``).
 """
 

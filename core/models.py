@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from cogen.config import ModelConfig, OptimConfig, Precision
+from cogen.core.config import ModelConfig, OptimConfig, Precision
+from cogen.core.exit_codes import CommandError, ExitCode
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +39,11 @@ READY_MARKER = "cogen-model.json"
 TINY_VERSION = 1
 
 
-class ModelError(RuntimeError):
+class ModelError(RuntimeError, CommandError):
     """A model cannot be found, converted or loaded (one-line explanation)."""
+
+    exit_code = ExitCode.MODEL
+    what = "model"
 
 
 def cache_root(cache_dir: Path | None = None) -> Path:
@@ -129,7 +133,7 @@ def tiny_config() -> Any:
 def _build_tiny(out: Path) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
-    from cogen.data import gpt2_tokenizer
+    from cogen.core.data import gpt2_tokenizer
 
     with torch.random.fork_rng():
         torch.manual_seed(0)

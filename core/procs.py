@@ -13,11 +13,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+from cogen.core.exit_codes import CommandError, ExitCode
+
 T = TypeVar("T")
 
 
-class ChildFailed(RuntimeError):
+class ChildFailed(RuntimeError, CommandError):
     """A child process exited badly or did not get ready in time."""
+
+    exit_code = ExitCode.ERROR
+    what = "demo"
 
 
 def spawn(

@@ -20,12 +20,17 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic.fields import FieldInfo
 
+from cogen.core.exit_codes import CommandError, ExitCode
+
 ENV_PREFIX = "COGEN_"
 M = TypeVar("M", bound=BaseModel)
 
 
-class ConfigError(ValueError):
+class ConfigError(ValueError, CommandError):
     """A one-line explanation of bad configuration."""
+
+    exit_code = ExitCode.CONFIG
+    what = "bad configuration"
 
 
 def _is_model(annotation: Any) -> bool:

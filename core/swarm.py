@@ -28,7 +28,7 @@ from hivemind.p2p import P2P
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
-from cogen.addresses import (
+from cogen.core.addresses import (
     announced_host,
     free_port,
     http_url,
@@ -38,25 +38,27 @@ from cogen.addresses import (
     public_host,
     warn_if_unreachable,
 )
-from cogen.checkpoint import fsync_dir
-from cogen.config import NetworkConfig
+from cogen.core.checkpoint import fsync_dir
+from cogen.core.config import NetworkConfig
+from cogen.core.exit_codes import CommandError, ExitCode
 from cogen.protocols import (
     PROTOCOL_VERSION,
     IncompatibleProtocolError,
     Record,
-    RecordRejected,
-    make_validators,
-    parse_record,
     swarm_key,
 )
 from cogen.protocols.records import RECORD_SCHEMAS
+from cogen.protocols.validation import RecordRejected, make_validators, parse_record
 
 logger = logging.getLogger(__name__)
 R = TypeVar("R", bound=Record)
 
 
-class NetworkError(RuntimeError):
+class NetworkError(RuntimeError, CommandError):
     """The DHT cannot be started or joined (one-line explanation)."""
+
+    exit_code = ExitCode.NETWORK
+    what = "network"
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,11 @@ import logging
 import os
 import resource
 import sys
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch is imported where a figure needs it: a command's --help does not
+    import torch
+    from torch import nn
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -46,12 +48,16 @@ def setup_logging(level: str | None = None) -> None:
 def peak_memory_bytes(device: torch.device | None = None) -> int:
     """Peak memory of this process: CUDA peak allocation on a GPU, else peak resident set size."""
     if device is not None and device.type == "cuda":
+        import torch
+
         return int(torch.cuda.max_memory_allocated(device))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
 def gpu_memory_bytes() -> int | None:
     """CUDA memory this process holds now (allocated by torch), or None where it uses no GPU."""
+    import torch
+
     if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
         return None
     return int(torch.cuda.memory_allocated())
@@ -69,6 +75,8 @@ def _tensor_bytes(t: torch.Tensor) -> int:
 
 def model_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
     """Bytes of weights (8-bit weights with their scales), gradients and optimizer state."""
+    import torch
+
     weights = 0
     for p in model.parameters():
         weights += _tensor_bytes(p)

@@ -9,13 +9,30 @@
 - ``follow.py``   — :class:`BaseFollower`: newer generations found, fetched and verified; the base mirror
 - ``fetch.py``    — :func:`fetch_base`: one base from one source, bounded by its signed sizes, all or nothing
 - ``sources.py``  — :class:`SourceBook`: which source to try next; backoff and distrust of failed ones
+- ``reporting.py`` — :class:`NodeReporter`: the node's records, renewed in the background; summaries
 - ``metrics.py``  — :class:`NodeMetrics`: the node's /metrics, /healthz and /readyz in one HTTP thread
 - ``health.py``   — :class:`NodeHealth`: the checks behind /healthz and /readyz
 - ``hardware.py`` — :func:`detect_hardware` for the NodeInfo record
 - ``cli.py``      — the ``cogen-node`` command
 """
 
-from cogen.node.service import DataError, ExpertNode, NodeResult, expert_name
-from cogen.node.trainer import ExpertTrainer, StepStats
+from typing import TYPE_CHECKING
 
+from cogen.core.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from cogen.node.service import DataError, ExpertNode, NodeResult, expert_name
+    from cogen.node.trainer import ExpertTrainer, StepStats
+
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "DataError": "cogen.node.service",
+        "ExpertNode": "cogen.node.service",
+        "NodeResult": "cogen.node.service",
+        "expert_name": "cogen.node.service",
+        "ExpertTrainer": "cogen.node.trainer",
+        "StepStats": "cogen.node.trainer",
+    },
+)
 __all__ = ["DataError", "ExpertNode", "ExpertTrainer", "NodeResult", "StepStats", "expert_name"]

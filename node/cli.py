@@ -5,14 +5,11 @@ from __future__ import annotations
 import argparse
 import threading
 
-from cogen.cli_common import exit_after_grace, register_failure, run_main, stop_on_signals
-from cogen.config import NodeConfig
-from cogen.exit_codes import ExitCode
-from cogen.node.service import DataError, ExpertNode
-from cogen.settings import add_config_arguments, build_config
-from cogen.telemetry import setup_logging
-
-register_failure(DataError, ExitCode.DATA, "data")
+from cogen.core.cli_common import exit_after_grace, run_main, stop_on_signals
+from cogen.core.config import NodeConfig
+from cogen.core.exit_codes import ExitCode
+from cogen.core.settings import add_config_arguments, build_config
+from cogen.core.telemetry import setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         setup_logging(args.log_level)
+        from cogen.node.service import ExpertNode  # torch and hivemind: not for --help or a bad flag
+
         cfg = build_config(NodeConfig, args)
         stop = threading.Event()
         stop_on_signals(stop)

@@ -2,7 +2,7 @@
 
 :func:`fetch_base` downloads the ``manifest.json`` a :class:`CheckpointSource` announces, checks its
 sha256 and its signature before anything else, then streams every file the manifest lists into a
-staging directory (:func:`cogen.checkpoint.staging_dir`), hashing as it goes, and renames the directory
+staging directory (:func:`cogen.core.checkpoint.staging_dir`), hashing as it goes, and renames the directory
 into the cache only once it verifies as a whole. Every file is bounded:
 
 - by the size the signed manifest declares: reading stops at that size + 1 byte, a longer file is refused
@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
 
-from cogen.checkpoint import commit_dir, staging_dir
-from cogen.config import FetchConfig
+from cogen.core.checkpoint import commit_dir, staging_dir
+from cogen.core.config import FetchConfig
 from cogen.protocols import CheckpointSource
 from cogen.protocols.manifest import (
     MANIFEST_FILE,
@@ -68,6 +68,7 @@ class Base:
     path: Path
     manifest_sha256: str
     manifest: Manifest
+    downloaded: bool = False  #: fetched now; False: a verified copy this host already had
 
 
 class _Transfer:
@@ -209,7 +210,7 @@ def fetch_base(
         "fetched generation %d from %s: %d files, %s", source.generation, base_url, transfer.files,
         transfer.summary(),
     )  # fmt: skip
-    return Base(base.generation, final, base.manifest_sha256, base.manifest)
+    return Base(base.generation, final, base.manifest_sha256, base.manifest, downloaded=True)
 
 
 def _download_into(

@@ -34,14 +34,14 @@ from typing import Any
 from hivemind.utils import get_dht_time
 from pydantic import ValidationError
 
-from cogen.checkpoint import remove_stale_staging
-from cogen.config import FetchConfig
+from cogen.core.checkpoint import remove_stale_staging
+from cogen.core.config import FetchConfig
+from cogen.core.periodic import PeriodicService
+from cogen.core.swarm import SwarmClient
 from cogen.node.fetch import MAX_MANIFEST_BYTES, Base, FetchError, fetch_base
 from cogen.node.sources import SourceBook
-from cogen.periodic import PeriodicService
 from cogen.protocols import CheckpointSource, SwarmInfo
 from cogen.protocols.manifest import MANIFEST_FILE, ManifestError, read_manifest
-from cogen.swarm import SwarmClient
 
 __all__ = [
     "MAX_MANIFEST_BYTES",
@@ -228,7 +228,10 @@ class BaseFollower(PeriodicService):
             )  # fmt: skip
             return False
         self.sources.succeeded(source)
-        logger.info("fetched and verified generation %d from %s", base.generation, source.url)
+        if base.downloaded:
+            logger.info("fetched and verified generation %d from %s", base.generation, source.url)
+        else:
+            logger.info("generation %d: the verified copy already in %s", base.generation, base.path)
         with self._lock:
             self._ready = base
             self.generation = base.generation

@@ -34,10 +34,10 @@ from hivemind.compression import (
 )
 from hivemind.utils import get_dht_time
 
-from cogen.config import GroupConfig
+from cogen.core.config import GroupConfig
+from cogen.core.swarm import GroupStateAverager
 from cogen.node.wire import RoundVerifier, all_finite, estimate_bytes_sent, wire_compression
 from cogen.protocols import RoundReport
-from cogen.swarm import GroupStateAverager
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """A node's ``/healthz`` and ``/readyz`` checks (served on its metrics port, :mod:`cogen.node.metrics`).
 
-- ``/healthz`` (alive): the process serves and its DHT answers (:func:`cogen.health.dht_check`).
+- ``/healthz`` (alive): the process serves and its DHT answers (:func:`cogen.core.health.dht_check`).
 - ``/readyz`` (doing its job): alive, and
   ``training`` — the model is loaded and the node trains, in its expert's group or alone (not while it
   is joining: loading the base, claiming a shard, joining or loading its group's state; nor stopping);
@@ -17,13 +17,13 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from cogen.config import NodeConfig
-from cogen.health import Check, dht_check
+from cogen.core.config import NodeConfig
+from cogen.core.health import Check, dht_check
+from cogen.core.swarm import SwarmClient
 from cogen.node.follow import BaseFollower
 from cogen.node.group import GroupAverager
 from cogen.node.metrics import NodeMetrics
 from cogen.node.reporting import NodeReporter
-from cogen.swarm import SwarmClient
 
 SWITCH_BASE_S = 60.0  #: the fixed part of the grace of one switch (loading the new base)
 

@@ -27,8 +27,8 @@ from prometheus_client import (
     generate_latest,
 )
 
-from cogen.addresses import http_url
-from cogen.health import Check, HealthChecks, verdict
+from cogen.core.addresses import http_url
+from cogen.core.health import Check, HealthChecks, verdict
 
 logger = logging.getLogger(__name__)
 

@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 
 from hivemind.utils import get_dht_time
 
+from cogen.core.periodic import PeriodicService
+from cogen.core.swarm import SwarmClient
+from cogen.core.telemetry import current_memory_bytes, format_bytes, gpu_memory_bytes
 from cogen.node.metrics import NodeMetrics
 from cogen.node.shards import renew_claim
-from cogen.periodic import PeriodicService
 from cogen.protocols import GroupProgress, NodeInfo, TrainingProgress
-from cogen.swarm import SwarmClient
-from cogen.telemetry import current_memory_bytes, format_bytes, gpu_memory_bytes
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ never overwrites the state of the old one)::
 
 Nothing here is pickle: the optimizer's state dict (bitsandbytes 8-bit AdamW or torch AdamW) is
 flattened into named tensors plus a JSON tree that says where each one goes. A state is written into a
-temporary directory and renamed into place (:func:`cogen.checkpoint.write_dir_atomic`), so a SIGKILL at
+temporary directory and renamed into place (:func:`cogen.core.checkpoint.write_dir_atomic`), so a SIGKILL at
 any moment leaves the previous complete state.
 
 Resuming (:func:`restore`): a state is loaded only into the base it was trained on (same generation and
@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from cogen.checkpoint import CheckpointError, fsync_dir, prune_dirs, swap_symlink, write_dir_atomic
+from cogen.core.checkpoint import CheckpointError, fsync_dir, prune_dirs, swap_symlink, write_dir_atomic
 from cogen.node.group import GroupAverager
 from cogen.node.trainer import ExpertTrainer
 from cogen.protocols.manifest import MANIFEST_FILE, sha256_file

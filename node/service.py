@@ -24,11 +24,14 @@ from typing import Any
 import torch
 from prefetch_generator import BackgroundGenerator
 
-from cogen import models
-from cogen.checkpoint import AdapterMetadata, save_adapter
-from cogen.config import NodeConfig
-from cogen.corpora import get_corpus
-from cogen.data import train_batches
+from cogen.core import models
+from cogen.core.checkpoint import AdapterMetadata, save_adapter
+from cogen.core.config import NodeConfig
+from cogen.core.corpora import get_corpus
+from cogen.core.data import train_batches
+from cogen.core.exit_codes import CommandError, ExitCode
+from cogen.core.swarm import SwarmClient, check_compatible
+from cogen.core.telemetry import format_bytes, peak_memory_bytes
 from cogen.node.follow import Base, BaseFollower, MirrorServer, generation_of, read_key
 from cogen.node.group import GroupAverager
 from cogen.node.hardware import detect_hardware
@@ -49,16 +52,17 @@ from cogen.node.shards import claim_shard
 from cogen.node.trainer import ExpertTrainer
 from cogen.protocols import GroupProgress, NodeInfo, RoundReport, software_version
 from cogen.protocols.keys import group_prefix
-from cogen.swarm import SwarmClient, check_compatible
-from cogen.telemetry import format_bytes, peak_memory_bytes
 
 logger = logging.getLogger(__name__)
 
 STOP_LOCK_S = 5.0  #: how long a stopping node waits for a round to release the group's state before saving
 
 
-class DataError(RuntimeError):
+class DataError(RuntimeError, CommandError):
     """The expert's domain data cannot be read (one-line explanation)."""
+
+    exit_code = ExitCode.DATA
+    what = "data"
 
 
 def expert_name(expert: str) -> str:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 import time
 
-from cogen.data import shard_for_peer
+from cogen.core.data import shard_for_peer
+from cogen.core.swarm import SwarmClient, owner_fingerprint
 from cogen.protocols import ShardClaim
-from cogen.swarm import SwarmClient, owner_fingerprint
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from cogen.config import FetchConfig
+from cogen.core.config import FetchConfig
 from cogen.protocols import CheckpointSource
 
 _MAX_REMEMBERED = 4096  # sources remembered at most (the oldest are forgotten first)

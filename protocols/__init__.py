@@ -3,8 +3,11 @@
 - ``version.py``    — protocol version, software version, :class:`IncompatibleProtocolError`
 - ``keys.py``       — swarm-prefixed DHT keys
 - ``records.py``    — strict pydantic v2 record schemas (:class:`NodeInfo`, :class:`TrainingProgress`, ...)
+- ``manifest.py``   — the signed manifest of a published base and :func:`verify_manifest`
+- ``ranking.py``    — :class:`Ranking`: a generation's expert ranking as the manifest and the API carry it
 - ``validation.py`` — the record validator plugged into hivemind's DHT, next to its
-  ``RSASignatureValidator``
+  ``RSASignatureValidator`` (not re-exported here: it imports hivemind, and a command's ``--help``
+  reads the records and keys without it)
 """
 
 from cogen.protocols.keys import check_swarm_name, swarm_key
@@ -20,34 +23,22 @@ from cogen.protocols.records import (
     SwarmInfo,
     TrainingProgress,
 )
-from cogen.protocols.validation import (
-    CogenRecordValidator,
-    RecordRejected,
-    check_record,
-    make_validators,
-    parse_record,
-)
 from cogen.protocols.version import PROTOCOL_VERSION, IncompatibleProtocolError, software_version
 
 __all__ = [
     "PROTOCOL_VERSION",
     "RECORD_SCHEMAS",
     "CheckpointSource",
-    "CogenRecordValidator",
     "GroupProgress",
     "Hardware",
     "IncompatibleProtocolError",
     "NodeInfo",
     "Record",
-    "RecordRejected",
     "RoundReport",
     "ShardClaim",
     "SwarmInfo",
     "TrainingProgress",
-    "check_record",
     "check_swarm_name",
-    "make_validators",
-    "parse_record",
     "software_version",
     "swarm_key",
 ]

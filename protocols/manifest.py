@@ -19,7 +19,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from hivemind.utils.crypto import RSAPublicKey
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, model_validator
@@ -35,6 +35,9 @@ READABLE_VERSIONS = (1, 2)
 
 class ManifestError(RuntimeError):
     """A manifest is missing, malformed, unsigned or does not match the files (one line)."""
+
+    exit_code: ClassVar[int] = 6  # ExitCode.DATA (cogen.core.exit_codes)
+    what: ClassVar[str] = "manifest"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -7,6 +7,7 @@ different protocol versions refuse each other's records with a clear message.
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
+from typing import ClassVar
 
 PROTOCOL_VERSION = 2
 
@@ -21,6 +22,9 @@ def software_version() -> str:
 
 class IncompatibleProtocolError(RuntimeError):
     """Raised when the swarm speaks a protocol version that this cogen cannot talk to."""
+
+    exit_code: ClassVar[int] = 3  # ExitCode.PROTOCOL (cogen.core.exit_codes)
+    what: ClassVar[str] = "incompatible swarm"
 
     def __init__(self, theirs: int, where: str):
         super().__init__(

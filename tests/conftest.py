@@ -22,7 +22,7 @@ import psutil
 import pytest
 from netns import NetnsUnavailable, Switch, list_namespaces
 
-from cogen.procs import read_json, spawn, stop, tail, wait_for
+from cogen.core.procs import read_json, spawn, stop, tail, wait_for
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -68,7 +68,7 @@ def host_network(hosts: int, rate: str | None = "100mbit") -> Iterator[Switch]:
 
 @pytest.fixture(scope="session")
 def tiny_path(cache_dir: Path) -> str:
-    from cogen.models import resolve_model
+    from cogen.core.models import resolve_model
 
     return resolve_model("tiny", cache_dir)
 

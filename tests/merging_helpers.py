@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from cogen import models
-from cogen.checkpoint import AdapterMetadata, save_adapter
-from cogen.config import ModelConfig
+from cogen.core import models
+from cogen.core.checkpoint import AdapterMetadata, save_adapter
+from cogen.core.config import ModelConfig
 
 CPU = torch.device("cpu")
 

@@ -7,10 +7,10 @@ import sys
 import time
 from pathlib import Path
 
-from cogen.checkpoint import write_json_atomic
-from cogen.config import NetworkConfig
+from cogen.core.checkpoint import write_json_atomic
+from cogen.core.config import NetworkConfig
+from cogen.core.swarm import SwarmClient
 from cogen.protocols import SwarmInfo
-from cogen.swarm import SwarmClient
 
 
 def main() -> None:

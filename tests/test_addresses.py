@@ -6,10 +6,10 @@ import logging
 
 import pytest
 
-from cogen import addresses
-from cogen.addresses import announced_host, http_url, maddr_host, peers_elsewhere, public_host
-from cogen.config import CoordinatorConfig, NetworkConfig
-from cogen.swarm import SwarmClient
+from cogen.core import addresses
+from cogen.core.addresses import announced_host, http_url, maddr_host, peers_elsewhere, public_host
+from cogen.core.config import CoordinatorConfig, NetworkConfig
+from cogen.core.swarm import SwarmClient
 
 REMOTE = "/ip4/203.0.113.5/tcp/31337/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"
 
@@ -30,7 +30,7 @@ def test_a_wildcard_bind_is_announced_as_the_public_address() -> None:
 
 def test_a_loopback_url_into_a_remote_swarm_is_warned_once(caplog: pytest.LogCaptureFixture) -> None:
     addresses._warned.discard("the test service")
-    with caplog.at_level(logging.WARNING, logger="cogen.addresses"):
+    with caplog.at_level(logging.WARNING, logger="cogen.core.addresses"):
         addresses.warn_if_unreachable("the test service", "127.0.0.1", [REMOTE])
         addresses.warn_if_unreachable("the test service", "127.0.0.1", [REMOTE])
         addresses.warn_if_unreachable("the test service", "10.213.0.3", [REMOTE])

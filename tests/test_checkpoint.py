@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cogen import models
-from cogen.checkpoint import (
+from cogen.core import models
+from cogen.core.checkpoint import (
     AdapterMetadata,
     CheckpointError,
     latest_checkpoint,
@@ -17,7 +17,7 @@ from cogen.checkpoint import (
     read_metadata,
     save_adapter,
 )
-from cogen.config import ModelConfig
+from cogen.core.config import ModelConfig
 
 CPU = torch.device("cpu")
 

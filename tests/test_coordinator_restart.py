@@ -23,7 +23,6 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 from starlette.testclient import TestClient
 
-from cogen.config import MergeConfig, NetworkConfig
 from cogen.coordinator.api import PublishedFiles
 from cogen.coordinator.merging import merge_experts
 from cogen.coordinator.merging.publish import (
@@ -33,10 +32,11 @@ from cogen.coordinator.merging.publish import (
     published_generations,
     remove_stale_temps,
 )
-from cogen.periodic import Backoff
-from cogen.procs import ChildFailed, kill_group, read_json, tail, wait_for
+from cogen.core.config import MergeConfig, NetworkConfig
+from cogen.core.periodic import Backoff
+from cogen.core.procs import ChildFailed, kill_group, read_json, tail, wait_for
+from cogen.core.swarm import NetworkError, SwarmClient, ensure_p2p_identity
 from cogen.protocols.manifest import MANIFEST_FILE, read_manifest, sha256_file, verify_manifest
-from cogen.swarm import NetworkError, SwarmClient, ensure_p2p_identity
 
 NODE_ARGS = ["--inner-steps", "3", "--matchmaking-s", "1.5", "--averaging-timeout-s", "30", "--lr", "2e-2"]
 MOVED = re.compile(r"now training on generation (\d+)")

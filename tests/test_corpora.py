@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from cogen import corpora
-from cogen.corpora import (
+from cogen.core import corpora
+from cogen.core.corpora import (
     Corpus,
     CorpusPackageMissingError,
     DirectoryCorpus,

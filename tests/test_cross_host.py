@@ -5,7 +5,8 @@ group of two on ``medical``; host 3 a node alone on ``legal`` that cannot reach 
 HTTP port (so it must fetch the new base from another node's mirror); host 4 a third ``medical``
 member behind NAT (every inbound connection dropped), joined as a client-mode peer. The nodes join,
 average across hosts, the coordinator collects, merges and publishes generation 1, and every node
-fetches it, verifies it and trains on it. No announced address is a wildcard or a loopback one.
+fetches it, verifies it and trains on it (each host keeps its bases on its own disk, as separate
+machines would). No announced address is a wildcard or a loopback one.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import pytest
 from conftest import TINY_NODE_ARGS, Peers, host_network
 from netns import Switch
 
-from cogen.addresses import maddr_host
-from cogen.procs import read_json, wait_for
+from cogen.core.addresses import maddr_host
+from cogen.core.procs import read_json, wait_for
 from cogen.protocols.manifest import verify_manifest
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(540)]
@@ -69,7 +70,8 @@ def test_a_generation_across_hosts_with_a_mirror_and_a_volunteer_behind_nat(
     for name, (host, expert, extra) in nodes.items():
         peers.start(name, "cogen.node.cli", [
             "--swarm", peers.swarm, "--initial-peers", *initial, "--expert", expert,
-            "--output-dir", str(tmp_path / name), *NODE_ARGS, *extra,
+            "--output-dir", str(tmp_path / name), "--bases-dir", str(tmp_path / name / "bases"), *NODE_ARGS,
+            *extra,
         ], prefix=net.exec_prefix(host))  # fmt: skip
     alive = list(peers.procs.values())
     wait_for(lambda: all(MOVED.search(_log(peers, n)) for n in nodes), 420,

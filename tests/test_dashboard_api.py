@@ -13,7 +13,6 @@ from fastapi.testclient import TestClient
 from hivemind.utils import get_dht_time
 from pydantic import TypeAdapter
 
-from cogen.config import NetworkConfig
 from cogen.coordinator.api import create_app
 from cogen.coordinator.history import History
 from cogen.coordinator.schemas import (
@@ -25,7 +24,9 @@ from cogen.coordinator.schemas import (
     SwarmSnapshot,
 )
 from cogen.coordinator.view import SwarmMonitor
-from cogen.procs import wait_for
+from cogen.core.config import NetworkConfig
+from cogen.core.procs import wait_for
+from cogen.core.swarm import SwarmClient
 from cogen.protocols import (
     GroupProgress,
     Hardware,
@@ -34,7 +35,6 @@ from cogen.protocols import (
     TrainingProgress,
     software_version,
 )
-from cogen.swarm import SwarmClient
 
 SWARM = "apitest"
 

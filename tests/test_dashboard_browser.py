@@ -16,7 +16,7 @@ import pytest
 from conftest import Peers, get_json
 from playwright.sync_api import Page, sync_playwright
 
-from cogen.procs import read_json, wait_for
+from cogen.core.procs import read_json, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -89,7 +89,7 @@ def test_dashboard_shows_the_live_swarm_and_a_killed_node_turning_stale(peers: P
 
             # a read-only observer peer (`cogen dashboard`) serves the same view, and announces nothing
             ready = tmp_path / "observer.json"
-            observer = peers.start("observer", "cogen.cli", [
+            observer = peers.start("observer", "cogen.app.cli", [
                 "dashboard", "--swarm", peers.swarm, "--host", "127.0.0.1", "--api-port", "0",
                 "--initial-peers", *peers.initial_peers, "--ready-file", str(ready),
                 "--poll-interval-s", "0.5", "--history-path", str(tmp_path / "observer.sqlite3"),

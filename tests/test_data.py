@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from cogen.corpora import DirectoryCorpus, get_corpus
-from cogen.data import (
+from cogen.core.corpora import DirectoryCorpus, get_corpus
+from cogen.core.data import (
     TrainStream,
     gpt2_tokenizer,
     shard_for_peer,

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 def test_tiny_demo_trains_experts_that_beat_the_base(tmp_path: Path) -> None:
     result_path = tmp_path / "result.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "cogen.cli", "demo", "--model", "tiny", "--out-dir", str(tmp_path / "run"),
+        [sys.executable, "-m", "cogen.app.cli", "demo", "--model", "tiny", "--out-dir", str(tmp_path / "run"),
          "--json", str(result_path)],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip

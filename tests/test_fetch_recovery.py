@@ -25,17 +25,17 @@ import pytest
 from hivemind.utils import get_dht_time
 from merging_helpers import make_expert
 
-from cogen.checkpoint import remove_stale_staging, staging_dir
-from cogen.config import FetchConfig, MergeConfig, NetworkConfig
 from cogen.coordinator.merging import Identity, merge_experts
 from cogen.coordinator.merging.manifest import sign_manifest
+from cogen.core.checkpoint import remove_stale_staging, staging_dir
+from cogen.core.config import FetchConfig, MergeConfig, NetworkConfig
+from cogen.core.procs import wait_for
+from cogen.core.swarm import SwarmClient
 from cogen.node.fetch import FetchError
 from cogen.node.follow import BaseFollower, fetch_base
 from cogen.node.sources import SourceBook
-from cogen.procs import wait_for
 from cogen.protocols import CheckpointSource, SwarmInfo
 from cogen.protocols.manifest import MANIFEST_FILE, Manifest, ManifestError, sha256_file, verify_manifest
-from cogen.swarm import SwarmClient
 
 PEER = "12D3KooWSb9uUfn3yQrD2xTJmUFr4PbYBb7oYbP2pCSs3rGqCwTq"
 WEIGHTS = "model.safetensors"

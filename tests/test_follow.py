@@ -9,8 +9,8 @@ import pytest
 from hivemind.utils import get_dht_time
 from merging_helpers import make_expert
 
-from cogen.config import MergeConfig
 from cogen.coordinator.merging import Identity, merge_experts
+from cogen.core.config import MergeConfig
 from cogen.node.follow import MirrorServer, fetch_base
 from cogen.protocols import CheckpointSource
 from cogen.protocols.manifest import MANIFEST_FILE, ManifestError, sha256_file

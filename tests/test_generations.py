@@ -15,8 +15,8 @@ import pytest
 from conftest import Peers
 from transformers import AutoModelForCausalLM
 
-from cogen.checkpoint import latest_checkpoint, read_metadata
-from cogen.procs import wait_for
+from cogen.core.checkpoint import latest_checkpoint, read_metadata
+from cogen.core.procs import wait_for
 from cogen.protocols.manifest import MANIFEST_FILE, sha256_file, verify_manifest
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(540)]

@@ -12,7 +12,7 @@ import pytest
 import torch
 from hivemind.compression import CompressionInfo, deserialize_torch_tensor
 
-from cogen.config import GroupConfig
+from cogen.core.config import GroupConfig
 from cogen.node.group import GroupAverager
 from cogen.node.wire import SAMPLE_MAX, RoundVerifier, all_finite, estimate_bytes_sent, wire_compression
 from cogen.protocols import RoundReport

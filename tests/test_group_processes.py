@@ -10,8 +10,8 @@ import torch
 from conftest import Peers
 from safetensors.torch import load_file
 
-from cogen.checkpoint import latest_checkpoint, read_metadata
-from cogen.procs import kill_group, tail, wait_for
+from cogen.core.checkpoint import latest_checkpoint, read_metadata
+from cogen.core.procs import kill_group, tail, wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -12,13 +12,13 @@ from typing import Any
 import pytest
 from conftest import Peers
 
-from cogen.config import GroupConfig, NetworkConfig, NodeConfig
 from cogen.coordinator.health import CoordinatorHealth
-from cogen.health import Check, dht_check, verdict
+from cogen.core.config import GroupConfig, NetworkConfig, NodeConfig
+from cogen.core.health import Check, dht_check, verdict
+from cogen.core.procs import ChildFailed, tail, wait_for
+from cogen.core.swarm import SwarmClient
 from cogen.node.health import NodeHealth
 from cogen.node.metrics import NodeMetrics
-from cogen.procs import ChildFailed, tail, wait_for
-from cogen.swarm import SwarmClient
 
 
 def probe(url: str) -> tuple[int, dict[str, Any]]:

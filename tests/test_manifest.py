@@ -11,8 +11,8 @@ import pytest
 from hivemind.utils.crypto import RSAPublicKey
 from merging_helpers import make_expert
 
-from cogen.config import MergeConfig
 from cogen.coordinator.merging import Identity, ManifestError, merge_experts, verify_manifest
+from cogen.core.config import MergeConfig
 from cogen.protocols.manifest import MANIFEST_FILE, read_manifest
 
 

@@ -12,15 +12,15 @@ import torch
 from merging_helpers import CPU, make_expert
 from peft.utils import merge_utils
 
-from cogen import models
-from cogen.checkpoint import load_adapter
-from cogen.config import MergeConfig
 from cogen.coordinator.merging import EvalMatrix, MergeError, ranking_weights, registry, verify_manifest
 from cogen.coordinator.merging.dare import module_seed
 from cogen.coordinator.merging.experts import dense_delta, iter_deltas, load_experts
 from cogen.coordinator.merging.merge import merge_experts
 from cogen.coordinator.merging.publish import generation_dir
 from cogen.coordinator.merging.weights import ranking
+from cogen.core import models
+from cogen.core.checkpoint import load_adapter
+from cogen.core.config import MergeConfig
 
 
 @pytest.fixture(scope="module")
@@ -175,10 +175,10 @@ def test_evaluation_goes_into_the_manifest(tmp_path: Path, experts: list[Path]) 
 def test_the_routed_mixture_is_published_beside_the_dense_base(
     tmp_path: Path, experts: list[Path], tiny_path: str
 ) -> None:
-    from cogen import models
     from cogen.coordinator.merging.evaluate import domain_blocks, losses
     from cogen.coordinator.merging.merge import MIXTURE_DIR, load_base_fp32
     from cogen.coordinator.merging.moe import load_mixture
+    from cogen.core import models
 
     final = merge_experts(
         cfg(tmp_path, experts, method="ties", eval_domains=("medical", "legal"), eval_blocks=2,

@@ -11,15 +11,15 @@ from fastapi.testclient import TestClient
 from hivemind.utils import get_dht_time
 from prometheus_client.parser import text_string_to_metric_families
 
-from cogen.config import NetworkConfig
 from cogen.coordinator.api import create_app
 from cogen.coordinator.metrics import NodeScraper, make_registry, scrape
 from cogen.coordinator.schemas import RoundSummary
 from cogen.coordinator.view import SwarmMonitor
+from cogen.core.config import NetworkConfig
+from cogen.core.procs import wait_for
+from cogen.core.swarm import SwarmClient
 from cogen.node.metrics import NodeMetrics
-from cogen.procs import wait_for
 from cogen.protocols import Hardware, NodeInfo, TrainingProgress, software_version
-from cogen.swarm import SwarmClient
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -8,11 +8,11 @@ import bitsandbytes as bnb
 import pytest
 import torch
 
-from cogen import models
-from cogen.config import ModelConfig, OptimConfig
-from cogen.evaluation import validation_loss
+from cogen.core import models
+from cogen.core.config import ModelConfig, OptimConfig
+from cogen.core.evaluation import validation_loss
+from cogen.core.telemetry import model_state_bytes
 from cogen.node.trainer import ExpertTrainer
-from cogen.telemetry import model_state_bytes
 
 CPU = torch.device("cpu")
 

@@ -16,9 +16,6 @@ import pytest
 import torch
 from merging_helpers import CPU
 
-from cogen import models
-from cogen.checkpoint import AdapterMetadata, latest_checkpoint, load_adapter, save_adapter
-from cogen.config import ModelConfig, OptimConfig
 from cogen.coordinator.merging.evaluate import domain_blocks, losses
 from cogen.coordinator.merging.experts import Expert, load_experts
 from cogen.coordinator.merging.moe import (
@@ -34,8 +31,11 @@ from cogen.coordinator.merging.moe import (
     train_router,
     training_blocks,
 )
-from cogen.corpora import get_corpus
-from cogen.data import train_batches
+from cogen.core import models
+from cogen.core.checkpoint import AdapterMetadata, latest_checkpoint, load_adapter, save_adapter
+from cogen.core.config import ModelConfig, OptimConfig
+from cogen.core.corpora import get_corpus
+from cogen.core.data import train_batches
 from cogen.node.trainer import ExpertTrainer
 
 DOMAINS = ("medical", "legal", "code")

@@ -11,7 +11,7 @@ import pytest
 from conftest import host_network
 from netns import NetnsUnavailable, Switch, list_namespaces
 
-from cogen.procs import wait_for
+from cogen.core.procs import wait_for
 
 SERVE = (
     "import http.server as h; "

@@ -11,8 +11,8 @@ import time
 import pytest
 from conftest import Peers
 
+from cogen.core.procs import kill_group, tail, wait_for
 from cogen.node.resume import digest, find_state
-from cogen.procs import kill_group, tail, wait_for
 
 pytestmark = pytest.mark.slow
 

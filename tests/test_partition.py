@@ -1,7 +1,7 @@
 """A peer cut off from the swarm finds it again once its link is back.
 
 hivemind drops a peer that stops answering from its routing table and never looks for it again, so
-without :meth:`cogen.swarm.SwarmClient.reconnect` (which every node's record renewal calls) a host
+without :meth:`cogen.core.swarm.SwarmClient.reconnect` (which every node's record renewal calls) a host
 partitioned for half a minute stays alone for good: measured on these namespaces, the cut-off peer
 saw 0 other records for the whole 40 s after the heal without it, and the swarm again 11 s after the
 heal with it.
@@ -18,7 +18,7 @@ import pytest
 from conftest import host_network
 from netns import Switch
 
-from cogen.procs import read_json, tail, wait_for
+from cogen.core.procs import read_json, tail, wait_for
 
 pytestmark = pytest.mark.slow
 PEER = Path(__file__).with_name("partition_peer.py")

@@ -9,18 +9,16 @@ from typing import Any
 import pytest
 from hivemind.utils import MSGPackSerializer, get_dht_time
 
-from cogen.config import NetworkConfig
+from cogen.core.config import NetworkConfig
+from cogen.core.swarm import SwarmClient, check_compatible
 from cogen.protocols import (
     PROTOCOL_VERSION,
     Hardware,
     NodeInfo,
-    RecordRejected,
     TrainingProgress,
-    check_record,
-    parse_record,
     swarm_key,
 )
-from cogen.swarm import SwarmClient, check_compatible
+from cogen.protocols.validation import RecordRejected, check_record, parse_record
 
 PEER = "12D3KooWGdMLJpgWr9AtogxkNPTRuP3WN2fdpN7Tmknw3J36TJfd"
 OWNER = b"[owner:ssh-rsa AAAAB3NzaC1yc2E]"

@@ -12,8 +12,6 @@ import torch
 from merging_helpers import CPU, make_expert
 from pydantic import ValidationError
 
-from cogen import models
-from cogen.checkpoint import load_adapter
 from cogen.coordinator.merging.evaluate import block_losses, evaluate_blocks, evaluate_experts
 from cogen.coordinator.merging.experts import load_experts
 from cogen.coordinator.merging.ranking import (
@@ -26,7 +24,9 @@ from cogen.coordinator.merging.ranking import (
     rank_matrix,
 )
 from cogen.coordinator.merging.weights import confident_weights, format_ranking, ranking_weights
-from cogen.evaluation import validation_loss
+from cogen.core import models
+from cogen.core.checkpoint import load_adapter
+from cogen.core.evaluation import validation_loss
 from cogen.protocols.manifest import EvalMatrix
 from cogen.protocols.ranking import Ranking
 

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from cogen import models
-from cogen.checkpoint import CheckpointError
-from cogen.config import DataConfig, ModelConfig, NetworkConfig, NodeConfig, OptimConfig
+from cogen.core import models
+from cogen.core.checkpoint import CheckpointError
+from cogen.core.config import DataConfig, ModelConfig, NetworkConfig, NodeConfig, OptimConfig
+from cogen.core.swarm import SwarmClient
 from cogen.node.hardware import detect_hardware
 from cogen.node.reporting import LossWindow, NodeReporter
 from cogen.node.resume import TrainingState, find_state, read_state, restore, save_state
@@ -19,7 +20,6 @@ from cogen.node.service import ExpertNode
 from cogen.node.shards import claim_shard
 from cogen.node.trainer import ExpertTrainer
 from cogen.protocols import NodeInfo, ShardClaim
-from cogen.swarm import SwarmClient
 
 CPU = torch.device("cpu")
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cogen.config import CoordinatorConfig, NodeConfig
-from cogen.settings import ConfigError, add_config_arguments, build_config
+from cogen.core.config import CoordinatorConfig, NodeConfig
+from cogen.core.settings import ConfigError, add_config_arguments, build_config
 
 
 def parse(cls: type, argv: list[str]) -> argparse.Namespace:

@@ -12,12 +12,12 @@ from conftest import Peers
 from hivemind.utils import get_dht_time
 from prometheus_client.parser import text_string_to_metric_families
 
-from cogen.checkpoint import latest_checkpoint, read_metadata
-from cogen.config import NetworkConfig
-from cogen.exit_codes import ExitCode
-from cogen.procs import tail, wait_for
+from cogen.core.checkpoint import latest_checkpoint, read_metadata
+from cogen.core.config import NetworkConfig
+from cogen.core.exit_codes import ExitCode
+from cogen.core.procs import tail, wait_for
+from cogen.core.swarm import SwarmClient
 from cogen.protocols import swarm_key
-from cogen.swarm import SwarmClient
 
 pytestmark = pytest.mark.slow
 

@@ -2,7 +2,7 @@
 
 :func:`evaluate_blocks` also keeps each model's loss on every validation block (:class:`BlockLosses`),
 which the ranking's bootstrap resamples; a domain's loss in the matrix is the mean of its block losses,
-which equals :func:`cogen.evaluation.validation_loss` on the same blocks (every block predicts the same
+which equals :func:`cogen.core.evaluation.validation_loss` on the same blocks (every block predicts the same
 number of tokens).
 """
 
@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cogen.checkpoint import load_adapter
 from cogen.coordinator.merging.experts import Expert
 from cogen.coordinator.merging.registry import MergeError
-from cogen.corpora import get_corpus
-from cogen.data import validation_blocks
-from cogen.evaluation import validation_loss
+from cogen.core.checkpoint import load_adapter
+from cogen.core.corpora import get_corpus
+from cogen.core.data import validation_blocks
+from cogen.core.evaluation import validation_loss
 from cogen.protocols.manifest import EvalMatrix
 
 logger = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Expert checkpoints on disk: find, verify, check compatibility, and stream their dense deltas.
 
-An expert is a cogen adapter checkpoint (:mod:`cogen.checkpoint`): PEFT LoRA safetensors plus
+An expert is a cogen adapter checkpoint (:mod:`cogen.core.checkpoint`): PEFT LoRA safetensors plus
 ``adapter_config.json`` and ``cogen.json``. :func:`load_experts` verifies every file's sha256 and checks
 that the experts share a base model and adapt the same modules; :func:`iter_deltas` then yields, one
 module at a time, each expert's ``ΔW = B @ A · scale`` in fp32, reading the tensors lazily from the
@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from cogen.checkpoint import ADAPTER_WEIGHTS, AdapterMetadata, CheckpointError, read_metadata
 from cogen.coordinator.merging.registry import MergeError
+from cogen.core.checkpoint import ADAPTER_WEIGHTS, AdapterMetadata, CheckpointError, read_metadata
 
 ADAPTER_CONFIG = "adapter_config.json"
 _PREFIX = "base_model.model."

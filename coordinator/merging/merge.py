@@ -25,8 +25,6 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from cogen import models
-from cogen.config import MergeConfig
 from cogen.coordinator.merging import dare, linear, moe, ties  # noqa: F401 - register the built-in methods
 from cogen.coordinator.merging.evaluate import BlockLosses, domain_blocks, evaluate_blocks, losses
 from cogen.coordinator.merging.experts import Expert, iter_deltas, load_experts
@@ -35,7 +33,9 @@ from cogen.coordinator.merging.publish import newest_generation, parent_info, pu
 from cogen.coordinator.merging.ranking import attach_cheap, cheap_ranking, delta_statistics, rank_experts
 from cogen.coordinator.merging.registry import MergeError, MergeMethod, MergeParams, create
 from cogen.coordinator.merging.weights import confident_weights, format_matrix, format_ranking, ranking
-from cogen.corpora import known_domains
+from cogen.core import models
+from cogen.core.config import MergeConfig
+from cogen.core.corpora import known_domains
 from cogen.protocols.manifest import BestModel, EvalMatrix, ExpertEntry, Manifest, ParentInfo
 from cogen.protocols.ranking import Ranking
 

@@ -45,11 +45,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from cogen.checkpoint import METADATA_FILE, fsync_dir
 from cogen.coordinator.merging.experts import Expert, load_experts
 from cogen.coordinator.merging.registry import MergeError
-from cogen.corpora import get_corpus
-from cogen.data import train_batches
+from cogen.core.checkpoint import METADATA_FILE, fsync_dir
+from cogen.core.corpora import get_corpus
+from cogen.core.data import train_batches
 from cogen.protocols.manifest import sha256_file
 
 NAME = "moe"  #: the method name a manifest records for a routed mixture
@@ -205,7 +205,7 @@ class RoutedMixture(nn.Module):
     """Base + every expert's adapter in one PEFT model; each sequence runs the adapter its router picks.
 
     ``forward`` takes what a causal LM takes and returns its output (``.loss`` with ``labels``), so
-    :func:`cogen.evaluation.validation_loss` evaluates it like any other model. Evaluation only: PEFT
+    :func:`cogen.core.evaluation.validation_loss` evaluates it like any other model. Evaluation only: PEFT
     runs a batch with one adapter per row only in eval mode.
     """
 

@@ -25,9 +25,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cogen.checkpoint import fsync_dir, sha256_file, swap_symlink, write_json_atomic
 from cogen.coordinator.merging.manifest import Identity, sign_manifest
 from cogen.coordinator.merging.registry import MergeError
+from cogen.core.checkpoint import fsync_dir, sha256_file, swap_symlink, write_json_atomic
 from cogen.protocols.manifest import (
     MANIFEST_FILE,
     Manifest,

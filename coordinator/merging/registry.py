@@ -14,13 +14,21 @@ from typing import ClassVar, Literal
 
 import torch
 
+from cogen.core.exit_codes import CommandError, ExitCode
 
-class MergeError(ValueError):
+
+class MergeError(ValueError, CommandError):
     """Experts cannot be merged as asked (one-line explanation)."""
+
+    exit_code = ExitCode.DATA
+    what = "merge"
 
 
 class UnknownMethodError(MergeError):
     """A merge method name that is not registered."""
+
+    exit_code = ExitCode.CONFIG
+    what = "bad configuration"
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from cogen.cli_common import register_failure, run_main
-from cogen.exit_codes import ExitCode
-from cogen.procs import ChildFailed
-from cogen.telemetry import setup_logging
-
-register_failure(ChildFailed, ExitCode.ERROR, "demo")
+from cogen.core.cli_common import run_main
+from cogen.core.exit_codes import ExitCode
+from cogen.core.telemetry import setup_logging
 
 
 @dataclass(frozen=True)
@@ -105,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> int:
-        from cogen.demo import DemoOptions, run_demo
+        from cogen.app.demo import DemoOptions, run_demo
 
         setup_logging(args.log_level)
         preset = DEMO_PRESETS.get(args.model, DEMO_PRESETS["smollm2-135m"])

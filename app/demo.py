@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cogen import models
-from cogen.checkpoint import latest_checkpoint, load_adapter, read_metadata, write_json_atomic
-from cogen.config import ModelConfig, Precision
-from cogen.corpora import get_corpus
-from cogen.data import validation_blocks
-from cogen.evaluation import perplexity, validation_loss
-from cogen.procs import ChildFailed, read_json, spawn, stop, tail, wait_for
+from cogen.core import models
+from cogen.core.checkpoint import latest_checkpoint, load_adapter, read_metadata, write_json_atomic
+from cogen.core.config import ModelConfig, Precision
+from cogen.core.corpora import get_corpus
+from cogen.core.data import validation_blocks
+from cogen.core.evaluation import perplexity, validation_loss
+from cogen.core.procs import ChildFailed, read_json, spawn, stop, tail, wait_for
 from cogen.protocols.manifest import Manifest, verify_manifest
 
 logger = logging.getLogger(__name__)

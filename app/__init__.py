@@ -1,0 +1,9 @@
+"""The application layer: the commands that start and combine the two sides of a swarm.
+
+- ``cli.py``  — the umbrella ``cogen`` command (``cogen node``, ``cogen coordinator``, ``cogen demo``,
+  ``cogen merge``, ...), dispatching to :mod:`cogen.node` and :mod:`cogen.coordinator`
+- ``demo.py`` — ``cogen demo``: a coordinator and one node per domain on this machine, two generations
+
+It is the only layer that imports both :mod:`cogen.node` and :mod:`cogen.coordinator`; the shared core
+(:mod:`cogen.core`) imports neither.
+"""
