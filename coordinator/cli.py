@@ -81,8 +81,10 @@ def merge_main(argv: list[str] | None = None) -> int:
     def body() -> int:
         setup_logging(args.log_level)
         from cogen.coordinator.merging import merge_experts
+        from cogen.protocols.manifest import read_manifest
 
-        merge_experts(build_config(MergeConfig, args))
+        final = merge_experts(build_config(MergeConfig, args))
+        print(f"published generation {read_manifest(final).generation} at {final}", flush=True)
         return ExitCode.OK
 
     return run_main("cogen-coordinator merge", body)

@@ -85,7 +85,7 @@ def rank(cfg: MergeConfig, experts: list[Expert], losses: BlockLosses) -> Rankin
         for e in experts
     }
     ranked = attach_cheap(ranked, cheap_ranking(training, delta_statistics(experts)))
-    print(format_ranking(ranked), flush=True)
+    logger.info("ranking of the experts:\n%s", format_ranking(ranked))
     return ranked
 
 
@@ -208,7 +208,7 @@ def merge_experts(cfg: MergeConfig) -> Path:
     best = None
     if matrix is not None:
         matrix = matrix.model_copy(update={"merged": losses(model, blocks)})
-        print(format_matrix(matrix), flush=True)
+        logger.info("validation losses:\n%s", format_matrix(matrix))
         if mixture is not None:
             best = _best(mixture, matrix)
     manifest = Manifest(
@@ -233,11 +233,10 @@ def merge_experts(cfg: MergeConfig) -> Path:
             moe.save_mixture(directory / MIXTURE_DIR, routed.experts, routed.router)
 
     final = publish(model, tokenizer, cfg.out, manifest, identity, extra=extra)
-    print(
-        f"published generation {generation} ({cfg.method}, {len(kept)} of {len(experts)} experts) at {final} "
-        f"in {time.monotonic() - started:.1f} s",
-        flush=True,
-    )
+    logger.info(
+        "published generation %d (%s, %d of %d experts) at %s in %.1f s",
+        generation, cfg.method, len(kept), len(experts), final, time.monotonic() - started,
+    )  # fmt: skip
     return final
 
 
