@@ -2,6 +2,8 @@
 
 - ``service.py``   — :class:`Coordinator`: DHT peer (or read-only observer), swarm announcement, API server
 - ``view.py``      — :class:`SwarmMonitor`: live view of peers, groups and alerts from DHT records
+- ``peers.py``     — what the monitor keeps of each peer; the peer and group summaries it shows
+- ``rounds.py``    — :class:`RoundBook`: the groups' averaging rounds, each once, with totals per expert
 - ``history.py``   — :class:`History`: loss points and averaging rounds in a bounded SQLite file
 - ``alerts.py``    — pure alert rules (stale peer, NaN or rising loss, failed round, version mismatch)
 - ``schemas.py``   — API response models: swarm snapshot, peers, groups, averaging rounds, generations

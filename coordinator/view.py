@@ -6,29 +6,28 @@ and keeps the last state of every peer it has seen, so a peer whose records expi
 (snapshot, expert groups with their loss curves, alerts, and their JSON) that the API serves as is,
 so a request costs no more than a dictionary lookup however many peers there are. With a
 :class:`~cogen.coordinator.history.History` it also persists loss points and averaging rounds, and
-reloads them on start.
+reloads them on start. What it keeps of a peer and how peers and groups are summarised is in
+:mod:`cogen.coordinator.peers`; the groups' rounds, each counted once, in :mod:`cogen.coordinator.rounds`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, TypeAdapter
 
 from cogen.coordinator.alerts import Alert, compute_alerts
-from cogen.coordinator.history import History, LossPoint, RoundRow
+from cogen.coordinator.history import History, LossPoint
+from cogen.coordinator.peers import PeerState, build_groups, expert_summary, peer_summaries
+from cogen.coordinator.rounds import RoundBook
 from cogen.coordinator.schemas import (
     AlertList,
-    ExpertSummary,
     GenerationSummary,
     GroupSummary,
-    LossSeries,
     PeerSummary,
     RoundSummary,
     SwarmSnapshot,
@@ -38,17 +37,6 @@ from cogen.core.swarm import SwarmClient, owner_fingerprint
 from cogen.protocols import PROTOCOL_VERSION, RECORD_SCHEMAS, NodeInfo, TrainingProgress, software_version
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class _PeerState:
-    info: NodeInfo | None = None
-    progress: TrainingProgress | None = None
-    last_seen: float = 0.0
-    online: bool = False
-    first_seen: float = field(default_factory=time.time)
-    expert: str = ""
-    series: deque[tuple[float, int, float]] = field(default_factory=lambda: deque(maxlen=SERIES_POINTS))
 
 
 @dataclass(frozen=True)
@@ -62,13 +50,7 @@ class SwarmView:
     json: dict[str, bytes]
 
 
-#: loss points per peer kept in memory for charts and alerts (the history file may keep more)
-SERIES_POINTS = 300
 _PRUNE_EVERY_S = 60.0
-
-
-def _finite_or_none(value: float | None) -> float | None:
-    return value if value is not None and math.isfinite(value) else None
 
 
 class SwarmMonitor(PeriodicService):
@@ -87,11 +69,9 @@ class SwarmMonitor(PeriodicService):
         self.stale_after_s = stale_after_s
         self.forget_after_s = forget_after_s
         self.history = history
-        self._peers: dict[str, _PeerState] = {}
-        self._rounds: dict[str, deque[RoundSummary]] = {}
-        self._round_totals: dict[str, list[int]] = {}  # expert -> [ok, failed, bytes]
+        self._peers: dict[str, PeerState] = {}
+        self._rounds = RoundBook(history)
         self._generations: list[GenerationSummary] = []
-        self._seen_rounds: set[tuple[str, int, int, bool]] = set()  # (expert, generation, outer step, ok)
         self._lock = threading.Lock()
         super().__init__("swarm-monitor", poll_interval_s)
         self._view: SwarmView | None = None
@@ -106,14 +86,11 @@ class SwarmMonitor(PeriodicService):
     def _load_history(self, history: History) -> None:
         since = time.time() - history.retention_s
         for point in history.loss_points(since=since):
-            state = self._peers.setdefault(point.peer, _PeerState(first_seen=point.t))
+            state = self._peers.setdefault(point.peer, PeerState(first_seen=point.t))
             state.expert = point.expert
             state.last_seen = max(state.last_seen, point.t)
             state.series.append((point.t, point.step, point.loss))
-        for row in reversed(history.rounds(limit=1000)):
-            self._seen_rounds.add((row.expert, row.generation, row.outer_step, row.ok))
-            fields = {k: v for k, v in row.__dict__.items() if k != "expert"}
-            self._add_round(row.expert, RoundSummary(**fields), persist=False)
+        self._rounds.load(history)
 
     def poll(self) -> None:
         """Read the swarm's records once, update the view and rebuild what the API serves."""
@@ -125,13 +102,13 @@ class SwarmMonitor(PeriodicService):
             for state in self._peers.values():
                 state.online = False
             for entry in nodes:
-                state = self._peers.setdefault(owner_fingerprint(entry.owner), _PeerState())
+                state = self._peers.setdefault(owner_fingerprint(entry.owner), PeerState())
                 assert isinstance(entry.record, NodeInfo)
                 state.info, state.online, state.expert = entry.record, True, entry.record.expert
                 state.last_seen = max(state.last_seen, entry.record.updated_at)
             for entry in progress:
                 fp = owner_fingerprint(entry.owner)
-                state = self._peers.setdefault(fp, _PeerState())
+                state = self._peers.setdefault(fp, PeerState())
                 prog = entry.record
                 assert isinstance(prog, TrainingProgress)
                 state.progress, state.expert = prog, prog.expert
@@ -157,39 +134,11 @@ class SwarmMonitor(PeriodicService):
         self._view = self._build_view()
 
     def _read_group_records(self) -> None:
-        """Averaging rounds from the nodes' ``groups`` records, where this protocol version has them.
-
-        Read defensively (by attribute) so the view works with and without group averaging; a round is
-        recorded once per (expert, generation, outer step, result), as its first reporting member saw it
-        (a group's outer steps start again at each generation).
-        """
+        """Averaging rounds from the nodes' ``groups`` records, where this protocol version has them
+        (each round once: see :mod:`cogen.coordinator.rounds`)."""
         if "groups" not in RECORD_SCHEMAS:
             return
-        for entry in self.client.fetch("groups"):
-            rec, last = entry.record, getattr(entry.record, "last_round", None)
-            expert = getattr(rec, "expert", None)
-            if last is None or not isinstance(expert, str):
-                continue
-            generation = getattr(rec, "generation", 0)
-            key = (
-                expert,
-                generation if isinstance(generation, int) else 0,
-                int(last.outer_step),
-                bool(last.ok),
-            )
-            if key in self._seen_rounds:
-                continue
-            self._seen_rounds.add(key)
-            summary = RoundSummary(
-                outer_step=key[2],
-                generation=key[1],
-                finished_at=float(last.time),
-                group_size=int(last.group_size),
-                duration_s=float(last.duration_s),
-                bytes_sent=int(last.bytes_sent),
-                ok=key[3],
-                error=str(getattr(last, "reason", "")) or None,
-            )
+        for expert, summary in self._rounds.unseen(self.client.fetch("groups")):
             self.record_round(expert, summary)
 
     def metrics_urls(self) -> dict[str, str]:
@@ -202,7 +151,7 @@ class SwarmMonitor(PeriodicService):
     def record_round(self, expert: str, summary: RoundSummary) -> None:
         """Note an averaging round of ``expert``'s group (kept in memory and in the history file)."""
         with self._lock:
-            self._add_round(expert, summary, persist=True)
+            self._rounds.add(expert, summary, persist=True)
 
     def set_generations(self, generations: list[GenerationSummary]) -> None:
         """Replace the list of published generations (oldest first); the API serves it from now on."""
@@ -210,53 +159,11 @@ class SwarmMonitor(PeriodicService):
             self._generations = list(generations)
         self._view = None  # rebuilt by the next view(), not only after the next poll
 
-    def _add_round(self, expert: str, summary: RoundSummary, persist: bool) -> None:
-        self._rounds.setdefault(expert, deque(maxlen=50)).append(summary)
-        totals = self._round_totals.setdefault(expert, [0, 0, 0])
-        totals[0 if summary.ok else 1] += 1
-        totals[2] += summary.bytes_sent
-        if persist and self.history is not None:
-            self.history.add_round(RoundRow(expert=expert, **summary.model_dump()))
-
     def peers(self) -> list[PeerSummary]:
         now = time.time()
-        out = []
         with self._lock:
             items = list(self._peers.items())
-        for fp, state in items:
-            info, prog = state.info, state.progress
-            if info is None:
-                continue  # progress without an announcement (or history only): wait for its NodeInfo
-            stale = not state.online or now - state.last_seen > self.stale_after_s
-            loss = prog.loss if prog else None
-            out.append(
-                PeerSummary(
-                    id=fp,
-                    peer_id=info.peer_id,
-                    expert=info.expert,
-                    state="stale" if stale else info.state,
-                    online=not stale,
-                    device=info.hardware.device,
-                    device_name=info.hardware.device_name,
-                    memory_bytes=info.hardware.memory_bytes,
-                    precision=info.precision,
-                    generation=info.generation,
-                    software_version=info.software_version,
-                    protocol_version=info.protocol_version,
-                    shard=info.shard,
-                    step=prog.step if prog else 0,
-                    samples=prog.samples if prog else 0,
-                    tokens=prog.tokens if prog else 0,
-                    loss=_finite_or_none(loss),
-                    loss_is_nan=loss is not None and math.isnan(loss),
-                    samples_per_second=prog.samples_per_second if prog else 0.0,
-                    peak_memory_bytes=prog.peak_memory_bytes if prog else 0,
-                    rss_bytes=prog.rss_bytes if prog else None,
-                    gpu_memory_bytes=prog.gpu_memory_bytes if prog else None,
-                    last_seen_s=round(now - state.last_seen, 3),
-                )
-            )
-        return sorted(out, key=lambda p: (p.expert, p.id))
+        return peer_summaries(items, now, self.stale_after_s)
 
     def view(self) -> SwarmView:
         """What the API serves: the view built after the last poll (built now if there was none)."""
@@ -274,8 +181,7 @@ class SwarmMonitor(PeriodicService):
             series = {
                 fp: (s.expert, list(s.series)) for fp, s in self._peers.items() if s.series and s.expert
             }
-            rounds = {e: list(r) for e, r in self._rounds.items()}
-            totals = {e: list(t) for e, t in self._round_totals.items()}
+            rounds, totals = self._rounds.copy()
             generations = list(self._generations)
         groups = build_groups(peers, series, rounds, totals)
         losses: dict[str, dict[str, list[float]]] = {}
@@ -303,7 +209,7 @@ class SwarmMonitor(PeriodicService):
             last_merge_at=last.created_at if last else None,
             alert_count=len(alerts),
             peers=peers,
-            experts=[_expert_summary(g) for g in groups],
+            experts=[expert_summary(g) for g in groups],
         )
         return SwarmView(
             snapshot=snapshot,
@@ -320,61 +226,6 @@ class SwarmMonitor(PeriodicService):
                 "generations": _dump_list(GenerationSummary, generations),
             },
         )
-
-
-def build_groups(
-    peers: list[PeerSummary],
-    series: dict[str, tuple[str, list[tuple[float, int, float]]]],
-    rounds: dict[str, list[RoundSummary]],
-    totals: dict[str, list[int]],
-) -> list[GroupSummary]:
-    """One :class:`GroupSummary` per expert that has a known peer."""
-    known = {p.id for p in peers}
-    groups = []
-    for name in sorted({p.expert for p in peers}):
-        members = [p for p in peers if p.expert == name]
-        online = [p for p in members if p.online]
-        losses = [p.loss for p in online if p.loss is not None]
-        last = rounds.get(name, [])[-1] if rounds.get(name) else None
-        current = [r for r in rounds.get(name, []) if last is not None and r.generation == last.generation]
-        ok, failed, sent = totals.get(name, [0, 0, 0])
-        curves = [
-            LossSeries(
-                peer=fp,
-                t=[round(t, 3) for t, _, _ in points],
-                step=[step for _, step, _ in points],
-                loss=[_finite_or_none(loss) for _, _, loss in points],
-            )
-            for fp, (expert, points) in sorted(series.items())
-            if expert == name and fp in known
-        ]
-        groups.append(
-            GroupSummary(
-                expert=name,
-                members=len(online),
-                peers=[p.id for p in members],
-                samples_per_second=sum(p.samples_per_second for p in online),
-                tokens=sum(p.tokens for p in members),
-                mean_loss=sum(losses) / len(losses) if losses else None,
-                outer_step=max((r.outer_step for r in current), default=None),  # on the current base
-                last_round=last,
-                rounds_ok=ok,
-                rounds_failed=failed,
-                bytes_sent=sent,
-                loss=curves,
-            )
-        )
-    return groups
-
-
-def _expert_summary(group: GroupSummary) -> ExpertSummary:
-    return ExpertSummary(
-        expert=group.expert,
-        members=group.members,
-        samples_per_second=group.samples_per_second,
-        tokens=group.tokens,
-        mean_loss=group.mean_loss,
-    )
 
 
 _LIST_ADAPTERS: dict[type[BaseModel], TypeAdapter[Any]] = {}
