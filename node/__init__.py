@@ -2,6 +2,7 @@
 
 - ``service.py``  — :class:`ExpertNode`: join, load, claim a shard, train, report, save
 - ``group.py``    — :class:`GroupAverager`: DiLoCo outer steps with the expert's group
+- ``group_state.py`` — :class:`GroupState`: the group's shared state: joining, resuming, copies, exact sync
 - ``wire.py``     — wire compression of pseudo-gradients and the check of each averaging round
 - ``trainer.py``  — :class:`ExpertTrainer`: inner steps on the expert's adapters
 - ``resume.py``   — the node's full training state on disk: saved every few outer steps, resumed on restart
