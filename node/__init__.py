@@ -1,6 +1,10 @@
 """The volunteer: ``cogen-node`` trains a domain expert in the swarm.
 
-- ``service.py``  — :class:`ExpertNode`: join, load, claim a shard, train, report, save
+- ``service.py``  — :class:`ExpertNode`: the node's lifecycle: join, load, claim a shard, train, leave
+- ``state.py``    — :class:`NodeState`: what a running node knows, shared by the layers below
+- ``announcing.py`` — :class:`NodeAnnouncing`: the node's records in each state, summaries, groupmates
+- ``switching.py`` — :class:`BaseSwitching`: its base, moving to a new generation, joining the group
+- ``training.py`` — :class:`TrainingLoop`: inner steps, outer steps at the boundaries, saves, the end
 - ``group.py``    — :class:`GroupAverager`: DiLoCo outer steps with the expert's group
 - ``group_state.py`` — :class:`GroupState`: the group's shared state: joining, resuming, copies, exact sync
 - ``wire.py``     — wire compression of pseudo-gradients and the check of each averaging round
@@ -22,15 +26,16 @@ from typing import TYPE_CHECKING
 from cogen.core.lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from cogen.node.service import DataError, ExpertNode, NodeResult, expert_name
+    from cogen.node.service import DataError, ExpertNode, expert_name
     from cogen.node.trainer import ExpertTrainer, StepStats
+    from cogen.node.training import NodeResult
 
 __getattr__ = lazy_exports(
     __name__,
     {
         "DataError": "cogen.node.service",
         "ExpertNode": "cogen.node.service",
-        "NodeResult": "cogen.node.service",
+        "NodeResult": "cogen.node.training",
         "expert_name": "cogen.node.service",
         "ExpertTrainer": "cogen.node.trainer",
         "StepStats": "cogen.node.trainer",

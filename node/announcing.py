@@ -1,0 +1,62 @@
+"""What a node tells the swarm while it trains: its ``NodeInfo`` in each state, its summaries, its group's
+progress; and what it reads of its groupmates' announcements.
+
+:class:`NodeAnnouncing` builds the records that :class:`~cogen.node.reporting.NodeReporter` publishes
+and renews (see :mod:`cogen.node.state` for how the node's layers fit together).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from cogen.core.telemetry import peak_memory_bytes
+from cogen.node.state import NodeState
+from cogen.node.trainer import ExpertTrainer
+from cogen.protocols import GroupProgress, NodeInfo, RoundReport, software_version
+
+
+class NodeAnnouncing(NodeState):
+    """The node's records and summaries."""
+
+    def _report(self, trainer: ExpertTrainer, device: torch.device) -> None:
+        assert self.reporter is not None
+        peak = peak_memory_bytes(device)
+        self.reporter.report(trainer.steps, trainer.samples, trainer.tokens, trainer.skipped, peak)
+
+    def _node_info(self, state: str) -> NodeInfo:
+        """This node's record in ``state`` (built by the reporter each time it publishes)."""
+        assert self.client is not None
+        return NodeInfo(
+            peer_id=self.client.peer_id, expert=self.expert, hardware=self.hardware,
+            software_version=software_version(), model=self.base_label[:256],
+            precision=self.cfg.model.precision, shard=self.shard, num_shards=self.cfg.data.num_shards,
+            state=state,  # type: ignore[arg-type]
+            started_at=self.started_at, updated_at=time.time(), metrics_url=self.metrics_url,
+            generation=self.generation,
+        )  # fmt: skip
+
+    def _announce(self, state: str) -> None:
+        assert self.reporter is not None
+        self.reporter.set_state(state)
+
+    def _publish_group(self, report: RoundReport | None) -> None:
+        assert self.client is not None and self.group is not None and self.reporter is not None
+        self.reporter.publish_group(GroupProgress(
+            peer_id=self.client.peer_id, expert=self.expert, outer_step=self.group.outer_step,
+            generation=self.generation, inner_steps=self.cfg.group.inner_steps,
+            compression=self.cfg.group.compression,
+            rounds_ok=self.group.rounds_ok, rounds_failed=self.group.rounds_failed,
+            last_round=report or self.group.last_round,
+        ))  # fmt: skip
+
+    def _groupmates_online(self) -> bool:
+        """Whether another node announces itself on this expert (a cheap DHT read, no matchmaking)."""
+        assert self.client is not None
+        return any(
+            entry.owner != self.client.owner and isinstance(entry.record, NodeInfo)
+            and entry.record.expert == self.expert and entry.record.state != "stopping"
+            and entry.record.generation == self.generation
+            for entry in self.client.fetch("nodes")
+        )  # fmt: skip
