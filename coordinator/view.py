@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +76,7 @@ class SwarmMonitor(PeriodicService):
         self._lock = threading.Lock()
         super().__init__("swarm-monitor", poll_interval_s)
         self._view: SwarmView | None = None
+        self._changes = 0  #: bumped by set_generations: a view built from older data is not kept
         self._last_prune = time.monotonic()
         self.polls = 0
         if history is not None:
@@ -131,7 +133,7 @@ class SwarmMonitor(PeriodicService):
             if time.monotonic() - self._last_prune > _PRUNE_EVERY_S:
                 self.history.prune()
                 self._last_prune = time.monotonic()
-        self._view = self._build_view()
+        self._keep(self._build_view, self._changes)
 
     def _read_group_records(self) -> None:
         """Averaging rounds from the nodes' ``groups`` records, where this protocol version has them
@@ -157,7 +159,8 @@ class SwarmMonitor(PeriodicService):
         """Replace the list of published generations (oldest first); the API serves it from now on."""
         with self._lock:
             self._generations = list(generations)
-        self._view = None  # rebuilt by the next view(), not only after the next poll
+            self._changes += 1
+            self._view = None  # rebuilt by the next view(), not only after the next poll
 
     def peers(self) -> list[PeerSummary]:
         now = time.time()
@@ -169,7 +172,16 @@ class SwarmMonitor(PeriodicService):
         """What the API serves: the view built after the last poll (built now if there was none)."""
         view = self._view
         if view is None:
-            view = self._view = self._build_view()
+            view = self._keep(self._build_view, self._changes)
+        return view
+
+    def _keep(self, build: Callable[[], SwarmView], changes: int) -> SwarmView:
+        """Build a view and keep it, unless the generations changed meanwhile (a poll that started
+        before a publish or a restart's read-back must not put the old list back until its next poll)."""
+        view = build()
+        with self._lock:
+            if self._changes == changes:
+                self._view = view
         return view
 
     def snapshot(self) -> SwarmSnapshot:

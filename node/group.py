@@ -16,6 +16,7 @@ averager, which serves a joining node the group's state: :mod:`cogen.node.group_
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import threading
 import time
@@ -260,6 +261,7 @@ class GroupAverager(GroupState):
         if self._pending is not None:  # leave a round in flight: the others complete it without us
             self._pending.control.cancel()
             self._pending = None
-        for averager in (self.delta_averager, self.state_averager):
-            if averager.is_alive():
-                averager.shutdown()
+        alive = [a for a in (self.delta_averager, self.state_averager) if a.is_alive()]
+        if alive:  # side by side: each may wait out its shutdown timeout, and the grace period counts both
+            with concurrent.futures.ThreadPoolExecutor(len(alive), thread_name_prefix="stop") as pool:
+                list(pool.map(lambda averager: averager.shutdown(), alive))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Iterator
@@ -112,3 +113,21 @@ def test_node_metrics_are_served_scraped_and_relabelled(monitor: SwarmMonitor) -
     assert not node.is_running()
     with pytest.raises(ValueError, match="not an http URL"):
         scrape("file:///etc/passwd")
+
+
+def test_a_view_built_before_new_generations_does_not_hide_them(monitor: SwarmMonitor) -> None:
+    """A poll that began before a publish (or a restart's read-back of its generations) must not put
+    the old list back: the API serves the new one at once, not after the next poll."""
+    from cogen.coordinator.schemas import GenerationSummary
+
+    published = GenerationSummary(generation=1, base_hash="b" * 16, parent_hash=None, created_at=time.time(),
+                                  manifest_hash="m" * 16, signature_ok=True)  # fmt: skip
+    stale_build = monitor._build_view
+
+    def slow_build():  # the poll's build reads the swarm while the generation loop publishes
+        view = stale_build()
+        monitor.set_generations([published])
+        return view
+
+    monitor._keep(slow_build, monitor._changes)
+    assert [g["generation"] for g in json.loads(monitor.view().json["generations"])] == [1]
