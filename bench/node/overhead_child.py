@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from benchlib import BenchError
 
 from cogen.core import models
 from cogen.core.config import ModelConfig, OptimConfig
 from cogen.core.telemetry import current_memory_bytes, model_state_bytes, peak_memory_bytes
+
+from ..harness import BenchError
 
 DESCRIPTIONS = {
     "cogen": "8-bit base + LoRA + AdamW8bit, cogen's ExpertTrainer.step (what a node runs)",

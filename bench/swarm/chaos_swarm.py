@@ -16,8 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from netns import Switch
-
+from cogen.core.netns import Switch
 from cogen.core.procs import kill_group, read_json, spawn, stop, wait_for
 
 DHT_PORT = 31337

@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Any
 
-from benchlib import BenchError
+from ..harness import BenchError
 
 REPLY = "COGEN_BENCH_REPLY "
 MB = 1_000_000

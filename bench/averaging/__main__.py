@@ -29,10 +29,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from averaging_procs import Rounds, Route, measure_floor, median, run_configs, threads_per_peer
-from averaging_workers import MB, run_worker, shapes_for
-from benchlib import run_main, table_lines, write_report
-from netns import NetnsUnavailable, Switch, remove_stale
+from cogen.core.netns import NetnsUnavailable, Switch, remove_stale
+
+from ..harness import new_parser, parse, run_main, table_lines, write_report
+from .procs import Rounds, Route, measure_floor, median, run_configs, threads_per_peer
+from .workers import MB, run_worker, shapes_for
 
 logger = logging.getLogger("cogen.bench.averaging")
 
@@ -260,11 +261,11 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="time of cogen's outer-step averaging (GroupAverager.outer_step_now) and of bare "
+    parser = new_parser(
+        "time of cogen's outer-step averaging (GroupAverager.outer_step_now) and of bare "
         "hivemind averaging among 2 and 4 peer processes, against a raw TCP copy of the same bytes, across "
         "1 Gbit/s network namespaces and on loopback",
+        show_defaults=True,
     )
     parser.add_argument(
         "--size-mb", type=int, default=100, help="fp32 pseudo-gradient per peer, in MB (10^6 B)"
@@ -298,7 +299,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="keep every worker's log here (default: a temp dir, removed)",
     )
-    parser.add_argument("--json", type=Path, default=None, help="write all figures here as JSON (atomically)")
     parser.add_argument("--worker", choices=("peer", "floor-recv", "floor-send"), help=argparse.SUPPRESS)
     for hidden in ("--host", "--target", "--initial-peers"):
         parser.add_argument(
@@ -306,7 +306,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     for hidden in ("--index", "--bytes", "--count"):
         parser.add_argument(hidden, type=int, default=0, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     if args.size_mb < 1 or args.rounds < 1 or args.round_timeout <= 0 or args.threads_per_peer < 0:
         parser.error("--size-mb, --rounds >= 1; --round-timeout > 0; --threads-per-peer >= 0")
     if any(not 2 <= n <= 64 for n in args.peers):

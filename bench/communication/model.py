@@ -11,10 +11,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from benchlib import BenchError
 
 from cogen.core import models
 from cogen.core.config import GroupConfig, OptimConfig
+
+from ..harness import BenchError
 
 GROUP_DEFAULTS = GroupConfig()
 

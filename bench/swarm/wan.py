@@ -44,8 +44,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchlib import BenchError, run_main, table_lines, write_report
-from netns import NetnsUnavailable, Switch, remove_stale
+from cogen.core.netns import NetnsUnavailable, Switch, remove_stale
+
+from ..harness import BenchError, child_env, new_parser, parse, run_main, table_lines, write_report
 
 logger = logging.getLogger("cogen.bench.wan")
 
@@ -137,7 +138,7 @@ class Procs:
         with open(self.log_dir / f"{name}.log", "wb") as log:
             proc = subprocess.Popen(
                 [*self.switch.exec_prefix(peer), sys.executable, *args], stdout=log, stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
+                env={**child_env(), "PYTHONUNBUFFERED": "1"}, start_new_session=True,
             )  # fmt: skip
         self.procs[name] = proc
         return proc
@@ -230,7 +231,7 @@ def run_arm(switch: Switch, args: argparse.Namespace, overlap: bool, log_dir: Pa
                 "--output-dir", str(log_dir / name), "--overlap" if overlap else "--no-overlap",
             ])  # fmt: skip
             procs.start(f"{name}-scrape", i, [
-                str(Path(__file__).resolve()), "--worker", "scrape", "--url",
+                "-m", __spec__.name, "--worker", "scrape", "--url",
                 f"http://127.0.0.1:{METRICS_PORT}/metrics", "--out", str(scrape_path),
                 "--scrape-s", str(args.scrape_s), "--max-s", str(args.arm_timeout),
             ])  # fmt: skip
@@ -362,7 +363,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p = new_parser(__doc__)
     p.add_argument("--rate", default="100mbit", help="tbf rate of every link (tc syntax)")
     p.add_argument(
         "--delay-ms", type=float, default=50.0, help="one-way delay between nodes, where netem exists"
@@ -383,12 +384,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--arm-timeout", type=float, default=420.0, help="give up on an arm after this many seconds"
     )
     p.add_argument("--log-dir", default=None, help="keep the processes' logs here (default: a new temp dir)")
-    p.add_argument("--json", type=Path, default=None, help="write all figures here as JSON (atomically)")
     p.add_argument("--worker", choices=("scrape",), help=argparse.SUPPRESS)
     p.add_argument("--url", help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--max-s", type=float, default=600.0, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    args = parse(p, argv)
     for name in ("lora_rank", "batch_size", "block_size", "inner_steps", "rounds"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")

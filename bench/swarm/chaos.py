@@ -37,11 +37,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchlib import BenchError, run_main, table_lines, targets_json, write_report
-from chaos_swarm import ChaosSwarm, LogFacts, Member
-from netns import NetnsUnavailable, Switch, remove_stale
-
+from cogen.core.netns import NetnsUnavailable, Switch, remove_stale
 from cogen.core.procs import wait_for
+
+from ..harness import BenchError, new_parser, parse, run_main, table_lines, targets_json, write_report
+from .chaos_swarm import ChaosSwarm, LogFacts, Member
 
 logger = logging.getLogger("cogen.bench.chaos")
 TARGETS = {"nan_events": ("<=", 0.0), "loss_ratio": ("<=", 1.10), "sigterm_exit_s": ("<=", 25.0)}
@@ -338,9 +338,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--quick", action="store_true", help="one pass of each scenario, shorter run")
+#: what ``--quick`` sets (flags given explicitly still win)
+QUICK = {"seconds": 300.0, "generation_s": 60.0, "partition_s": 30.0}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = new_parser(__doc__, {"quick": ("one pass of each scenario, shorter run", QUICK)})
     p.add_argument("--seconds", type=float, default=None, help="length of each arm (default 600; quick 300)")
     p.add_argument("--generation-s", type=float, default=None, help="coordinator --generation-s (default 90)")
     p.add_argument("--kill-every-s", type=float, default=30.0)
@@ -355,17 +358,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-dir", type=Path, default=None, help="keep every process's log here")
     p.add_argument("--keep-logs", action="store_true")
-    p.add_argument("--json", type=Path, default=None, help="write the figures here")
-    args = p.parse_args(argv)
-    args.seconds = args.seconds or (300.0 if args.quick else 600.0)
-    args.generation_s = args.generation_s or (60.0 if args.quick else 90.0)
-    if args.quick:
-        args.partition_s = min(args.partition_s, 30.0)
+    args = parse(p, argv)
+    args.seconds = args.seconds or 600.0
+    args.generation_s = args.generation_s or 90.0
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
+    args = parse_args(argv)
     return run_main("chaos", lambda: run(args), plain_logging=True, unwind_on_sigterm=True)
 
 

@@ -35,11 +35,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from benchlib import BenchError, child_main, run_child, run_main, table_lines, write_report
 
 from cogen.core import models
 from cogen.core.checkpoint import ADAPTER_WEIGHTS
 from cogen.core.telemetry import format_bytes
+
+from ..harness import (
+    BenchError,
+    child_main,
+    new_parser,
+    parse,
+    run_child,
+    run_main,
+    table_lines,
+    write_report,
+)
 
 logger = logging.getLogger("cogen.bench.merge_cost")
 
@@ -254,7 +264,7 @@ def run_measurement(
     """Run one measurement in a fresh process (this script, ``--worker``) and read its figures."""
     flags = ["--worker", worker, "--threads", str(args.threads), "--model-path", model_path]
     flags += ["--experts", *map(str, paths)]
-    return run_child(__file__, flags, args.threads, f"{worker} with {len(paths)} experts")
+    return run_child(__spec__.name, flags, args.threads, f"{worker} with {len(paths)} experts")
 
 
 def figures(results: dict[int, dict[str, dict[str, Any]]], methods: list[str]) -> dict[str, float]:
@@ -411,10 +421,10 @@ def run_benchmark(args: argparse.Namespace) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="time and peak memory of merging N LoRA experts into their base (cogen merge_into) "
+    parser = new_parser(
+        "time and peak memory of merging N LoRA experts into their base (cogen merge_into) "
         "against loading the N experts once; each measurement in a fresh process",
+        show_defaults=True,
     )
     parser.add_argument("--model", default="smollm2-135m", help="base model alias, directory or hub id")
     parser.add_argument("--sizes", type=int, nargs="+", default=[2, 4, 8], help="numbers of experts N")
@@ -424,11 +434,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--rank", type=int, default=64, help="LoRA rank of the generated experts")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads in every measurement")
-    parser.add_argument("--json", type=Path, default=None, help="write all figures here as JSON (atomically)")
     parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     parser.add_argument("--model-path", help=argparse.SUPPRESS)
     parser.add_argument("--experts", nargs="+", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     if any(n < 1 for n in args.sizes):
         parser.error("--sizes must all be at least 1")
     args.sizes = sorted(set(args.sizes))

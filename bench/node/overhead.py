@@ -28,21 +28,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from benchlib import (
+
+from cogen.core import models
+from cogen.core.config import DataConfig, ModelConfig, OptimConfig
+from cogen.core.telemetry import format_bytes
+
+from ..harness import (
     BenchError,
     child_main,
     meets,
+    new_parser,
+    parse,
     run_child,
     run_main,
     table_lines,
     targets_json,
     write_report,
 )
-from node_overhead_child import BUILDERS, DESCRIPTIONS, run_worker
-
-from cogen.core import models
-from cogen.core.config import DataConfig, ModelConfig, OptimConfig
-from cogen.core.telemetry import format_bytes
+from .overhead_child import BUILDERS, DESCRIPTIONS, run_worker
 
 TARGETS = {
     "throughput_ratio": (">=", 0.97),
@@ -85,7 +88,7 @@ def run_config(name: str, args: argparse.Namespace, model_path: str, batches: Pa
     flags = ["--worker", name, "--model", args.model, "--model-path", model_path, "--batches", str(batches)]
     flags += ["--threads", str(args.threads), "--steps", str(args.steps), "--warmup", str(args.warmup)]
     flags.append("--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing")
-    return run_child(__file__, flags, args.threads, f"configuration {name}")
+    return run_child(__spec__.name, flags, args.threads, f"configuration {name}")
 
 
 def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
@@ -189,10 +192,10 @@ def run_benchmark(args: argparse.Namespace) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="samples/s of a cogen-node step vs a bare transformers + PEFT loop, and memory of "
+    parser = new_parser(
+        "samples/s of a cogen-node step vs a bare transformers + PEFT loop, and memory of "
         "8-bit base + LoRA + 8-bit AdamW vs fp32 full fine-tuning; each configuration in a fresh process",
+        show_defaults=True,
     )
     parser.add_argument(
         "--model", default="smollm2-135m", help="model alias, directory or hub id (tiny: quick run)"
@@ -215,11 +218,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=True,
         help="also run fp32 base + LoRA, for context",
     )
-    parser.add_argument("--json", type=Path, default=None, help="write all figures here as JSON (atomically)")
     parser.add_argument("--worker", choices=sorted(BUILDERS), help=argparse.SUPPRESS)
     parser.add_argument("--model-path", help=argparse.SUPPRESS)
     parser.add_argument("--batches", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     for flag in ("batch_size", "block_size", "steps", "threads"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
