@@ -182,15 +182,19 @@ def targets_json(targets: Targets) -> dict[str, dict[str, Any]]:
     return {k: {"op": op, "value": v} for k, (op, v) in targets.items() if math.isfinite(v)}
 
 
-def ratio_line(key: str, value: float | None, targets: Targets, unit: str = "") -> str:
-    """One ratio against the baseline measured in the same run, with its target and verdict."""
-    if value is None or not math.isfinite(value):
-        return f"{key}: not measured"
-    if key not in targets or not math.isfinite(targets[key][1]):
-        return f"{key} = {value:.3f}{unit}"
-    op, target = targets[key]
-    verdict = "meets target" if meets(targets, key, value) else "MISSES target"
-    return f"{key} = {value:.3f}{unit} (target {op} {target:g}{unit}: {verdict})"
+def ratio_line(key: str, value: float | None, targets: Targets, what: str = "", width: int = 20) -> str:
+    """One ratio against the baseline measured in the same run: its value (or "not measured"), what it
+    divides (``what``), and its target with the verdict where ``targets`` has a finite one."""
+    measured = value if value is not None and math.isfinite(value) else None
+    notes = [what] if what else []
+    if key in targets and math.isfinite(targets[key][1]):
+        op, target = targets[key]
+        verdict = (
+            "" if measured is None else "meets target" if meets(targets, key, measured) else "MISSES target"
+        )
+        notes.append(f"target {op} {target:g}" + (f": {verdict}" if verdict else ""))
+    shown = "not measured" if measured is None else f"{measured:7.3f}"
+    return f"{key:<{width}} {shown}   ({'; '.join(notes)})" if notes else f"{key:<{width}} {shown}"
 
 
 def table_lines(rows: Sequence[Sequence[str]], left: Collection[int] = (0,)) -> list[str]:

@@ -10,9 +10,9 @@ rounds of the bare averager, then the same of cogen's.
 
 The floor is one process sending the same bytes to another over a plain TCP socket on the same
 path (``--worker floor-recv`` / ``floor-send``). Paths: (a) network namespaces, every peer on its
-own 1 Gbit/s ``tbf`` link to a bridge (``bench/netns.py``; needs root), and (b) plain loopback.
+own 1 Gbit/s ``tbf`` link to a bridge (``cogen.core.netns``; needs root), and (b) plain loopback.
 
-Run ``python bench/averaging.py --help``; ``bench/README.md`` explains the figures. This file is the
+Run ``python -m bench.averaging --help``; ``bench/README.md`` explains the figures. This file is the
 measurement and its report; ``averaging_procs.py`` starts the workers and times rounds among them,
 ``averaging_workers.py`` is what runs inside each worker.
 """
@@ -31,14 +31,24 @@ from typing import Any
 
 from cogen.core.netns import NetnsUnavailable, Switch, remove_stale
 
-from ..harness import new_parser, parse, run_main, table_lines, write_report
+from ..harness import (
+    Targets,
+    meets,
+    new_parser,
+    parse,
+    ratio_line,
+    run_main,
+    table_lines,
+    targets_json,
+    write_report,
+)
 from .procs import Rounds, Route, measure_floor, median, run_configs, threads_per_peer
 from .workers import MB, run_worker, shapes_for
 
 logger = logging.getLogger("cogen.bench.averaging")
 
 COMPRESSIONS = ("none", "8bit")
-TARGETS = {"floor_ratio_2": 0.8, "floor_ratio_2_8bit": 1.5}  # floor time / cogen time, at least
+TARGETS: Targets = {"floor_ratio_2": (">=", 0.8), "floor_ratio_2_8bit": (">=", 1.5)}  # floor s / cogen s
 
 
 # ----------------------------------------------------------------- figures
@@ -104,14 +114,7 @@ def format_table(configs: list[dict[str, Any]]) -> str:
 
 
 def format_targets(values: dict[str, float]) -> str:
-    lines = []
-    for key, target in TARGETS.items():
-        if key not in values:
-            lines.append(f"{key:<20} not measured   (target >= {target})")
-            continue
-        verdict = "met" if values[key] >= target else "MISSED"
-        lines.append(f"{key:<20} {values[key]:7.3f}        (target >= {target}: {verdict})")
-    return "\n".join(lines)
+    return "\n".join(ratio_line(key, values.get(key), TARGETS, "floor s / cogen s") for key in TARGETS)
 
 
 def _config_figures(path: str, n: int, compression: str, floor: float, rounds: Rounds) -> dict[str, Any]:
@@ -218,8 +221,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
         args.json,
         {
             **values,
-            "targets": {k: {"op": ">=", "value": v} for k, v in TARGETS.items()},
-            "meets_targets": {k: values[k] >= v for k, v in TARGETS.items() if k in values},
+            "targets": targets_json(TARGETS),
+            "meets_targets": {k: meets(TARGETS, k, values[k]) for k in TARGETS if k in values},
             "floor_seconds": {k: v["seconds"] for k, v in floors.items()},
             "floors": floors,
             "bytes_per_peer": nbytes,

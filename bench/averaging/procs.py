@@ -1,6 +1,6 @@
 """The averaging benchmark's parent side: worker processes, where they run, and timed rounds among them.
 
-A :class:`Child` is one worker (``bench/averaging_workers.py``) in its own session, always killed
+A :class:`Child` is one worker (``workers.py``) in its own session, always killed
 with its whole process group. A :class:`Route` says where the workers run (a network namespace per
 peer, or loopback). :func:`run_configs` runs every wire format among ``n`` peers: per format one
 warm-up and ``--rounds`` measured rounds of a bare hivemind averager, then the same of cogen's.

@@ -22,7 +22,7 @@ these arms:
   the round in flight lands (what a node saves when it stops).
 
 Real-network behaviour (matchmaking, verification, partial rounds, state sync) is covered by the
-tests and ``bench/averaging.py``; this benchmark measures the algorithm and its bytes.
+tests and ``bench.averaging``; this benchmark measures the algorithm and its bytes.
 
 The model is a randomly initialised Llama whose every weight is trainable. The tokenizer is GPT-2's
 (50257 tokens), whose embedding would dwarf a 0.3M-parameter model, so token ids are folded into a
@@ -30,11 +30,11 @@ small vocabulary (``id % --vocab``, for training and validation alike); the lear
 meaningful, the task a little harder. Both arms use the same inner optimizer (cogen's
 ``models.build_optimizer`` and ``models.warmup_schedule``) and the same step code.
 
-The pieces: ``communication_model.py`` (settings, model, data, a worker's inner steps),
-``communication_outer.py`` (the wire trip and cogen's outer step), ``communication_arms.py`` (the arms)
-and ``communication_report.py`` (figures, targets, table); this script parses and runs them.
+The pieces: ``model.py`` (settings, model, data, a worker's inner steps), ``flags.py`` (one flag per
+setting), ``outer.py`` (the wire trip and cogen's outer step), ``arms.py`` (the arms) and ``report.py``
+(figures, targets, table); this module parses and runs them.
 
-Run ``python bench/communication.py --help``; ``bench/README.md`` explains the figures.
+Run ``python -m bench.communication --help``; ``bench/README.md`` explains the figures.
 """
 
 from __future__ import annotations

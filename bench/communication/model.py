@@ -1,7 +1,7 @@
 """The communication benchmark's settings, model, data and a worker's inner steps.
 
 Every arm builds the same seeded Llama over a folded vocabulary and steps it with cogen's own inner
-optimizer and schedule; ``bench/scaling.py`` trains its groups with the same pieces.
+optimizer and schedule; ``scaling.py`` trains its groups with the same pieces.
 """
 
 from __future__ import annotations

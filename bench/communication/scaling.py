@@ -1,6 +1,6 @@
 """Validation loss against (simulated) wall time for a group of 1, 2 and 4 nodes on the same token budget.
 
-Every group size trains the same model (``bench/communication.py``'s folded-vocabulary Llama) from the
+Every group size trains the same model (``bench.communication``'s folded-vocabulary Llama) from the
 same seeded start on the same total number of tokens: W workers, each on its own shard, run
 ``total_steps / W`` inner steps, with cogen's outer step (H, outer Nesterov, 8-bit wire) every H of
 them; one node trains alone, as cogen's ``solo`` (no outer step).
@@ -15,7 +15,7 @@ reach the target loss for good (default: its own final loss x 1.02; the time fro
 evaluation stays at or below it) divided by the time the group of W takes; 0 when the group
 ends the budget above it.
 
-Run ``python bench/scaling.py --help``; ``bench/README.md`` explains the figures.
+Run ``python -m bench.communication.scaling --help``; ``bench/README.md`` explains the figures.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ resets its peak resident set (``/proc/self/clear_refs``) just before the measure
 ``VmHWM`` after it, and a sampler thread records the peak anonymous and file-backed resident sets, which
 tell memory a merge allocates from adapter file pages that safetensors maps (evictable page cache).
 
-Run ``python bench/merge_cost.py --help``; ``bench/README.md`` explains the figures.
+Run ``python -m bench.merging.cost --help``; ``bench/README.md`` explains the figures.
 """
 
 from __future__ import annotations

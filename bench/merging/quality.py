@@ -12,7 +12,7 @@ Targets (from issue 5): with the best method, on every domain the merged loss is
 domain's expert and below the base, and its mean over domains is at most the centralised model's;
 ``kendall_tau`` (the cheap ranking's agreement with the full evaluation) is at least 0.8.
 
-Run ``python bench/merge_quality.py --help``; ``bench/README.md`` explains the figures.
+Run ``python -m bench.merging.quality --help``; ``bench/README.md`` explains the figures.
 """
 
 from __future__ import annotations

@@ -11,9 +11,9 @@ the measured peak resident set size of the process.
 Every configuration runs in a fresh child process (this script with ``--worker NAME``), one after
 another, because peak RSS is a per-process figure. The batches are tokenised once, up front, by
 ``cogen.core.data.train_batches`` and handed to every child, so no configuration times tokenisation.
-The child's side (building and measuring one configuration) is ``bench/node_overhead_child.py``.
+The child's side (building and measuring one configuration) is ``overhead_child.py``.
 
-Run ``python bench/node_overhead.py --help``; ``bench/README.md`` explains the figures.
+Run ``python -m bench.node.overhead --help``; ``bench/README.md`` explains the figures.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from ..harness import (
     meets,
     new_parser,
     parse,
+    ratio_line,
     run_child,
     run_main,
     table_lines,
@@ -127,10 +128,7 @@ def format_report(results: dict[str, dict[str, Any]], figures: dict[str, float])
         "state_memory_ratio": "cogen state bytes / fp32_full state bytes",
         "peak_memory_ratio": "cogen peak RSS / fp32_full peak RSS",
     }
-    for key, value in figures.items():
-        op, target = TARGETS[key]
-        verdict = "meets target" if meets(TARGETS, key, value) else "MISSES target"
-        lines.append(f"{key:<19} {value:7.3f}   ({explain[key]}; target {op} {target}: {verdict})")
+    lines += [ratio_line(key, value, TARGETS, explain[key], width=19) for key, value in figures.items()]
     return "\n".join(lines)
 
 

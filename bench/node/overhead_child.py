@@ -1,6 +1,6 @@
 """One configuration of the node-overhead benchmark, built and measured in its own fresh process.
 
-``bench/node_overhead.py --worker NAME`` runs :func:`run_worker` here: it builds the configuration
+``python -m bench.node.overhead --worker NAME`` runs :func:`run_worker` here: it builds the configuration
 (cogen's node step, the hand-written floor, or an fp32 reference), times its steps and measures its
 memory; one process per configuration because peak RSS is a per-process figure.
 """

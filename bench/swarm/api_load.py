@@ -7,7 +7,7 @@ starts a real ``cogen-coordinator`` process joined to them, waits until ``/api/s
 peer, then sends ``--requests`` requests to each of ``/api/swarm`` and ``/api/peers`` from
 ``--concurrency`` clients (keep-alive, 127.0.0.1) and reports latency percentiles.
 
-    .venv/bin/python bench/api_load.py --json /tmp/api_load.json [--peers 1000]
+    .venv/bin/python -m bench.swarm.api_load --json /tmp/api_load.json [--peers 1000]
 
 JSON keys: ``peers``, ``p95_ms`` (all requests), ``p50_ms``, ``p99_ms``, ``requests``, ``concurrency``,
 ``endpoints`` (per-endpoint percentiles and body size). Target: ``p95_ms`` < 100 at 1000 peers.

@@ -1,6 +1,6 @@
 """Chaos: a swarm across namespace hosts that loses nodes, its coordinator and a link, against a calm run.
 
-Eight hosts on 100 Mbit/s links (``tests/netns.py``): the coordinator on host 0 (generations every
+Eight hosts on 100 Mbit/s links (``cogen.core.netns``): the coordinator on host 0 (generations every
 ``--generation-s``), two groups of two (``medical`` on hosts 1-2, ``legal`` on 3-4), a node alone on
 ``code`` (host 5), and a late ``medical`` joiner (host 6) that starts a third of the way in; tiny
 model, same seed and length in both arms. The disturbed arm, in order:
@@ -19,7 +19,7 @@ processes' logs and the published generations): ``rounds_attempted``, ``rounds_a
 first applied outer step; a solo node: first inner step), ``loss_ratio`` (disturbed / undisturbed
 final mean training loss over the nodes; target <= 1.10), ``sigterm_exit_s`` (target <= 25).
 
-Run ``python bench/chaos.py --quick``; needs root. ``bench/README.md`` explains the figures.
+Run ``python -m bench.swarm.chaos --quick``; needs root. ``bench/README.md`` explains the figures.
 """
 
 from __future__ import annotations

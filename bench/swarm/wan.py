@@ -1,6 +1,6 @@
 """Compute utilisation of a group of two cogen nodes on a WAN-like link, with and without ``--overlap``.
 
-Three network namespaces behind one switch (``bench/netns.py``): the coordinator (the DHT bootstrap
+Three network namespaces behind one switch (``cogen.core.netns``): the coordinator (the DHT bootstrap
 peer) in ``p0``, two real ``cogen-node`` processes in ``p1`` and ``p2``; every link is rate-limited
 with ``tbf`` on both ends (``--rate``, 100 Mbit/s). Where the kernel has ``netem``, each link also
 gets half of ``--delay-ms`` on each end (one-way delay between the nodes); this machine's kernel has
@@ -20,7 +20,7 @@ round's bytes and its checks are a real share of H inner steps on this CPU. The 
 matchmaking time for more) and ``--matchmaking-s 10`` (a groupmate up to ~20 s late still joins: on a
 loaded 2-core machine the two nodes' steps drift by more than the default 5 s allows).
 
-Run ``python bench/wan.py --help``; ``bench/README.md`` explains the figures. Needs root.
+Run ``python -m bench.swarm.wan --help``; ``bench/README.md`` explains the figures. Needs root.
 """
 
 from __future__ import annotations
