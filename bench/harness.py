@@ -89,10 +89,10 @@ def run_main(
     unwind_on_sigterm: bool = False,
     errors: tuple[type[Exception], ...] = (BenchError,),
 ) -> int:
-    """A bench script's ``main`` after parsing: run it, and turn a failure into a numbered exit code.
+    """A benchmark's ``main`` after parsing: run it, and turn a failure into a numbered exit code.
 
     ``model_errors``: a ``cogen.core.models.ModelError`` exits with ``ExitCode.MODEL``. ``plain_logging``:
-    configure logging without cogen's setup (which imports transformers), for the scripts that drive
+    configure logging without cogen's setup (which imports transformers), for the benchmarks that drive
     other processes only. ``unwind_on_sigterm``: SIGTERM unwinds like an exception, so the ``finally``
     blocks remove children and network namespaces. ``errors``: what exits with ``ExitCode.ERROR``.
     """

@@ -12,7 +12,7 @@ merge alone.
 
 The experts are real cogen checkpoints: PEFT LoRA adapters (seeded random A and B, every default target
 module) on the real base model, written by ``cogen.core.checkpoint.save_adapter`` exactly as a node writes
-them. Every measurement runs in a fresh child process (this script with a hidden ``--worker``); a child
+them. Every measurement runs in a fresh child process (this module with a hidden ``--worker``); a child
 resets its peak resident set (``/proc/self/clear_refs``) just before the measured phase and reads
 ``VmHWM`` after it, and a sampler thread records the peak anonymous and file-backed resident sets, which
 tell memory a merge allocates from adapter file pages that safetensors maps (evictable page cache).
@@ -99,7 +99,7 @@ def warm_page_cache(paths: list[Path]) -> None:
 def run_measurement(
     worker: str, paths: list[Path], args: argparse.Namespace, model_path: str
 ) -> dict[str, Any]:
-    """Run one measurement in a fresh process (this script, ``--worker``) and read its figures."""
+    """Run one measurement in a fresh process (this module, ``--worker``) and read its figures."""
     flags = ["--worker", worker, "--threads", str(args.threads), "--model-path", model_path]
     flags += ["--experts", *map(str, paths)]
     return run_child(__spec__.name, flags, args.threads, f"{worker} with {len(paths)} experts")

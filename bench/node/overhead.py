@@ -8,7 +8,7 @@ Memory: the node's method against fp32 full fine-tuning (all weights trainable, 
 model-state bytes (weights + gradients + optimizer state, ``cogen.core.telemetry.model_state_bytes``) and as
 the measured peak resident set size of the process.
 
-Every configuration runs in a fresh child process (this script with ``--worker NAME``), one after
+Every configuration runs in a fresh child process (this module with ``--worker NAME``), one after
 another, because peak RSS is a per-process figure. The batches are tokenised once, up front, by
 ``cogen.core.data.train_batches`` and handed to every child, so no configuration times tokenisation.
 The child's side (building and measuring one configuration) is ``overhead_child.py``.
@@ -85,7 +85,7 @@ def make_batches(args: argparse.Namespace, model_path: str, out: Path) -> None:
 
 
 def run_config(name: str, args: argparse.Namespace, model_path: str, batches: Path) -> dict[str, Any]:
-    """Run one configuration in a fresh process (this script, ``--worker``) and read its figures."""
+    """Run one configuration in a fresh process (this module, ``--worker``) and read its figures."""
     flags = ["--worker", name, "--model", args.model, "--model-path", model_path, "--batches", str(batches)]
     flags += ["--threads", str(args.threads), "--steps", str(args.steps), "--warmup", str(args.warmup)]
     flags.append("--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing")
