@@ -12,6 +12,7 @@
 - ``periodic.py``   — a background service that repeats a task (start/stop/is_running) and a backoff
 - ``lazy.py``       — lazy re-exports, so a package's heavy modules load on first use, not on ``--help``
 - ``procs.py``      — starting ``python -m cogen...`` children, waiting on conditions with deadlines
+- ``netns.py``      — a test network of real hosts on one machine: namespaces on a rate-limited bridge
 - ``cli_common.py`` — what every command shares: logging, signals, the grace period, exit codes;
   ``exit_codes.py`` — the numbered exit codes and the errors they stand for
 

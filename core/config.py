@@ -151,7 +151,7 @@ class GroupConfig(_Frozen):
     overlap: bool = Field(
         default=False,
         description="average in the background while the next inner steps run, applying each outer step "
-        "one round late (off: bench/communication.py measures it 3.7-5.6 %% worse in loss, bench/wan.py "
+        "one round late (off: bench/communication/ measures it 3.7-5.6 %% worse in loss, bench/swarm/wan.py "
         "0.92 -> 0.98 compute utilisation on a 100 Mbit/s link)",
     )
 
@@ -314,7 +314,7 @@ class CoordinatorConfig(_Frozen):
     merge_method: str = Field(
         default="linear",
         description="how experts are merged into the next base (linear: best dense merge in "
-        "bench/merge_quality.py on SmolLM2)",
+        "bench/merging/quality.py on SmolLM2)",
     )
     merge_density: float = Field(
         default=0.5, gt=0, le=1, description="fraction of each delta ties / dare keep"

@@ -20,8 +20,8 @@ from typing import Any
 
 import psutil
 import pytest
-from netns import NetnsUnavailable, Switch, list_namespaces
 
+from cogen.core.netns import NetnsUnavailable, Switch, list_namespaces
 from cogen.core.procs import read_json, spawn, stop, tail, wait_for
 
 
@@ -54,7 +54,7 @@ def reap_children() -> Iterator[None]:
 
 @contextlib.contextmanager
 def host_network(hosts: int, rate: str | None = "100mbit") -> Iterator[Switch]:
-    """``hosts`` namespace hosts on one bridge (``tests/netns.py``), always removed; skips without root."""
+    """``hosts`` namespace hosts on one bridge (``cogen.core.netns``), always removed; skips without root."""
     try:
         switch = Switch(hosts, rate=rate).create()
     except NetnsUnavailable as e:

@@ -1,16 +1,16 @@
-"""bench/averaging.py end to end on loopback: real peer processes, real hivemind averaging rounds."""
+"""python -m bench.averaging end to end on loopback: real peer processes, real hivemind averaging rounds."""
 
 from __future__ import annotations
 
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "averaging.py"
+from bench.harness import child_env, module_command
+
 KEYS = ("loopback_ratio_2", "loopback_ratio_2_8bit", "cogen_overhead_2", "cogen_overhead_2_8bit")
 
 
@@ -21,9 +21,11 @@ def _positive(value: object) -> bool:
 @pytest.mark.slow
 def test_averaging_bench_on_loopback(tmp_path: Path) -> None:
     out = tmp_path / "averaging.json"
-    cmd = [sys.executable, str(SCRIPT), "--size-mb", "4", "--peers", "2", "--rounds", "1", "--skip-netns",
-           "--json", str(out)]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120, check=False)
+    cmd = module_command("bench.averaging", "--size-mb", "4", "--peers", "2", "--rounds", "1", "--skip-netns",
+                         "--json", str(out))  # fmt: skip
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=tmp_path, env=child_env(), timeout=120, check=False
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     report = json.loads(out.read_text())

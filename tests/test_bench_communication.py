@@ -1,34 +1,28 @@
-"""bench/communication.py and bench/scaling.py end to end on tiny budgets: real training, real wire format."""
+"""bench.communication and its scaling benchmark on tiny budgets: real training, real wire format."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+from bench.communication.model import Settings, build_model
+from bench.communication.outer import OuterState
+from bench.harness import child_env, module_command
+from cogen.core.config import GroupConfig
+
 STEPS, H = 20, 5
 SMALL = ["--eval-blocks", "4", "--batch-size", "2", "--block-size", "32"]
 
 
-def _communication() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("communication", BENCH / "communication.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("communication", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _run(script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, str(BENCH / script), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=240, check=False)
+def _run(module: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    cmd = module_command(module, *args)
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=cwd, env=child_env(), timeout=240, check=False
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -37,7 +31,7 @@ def _run(script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess
 def test_communication_tiny(tmp_path: Path) -> None:
     out = tmp_path / "c.json"
     proc = _run(
-        "communication.py",
+        "bench.communication",
         ["--steps", str(STEPS), "--inner-steps", str(H), *SMALL, "--json", str(out)],
         tmp_path,
     )
@@ -56,11 +50,8 @@ def test_communication_tiny(tmp_path: Path) -> None:
 
     from cogen.node.wire import estimate_bytes_sent, wire_compression
 
-    comm = _communication()
-    settings = comm.Settings(
-        **{k: v for k, v in report["settings"].items() if k in comm.Settings.__dataclass_fields__}
-    )
-    params = list(comm.build_model(settings).parameters())
+    settings = Settings(**{k: v for k, v in report["settings"].items() if k in Settings.__dataclass_fields__})
+    params = list(build_model(settings).parameters())
     per_step = estimate_bytes_sent(params, NoCompression(), 2)
     per_round = estimate_bytes_sent(params, wire_compression("8bit", 4096), 2)
     assert report["baseline_rounds"] == STEPS and report["cogen_rounds"] == STEPS // H
@@ -75,11 +66,10 @@ def test_outer_step_is_cogens() -> None:
     """The benchmark's outer step moves the anchor exactly as GroupAverager._apply's Nesterov formula."""
     import torch
 
-    comm = _communication()
-    settings = comm.Settings(hidden=16, intermediate=32, vocab=64, layers=1)
-    model = comm.build_model(settings)
+    settings = Settings(hidden=16, intermediate=32, vocab=64, layers=1)
+    model = build_model(settings)
     params = list(model.parameters())
-    state = comm.OuterState(params, comm.GroupConfig())
+    state = OuterState(params, GroupConfig())
     anchor0 = [a.clone() for a in state.anchor]
     delta = [torch.randn_like(a) for a in anchor0]
     state.apply(delta, 0.7, 0.9)
@@ -93,7 +83,7 @@ def test_outer_step_is_cogens() -> None:
 def test_scaling_tiny(tmp_path: Path) -> None:
     out = tmp_path / "s.json"
     args = ["--total-steps", "40", "--inner-steps", str(H), *SMALL, "--json", str(out)]
-    proc = _run("scaling.py", args, tmp_path)
+    proc = _run("bench.communication.scaling", args, tmp_path)
     report = json.loads(out.read_text())
     for key in ("speedup_2", "speedup_4", "target_loss", "final_loss_1", "speedup_common_4"):
         assert isinstance(report[key], float) and math.isfinite(report[key]) and report[key] >= 0, key

@@ -1,4 +1,4 @@
-"""bench/node_overhead.py end to end on the tiny model: real children, real 8-bit training steps.
+"""python -m bench.node.overhead end to end on the tiny model: real children, real 8-bit training steps.
 
 The children build the tiny model in the session cache that ``conftest.py`` puts in ``COGEN_CACHE_DIR``.
 """
@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "node_overhead.py"
+from bench.harness import child_env, module_command
+
 RATIOS = ("throughput_ratio", "state_memory_ratio", "peak_memory_ratio")
 
 
@@ -21,8 +21,7 @@ RATIOS = ("throughput_ratio", "state_memory_ratio", "peak_memory_ratio")
 def test_node_overhead_tiny(tmp_path: Path) -> None:
     out = tmp_path / "x.json"
     cmd = [
-        sys.executable,
-        str(SCRIPT),
+        *module_command("bench.node.overhead"),
         "--model",
         "tiny",
         "--steps",
@@ -37,7 +36,9 @@ def test_node_overhead_tiny(tmp_path: Path) -> None:
         "--json",
         str(out),
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=240, check=False)
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=tmp_path, env=child_env(), timeout=240, check=False
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     report = json.loads(out.read_text())

@@ -1,31 +1,22 @@
-"""The overlapped (one-round-late) outer step in bench/communication.py, and bench/wan.py's figures."""
+"""The overlapped (one-round-late) outer step in bench.communication, and bench.swarm.wan's figures."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
-
-def _load(name: str) -> ModuleType:
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))  # wan.py imports its sibling netns.py
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(name, module)
-    spec.loader.exec_module(module)
-    return module
+from bench.communication.arms import InFlight, land, landed_model
+from bench.communication.model import Settings, Worker
+from bench.communication.outer import OuterState
+from bench.harness import BenchError, child_env, module_command
+from bench.swarm import wan
+from cogen.core.config import GroupConfig
 
 
 def _train(worker: object, scale: float, seed: int) -> None:
@@ -39,16 +30,15 @@ def _train(worker: object, scale: float, seed: int) -> None:
 def test_land_is_begin_round_keep_progress_then_finish_round() -> None:
     """Weights become the new anchor plus the progress made while the round ran, on every member,
     and the next pseudo-gradient (anchor - weights) carries exactly that progress."""
-    comm = _load("communication")
-    s = comm.Settings(hidden=16, intermediate=32, vocab=64, layers=1)
-    workers = [comm.Worker(s), comm.Worker(s)]
-    state = comm.OuterState(workers[0].params, comm.GroupConfig())
+    s = Settings(hidden=16, intermediate=32, vocab=64, layers=1)
+    workers = [Worker(s), Worker(s)]
+    state = OuterState(workers[0].params, GroupConfig())
     for i, w in enumerate(workers):
         _train(w, 0.01, seed=i)
     deltas = [state.pseudo_gradient(w.params) for w in workers]
     averaged = [(a + b) / 2 for a, b in zip(*deltas, strict=True)]
     snapshots = [[p.detach().clone() for p in w.params] for w in workers]
-    flight = comm.InFlight(averaged, snapshots, 0)
+    flight = InFlight(averaged, snapshots, 0)
     for i, w in enumerate(workers):  # training goes on while the round runs
         _train(w, 0.01, seed=10 + i)
     progress = [
@@ -56,10 +46,10 @@ def test_land_is_begin_round_keep_progress_then_finish_round() -> None:
         for w, sn in zip(workers, snapshots, strict=True)
     ]
     anchor0 = [a.clone() for a in state.anchor]
-    landed = comm.landed_model(state, workers[0].model, flight, 0.7, 0.9)
+    landed = landed_model(state, workers[0].model, flight, 0.7, 0.9)
     assert all(torch.equal(a, a0) for a, a0 in zip(state.anchor, anchor0, strict=True))  # a copy only
 
-    comm.land(state, workers, flight, 0.7, 0.9)
+    land(state, workers, flight, 0.7, 0.9)
     for a0, a, d in zip(anchor0, state.anchor, averaged, strict=True):
         assert torch.allclose(a, a0 - 0.7 * (d + 0.9 * d), atol=1e-6)  # Nesterov from zero momentum
     for w, prog in zip(workers, progress, strict=True):
@@ -73,7 +63,6 @@ def test_land_is_begin_round_keep_progress_then_finish_round() -> None:
 
 def test_wan_window_and_rounds() -> None:
     """Utilisation = Σ inner-step seconds / wall time between the first step and the last one."""
-    wan = _load("wan")
     rows = [
         {"t": 100.0},  # metrics up, no step yet
         {"t": 101.0, "steps": 1, "sum": 0.5},
@@ -92,7 +81,7 @@ def test_wan_window_and_rounds() -> None:
     assert f.wall_s == pytest.approx(13.0) and f.compute_s == pytest.approx(4.5)
     assert f.utilisation == pytest.approx(4.5 / 13.0) and f.steps == 9
     assert (f.rounds_ok, f.rounds_failed, f.round_seconds) == (1, 1, [6.0])
-    with pytest.raises(wan.BenchError, match="do not cover"):
+    with pytest.raises(BenchError, match="do not cover"):
         wan.node_figures(rows[:4], 10, log)
 
 
@@ -106,9 +95,11 @@ def test_wan_window_and_rounds() -> None:
 )
 def test_wan_tiny(tmp_path: Path) -> None:
     out = tmp_path / "w.json"
-    cmd = [sys.executable, str(BENCH / "wan.py"), "--model", "tiny", "--lora-rank", "4", "--inner-steps", "3",
+    cmd = [*module_command("bench.swarm.wan"), "--model", "tiny", "--lora-rank", "4", "--inner-steps", "3",
            "--rounds", "2", "--log-dir", str(tmp_path / "logs"), "--json", str(out)]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=child_env()
+    )
     try:
         stdout, stderr = proc.communicate(timeout=480)
     finally:

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY_NODE_ARGS, Peers, host_network
-from netns import Switch
 
 from cogen.core.addresses import maddr_host
+from cogen.core.netns import Switch
 from cogen.core.procs import read_json, wait_for
 from cogen.protocols.manifest import verify_manifest
 

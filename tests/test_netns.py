@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 from conftest import host_network
-from netns import NetnsUnavailable, Switch, list_namespaces
 
+from cogen.core.netns import NetnsUnavailable, Switch, list_namespaces
 from cogen.core.procs import wait_for
 
 SERVE = (

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 from conftest import host_network
-from netns import Switch
 
+from cogen.core.netns import Switch
 from cogen.core.procs import read_json, tail, wait_for
 
 pytestmark = pytest.mark.slow

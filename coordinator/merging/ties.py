@@ -4,7 +4,7 @@ PEFT's ``merge_utils`` does the sign election and the disjoint merge. Its disjoi
 number of experts that agree on a parameter's sign, so the weights are rescaled to average 1: with
 equal weights a parameter gets the plain mean of the agreeing experts' values (TIES-Merging, Yadav et
 al. 2023). The trim is cogen's: PEFT's ``magnitude_based_pruning`` sorts out the top-k entries with
-``torch.topk``, which takes 80 % of a merge's time (bench/merge_cost.py); the k-th largest magnitude as
+``torch.topk``, which takes 80 % of a merge's time (bench/merging/cost.py); the k-th largest magnitude as
 a threshold (``torch.kthvalue``) keeps the same entries (more only on exact ties) four times faster.
 """
 

@@ -1,6 +1,6 @@
 """The averaging benchmark's parent side: worker processes, where they run, and timed rounds among them.
 
-A :class:`Child` is one worker (``bench/averaging_workers.py``) in its own session, always killed
+A :class:`Child` is one worker (``workers.py``) in its own session, always killed
 with its whole process group. A :class:`Route` says where the workers run (a network namespace per
 peer, or loopback). :func:`run_configs` runs every wire format among ``n`` peers: per format one
 warm-up and ``--rounds`` measured rounds of a bare hivemind averager, then the same of cogen's.
@@ -17,17 +17,18 @@ import queue
 import signal
 import statistics
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from averaging_workers import REPLY, BenchError
-from netns import Switch
+from cogen.core.netns import Switch
 
-SCRIPT = Path(__file__).resolve().with_name("averaging.py")  # workers run as ``averaging.py --worker ...``
+from ..harness import child_env, module_command
+from .workers import REPLY, BenchError
+
+MODULE = "bench.averaging"  # workers run as ``python -m bench.averaging --worker ...``
 
 
 class PartialResult(BenchError):
@@ -51,7 +52,7 @@ class Child:
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
-                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, start_new_session=True,
+                env={**child_env(), "PYTHONUNBUFFERED": "1", **(env or {})}, start_new_session=True,
             )  # fmt: skip
         _LIVE.add(self)
         self.replies: queue.Queue[dict[str, Any] | None] = queue.Queue()
@@ -134,7 +135,7 @@ class Route:
 
 
 def _worker_cmd(path: Route, i: int, *flags: str) -> list[str]:
-    return [*path.prefix(i), sys.executable, str(SCRIPT), *flags]
+    return [*path.prefix(i), *module_command(MODULE, *flags)]
 
 
 def measure_floor(path: Route, nbytes: int, rounds: int, tmp: Path) -> list[float]:

@@ -1,7 +1,7 @@
 """The communication benchmark's settings, model, data and a worker's inner steps.
 
 Every arm builds the same seeded Llama over a folded vocabulary and steps it with cogen's own inner
-optimizer and schedule; ``bench/scaling.py`` trains its groups with the same pieces.
+optimizer and schedule; ``scaling.py`` trains its groups with the same pieces.
 """
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from benchlib import BenchError
 
 from cogen.core import models
 from cogen.core.config import GroupConfig, OptimConfig
+
+from ..harness import BenchError
 
 GROUP_DEFAULTS = GroupConfig()
 

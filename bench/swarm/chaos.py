@@ -1,6 +1,6 @@
 """Chaos: a swarm across namespace hosts that loses nodes, its coordinator and a link, against a calm run.
 
-Eight hosts on 100 Mbit/s links (``tests/netns.py``): the coordinator on host 0 (generations every
+Eight hosts on 100 Mbit/s links (``cogen.core.netns``): the coordinator on host 0 (generations every
 ``--generation-s``), two groups of two (``medical`` on hosts 1-2, ``legal`` on 3-4), a node alone on
 ``code`` (host 5), and a late ``medical`` joiner (host 6) that starts a third of the way in; tiny
 model, same seed and length in both arms. The disturbed arm, in order:
@@ -19,17 +19,17 @@ processes' logs and the published generations): ``rounds_attempted``, ``rounds_a
 first applied outer step; a solo node: first inner step), ``loss_ratio`` (disturbed / undisturbed
 final mean training loss over the nodes; target <= 1.10), ``sigterm_exit_s`` (target <= 25).
 
-Run ``python bench/chaos.py --quick``; needs root. ``bench/README.md`` explains the figures.
+The disturbances are ``chaos_events.py``, the swarm and its logs ``chaos_swarm.py``.
+
+Run ``python -m bench.swarm.chaos --quick``; needs root. ``bench/README.md`` explains the figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import random
 import re
 import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -37,11 +37,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchlib import BenchError, run_main, table_lines, targets_json, write_report
-from chaos_swarm import ChaosSwarm, LogFacts, Member
-from netns import NetnsUnavailable, Switch, remove_stale
-
+from cogen.core.netns import NetnsUnavailable, Switch, remove_stale
 from cogen.core.procs import wait_for
+
+from ..harness import BenchError, new_parser, parse, run_main, table_lines, targets_json, write_report
+from .chaos_events import Disturber
+from .chaos_swarm import ChaosSwarm, LogFacts, Member
 
 logger = logging.getLogger("cogen.bench.chaos")
 TARGETS = {"nan_events": ("<=", 0.0), "loss_ratio": ("<=", 1.10), "sigterm_exit_s": ("<=", 25.0)}
@@ -65,130 +66,6 @@ def coordinator_args(args: argparse.Namespace) -> list[str]:
         "--eval-block-size", "32", "--router-blocks", "2", "--collect-timeout-s", "30",
         "--poll-interval-s", "1", "--record-ttl-s", "15",
     ]  # fmt: skip
-
-
-class Disturber:
-    """Runs the scenarios against a swarm and keeps what they measured."""
-
-    def __init__(self, swarm: ChaosSwarm, args: argparse.Namespace, deadline: float):
-        self.swarm = swarm
-        self.args = args
-        self.deadline = deadline
-        self.rng = random.Random(args.seed)
-        self.restarts: list[tuple[Member, int]] = []  # (member, index of the restarted start)
-        self.sigterm_exit_s: list[float] = []
-        self.events: list[str] = []
-        self.failed: list[str] = []  # scenarios that could not be carried out, and why
-
-    def _note(self, what: str) -> None:
-        logger.info("chaos: %s", what)
-        self.events.append(f"{time.strftime('%H:%M:%S')} {what}")
-
-    def _restart(self, member: Member, after_s: float) -> None:
-        time.sleep(after_s)
-        self.swarm.start(member)
-        self.restarts.append((member, len(member.starts) - 1))
-        self._note(f"restarted {member.name}")
-
-    def kill_random_nodes(self) -> None:
-        count = 1 if self.args.quick else max(1, int(self.args.kill_phase_s // self.args.kill_every_s))
-        for _ in range(count):
-            member = self.rng.choice([m for n, m in self.swarm.members.items() if n != "late" and m.alive])
-            self.swarm.kill(member)
-            self._note(f"SIGKILL {member.name}")
-            self._restart(member, self.args.restart_after_s)
-            time.sleep(max(0.0, self.args.kill_every_s - self.args.restart_after_s))
-
-    def sigterm_mid_round(self) -> None:
-        """Once law-b shows it is averaging, freeze it (the round cannot complete) and SIGTERM law-a,
-        which is in that same round: law-a must abandon it, save and exit within its grace period."""
-        target, mate = self.swarm.members["law-a"], self.swarm.members["law-b"]
-        assert target.proc is not None and mate.proc is not None
-        both = (target, mate)
-        in_round = lambda: all(self._state(m) == "averaging" for m in both)  # noqa: E731
-        wait_for(in_round, 180, "law-a and law-b averaging", interval_s=0.2)
-        mate.proc.send_signal(signal.SIGSTOP)
-        try:
-            time.sleep(0.5)
-            self._note("SIGTERM law-a mid-round (law-b frozen)")
-            self.sigterm_exit_s.append(self.swarm.terminate(target, grace_s=60))
-        finally:
-            mate.proc.send_signal(signal.SIGCONT)
-        abandoned = "abandon" in target.logs[-1].read_text(errors="replace")
-        exit_s = self.sigterm_exit_s[-1]
-        self._note(f"law-a exited {exit_s:.1f} s after SIGTERM (round abandoned: {abandoned})")
-        self._restart(target, 2.0)
-
-    def _state(self, member: Member) -> str | None:
-        facts = LogFacts.read(member.logs[-1])
-        try:
-            peers = self.swarm.api("/api/peers")
-        except OSError:
-            return None
-        for peer in peers.get("peers", peers) if isinstance(peers, dict) else peers:
-            if facts.peer_id and peer.get("peer_id") == facts.peer_id:
-                return str(peer.get("state"))
-        return None
-
-    def kill_coordinator_mid_merge(self) -> None:
-        coordinator = self.swarm.coordinator
-        log = coordinator.logs[-1]
-        seen = len(log.read_text(errors="replace"))  # only a collection or merge that starts from now on
-
-        def merging() -> bool:
-            text = log.read_text(errors="replace")[seen:]
-            return "ends: collecting" in text or "merging " in text
-
-        wait_for(merging, self.args.generation_s + 180, "coordinator collecting or merging", interval_s=0.2)
-        self.swarm.kill(coordinator)
-        self._note("SIGKILL coordinator mid-merge")
-        time.sleep(5.0)
-        self.swarm.start_coordinator()
-        self._note("restarted coordinator")
-
-    def partition(self) -> None:
-        host = self.swarm.members["law-b"].host
-        self.swarm.switch.partition(host)
-        self._note(f"host {host} (law-b) cut off")
-        time.sleep(self.args.partition_s)
-        self.swarm.switch.heal(host)
-        self._note(f"host {host} (law-b) reconnected")
-
-    def kill_donor(self) -> None:
-        """The late joiner downloads the group's state over a slow link from med-a (med-b is frozen, so
-        med-a is the only member that answers); med-a is SIGKILLed mid-download, med-b thawed."""
-        late, donor, other = (self.swarm.members[n] for n in ("late", "med-a", "med-b"))
-        assert other.proc is not None
-        self.swarm.switch.set_rate(late.host, self.args.joiner_rate)
-        other.proc.send_signal(signal.SIGSTOP)
-        try:
-            self.swarm.start(late)
-            self._note(f"started the late joiner on a {self.args.joiner_rate} link; med-b frozen")
-
-            def downloading() -> bool:
-                return "looking for the group's state" in late.logs[-1].read_text(errors="replace")
-
-            wait_for(downloading, 180, "the late joiner downloading the group's state", interval_s=0.05)
-            time.sleep(1.0)
-            self.swarm.kill(donor)
-            self._note("SIGKILL med-a, the late joiner's donor, mid-download")
-        finally:
-            other.proc.send_signal(signal.SIGCONT)
-        self.swarm.switch.set_rate(late.host, self.args.rate)
-        self._restart(donor, self.args.restart_after_s)
-
-    def run(self) -> None:
-        """Each scenario in turn; one that cannot be carried out is recorded as failed, the rest go on."""
-        for scenario in (self.kill_random_nodes, self.sigterm_mid_round, self.kill_coordinator_mid_merge,
-                         self.partition, self.kill_donor):  # fmt: skip
-            if time.monotonic() > self.deadline:
-                self.failed.append(f"{scenario.__name__}: the run ended first (give it more --seconds)")
-                continue
-            try:
-                scenario()
-            except (RuntimeError, OSError) as e:  # ChildFailed (a wait ran out) is a RuntimeError
-                self.failed.append(f"{scenario.__name__}: {e}")
-                self._note(f"scenario {scenario.__name__} failed: {e}")
 
 
 def run_arm(switch: Switch, args: argparse.Namespace, disturbed: bool, workdir: Path) -> dict[str, Any]:
@@ -338,9 +215,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--quick", action="store_true", help="one pass of each scenario, shorter run")
+#: what ``--quick`` sets (flags given explicitly still win)
+QUICK = {"seconds": 300.0, "generation_s": 60.0, "partition_s": 30.0}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = new_parser(__doc__, {"quick": ("one pass of each scenario, shorter run", QUICK)})
     p.add_argument("--seconds", type=float, default=None, help="length of each arm (default 600; quick 300)")
     p.add_argument("--generation-s", type=float, default=None, help="coordinator --generation-s (default 90)")
     p.add_argument("--kill-every-s", type=float, default=30.0)
@@ -355,17 +235,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-dir", type=Path, default=None, help="keep every process's log here")
     p.add_argument("--keep-logs", action="store_true")
-    p.add_argument("--json", type=Path, default=None, help="write the figures here")
-    args = p.parse_args(argv)
-    args.seconds = args.seconds or (300.0 if args.quick else 600.0)
-    args.generation_s = args.generation_s or (60.0 if args.quick else 90.0)
-    if args.quick:
-        args.partition_s = min(args.partition_s, 30.0)
+    args = parse(p, argv)
+    args.seconds = args.seconds or 600.0
+    args.generation_s = args.generation_s or 90.0
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
+    args = parse_args(argv)
     return run_main("chaos", lambda: run(args), plain_logging=True, unwind_on_sigterm=True)
 
 

@@ -11,11 +11,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from communication_model import GROUP_DEFAULTS, Data, Settings, Worker, evaluate
-from communication_outer import OuterState, average_on_wire, wire_trip
 from hivemind.compression import NoCompression
 
 from cogen.node.wire import estimate_bytes_sent, wire_compression
+
+from .model import GROUP_DEFAULTS, Data, Settings, Worker, evaluate
+from .outer import OuterState, average_on_wire, wire_trip
 
 logger = logging.getLogger("cogen.bench.communication")
 

@@ -12,7 +12,7 @@ Targets (from issue 5): with the best method, on every domain the merged loss is
 domain's expert and below the base, and its mean over domains is at most the centralised model's;
 ``kendall_tau`` (the cheap ranking's agreement with the full evaluation) is at least 0.8.
 
-Run ``python bench/merge_quality.py --help``; ``bench/README.md`` explains the figures.
+Run ``python -m bench.merging.quality --help``; ``bench/README.md`` explains the figures.
 """
 
 from __future__ import annotations
@@ -41,13 +41,14 @@ from cogen.core.checkpoint import (
     latest_checkpoint,
     load_adapter,
     save_adapter,
-    write_json_atomic,
 )
 from cogen.core.config import ModelConfig, OptimConfig
 from cogen.core.corpora import get_corpus
 from cogen.core.data import train_batches
 from cogen.node.trainer import ExpertTrainer
 from cogen.protocols.manifest import EvalMatrix
+
+from ..harness import new_parser, parse, run_main, write_report
 
 logger = logging.getLogger("cogen.bench.merge_quality")
 CPU = torch.device("cpu")
@@ -278,13 +279,16 @@ def run(args: argparse.Namespace) -> int:
     for target, ok in result["targets"].items():
         print(f"  {'PASS' if ok else 'MISS'} {target}")
     print(f"done in {result['seconds']:.0f} s", flush=True)
-    if args.json:
-        write_json_atomic(args.json, result)
+    write_report(args.json, result)
     return 0
 
 
+#: what ``--quick`` sets (flags given explicitly still win)
+QUICK = {"steps": 6, "eval_blocks": 4, "block_size": 64, "router_blocks": 8, "route_tokens": 32}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = new_parser(__doc__, {"quick": ("smoke test: 6 steps, 4 eval blocks, 64-token blocks", QUICK)})
     add = parser.add_argument
     add("--model", default="smollm2-135m", help="base model (smollm2-135m, tiny, a directory)")
     add("--domains", nargs="+", default=["medical", "legal", "code"], help="at least 2 domains")
@@ -307,12 +311,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--threads", type=int, default=2, help="torch CPU threads")
     add("--seed", type=int, default=0)
     add("--work-dir", type=Path, default=None, help="where checkpoints go (default: a new temp dir)")
-    add("--quick", action="store_true", help="smoke test: 6 steps, 4 eval blocks, 64-token blocks")
-    add("--json", type=Path, default=None, help="write the figures here (atomically)")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.steps, args.eval_blocks, args.block_size, args.router_blocks = 6, 4, 64, 8
-        args.route_tokens = min(args.route_tokens, 32)
+    args = parse(parser, argv)
     if len(args.domains) < 2 or len(set(args.domains)) != len(args.domains):
         parser.error("--domains needs at least 2 different domains")
     if min(args.steps, args.eval_blocks, args.router_blocks, args.route_tokens) < 1:
@@ -320,6 +319,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return run_main("merge_quality", lambda: run(args), model_errors=True)
+
+
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    sys.exit(run(parse_args()))
+    sys.exit(main())

@@ -1,13 +1,13 @@
 """Compute utilisation of a group of two cogen nodes on a WAN-like link, with and without ``--overlap``.
 
-Three network namespaces behind one switch (``bench/netns.py``): the coordinator (the DHT bootstrap
+Three network namespaces behind one switch (``cogen.core.netns``): the coordinator (the DHT bootstrap
 peer) in ``p0``, two real ``cogen-node`` processes in ``p1`` and ``p2``; every link is rate-limited
 with ``tbf`` on both ends (``--rate``, 100 Mbit/s). Where the kernel has ``netem``, each link also
 gets half of ``--delay-ms`` on each end (one-way delay between the nodes); this machine's kernel has
 no netem, so the figures here come from the rate limit alone (the run says which).
 
 A node's own Prometheus metrics (``--metrics-port``, inside its namespace) are scraped every
-``--scrape-s`` by a small worker in the same namespace (this script with ``--worker scrape``):
+``--scrape-s`` by a small worker in the same namespace (this module with ``--worker scrape``):
 ``cogen_node_steps`` and ``cogen_node_step_seconds`` (the time inside inner steps). A node's window
 runs from the first scrape that shows an inner step done to the first that shows its last; its
 utilisation = Σ inner-step seconds in the window / window wall time. ``utilisation_*`` is the mean over
@@ -20,32 +20,30 @@ round's bytes and its checks are a real share of H inner steps on this CPU. The 
 matchmaking time for more) and ``--matchmaking-s 10`` (a groupmate up to ~20 s late still joins: on a
 loaded 2-core machine the two nodes' steps drift by more than the default 5 s allows).
 
-Run ``python bench/wan.py --help``; ``bench/README.md`` explains the figures. Needs root.
+The hosts' side (delays, processes in namespaces, the scraper) is ``wan_hosts.py``.
+
+Run ``python -m bench.swarm.wan --help``; ``bench/README.md`` explains the figures. Needs root.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import logging
 import math
-import os
 import platform
 import re
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchlib import BenchError, run_main, table_lines, write_report
-from netns import NetnsUnavailable, Switch, remove_stale
+from cogen.core.netns import NetnsUnavailable, Switch, remove_stale
+
+from ..harness import BenchError, new_parser, parse, run_main, table_lines, write_report
+from .wan_hosts import Procs, add_delay, last_row, netem_available, read_json, read_rows, scrape, wait_for
 
 logger = logging.getLogger("cogen.bench.wan")
 
@@ -54,125 +52,7 @@ METRICS_PORT = 9400  # inside each node's own namespace: nothing else listens th
 ROUND = re.compile(r"outer step (\d+) (applied|skipped \((.*?)\)) \| group of (\d+) \| ([\d.]+) s")
 
 
-# ----------------------------------------------------------------- the child: scrape one node's metrics
-
-
-def scrape(url: str, out: Path, interval_s: float, max_s: float) -> None:
-    """Append (time, steps, Σ step seconds, state) of ``url`` to ``out`` as JSON lines until the node
-    stops serving (its port refuses for 5 s after it served once) or ``max_s`` passes."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    seen, deadline = False, time.monotonic() + max_s
-    refused_since: float | None = None
-    with open(out, "a") as f:
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(url, timeout=10) as response:
-                    text = response.read().decode()
-            except OSError as e:  # a slow answer (a busy node) is retried; a closed port for 5 s ends it
-                refused = isinstance(getattr(e, "reason", e), ConnectionRefusedError)
-                if not refused:
-                    refused_since = None
-                elif refused_since is None:
-                    refused_since = time.monotonic()
-                elif seen and time.monotonic() - refused_since > 5:
-                    return
-                time.sleep(interval_s)
-                continue
-            refused_since = None
-            seen = True
-            row: dict[str, Any] = {"t": time.time()}
-            for family in text_string_to_metric_families(text):
-                for s in family.samples:
-                    if s.name == "cogen_node_steps_total":
-                        row["steps"] = s.value
-                    elif s.name == "cogen_node_step_seconds_sum":
-                        row["sum"] = s.value
-                    elif s.name == "cogen_node_state" and s.value == 1:
-                        row["state"] = s.labels.get("cogen_node_state", "")
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            time.sleep(interval_s)
-
-
-# ----------------------------------------------------------------- the parent: links, processes, figures
-
-
-def netem_available(switch: Switch) -> bool:
-    """Whether this kernel can add a ``netem`` qdisc (tried on the switch namespace's loopback)."""
-    probe = ["ip", "netns", "exec", switch.switch, "tc", "qdisc", "add", "dev", "lo", "root", "netem"]
-    ok = subprocess.run([*probe, "delay", "1ms"], capture_output=True, timeout=30).returncode == 0
-    if ok:
-        subprocess.run(
-            [*probe[:5], "tc", "qdisc", "del", "dev", "lo", "root"], capture_output=True, timeout=30
-        )
-    return ok
-
-
-def add_delay(switch: Switch, peer: int, delay_ms: float) -> None:
-    """Put ``netem delay`` under the ``tbf`` on both ends of peer ``peer``'s link."""
-    for namespace, dev in ((switch.names[peer], "eth0"), (switch.switch, f"p{peer}")):
-        shown = subprocess.run(
-            ["ip", "netns", "exec", namespace, "tc", "qdisc", "show", "dev", dev],
-            capture_output=True, text=True, timeout=30, check=True,
-        ).stdout  # fmt: skip
-        found = re.search(r"qdisc tbf (\w+):", shown)
-        if found is None:
-            raise BenchError(f"no tbf qdisc on {dev} in {namespace}: {shown.strip()}")
-        subprocess.run(
-            ["ip", "netns", "exec", namespace, "tc", "qdisc", "add", "dev", dev, "parent", f"{found[1]}:1",
-             "handle", "10:", "netem", "delay", f"{delay_ms:g}ms"],
-            capture_output=True, text=True, timeout=30, check=True,
-        )  # fmt: skip
-
-
-class Procs:
-    """Children run inside namespaces, each in its own session; ``close()`` always kills them all."""
-
-    def __init__(self, switch: Switch, log_dir: Path):
-        self.switch, self.log_dir = switch, log_dir
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-
-    def start(self, name: str, peer: int, args: list[str]) -> subprocess.Popen[bytes]:
-        with open(self.log_dir / f"{name}.log", "wb") as log:
-            proc = subprocess.Popen(
-                [*self.switch.exec_prefix(peer), sys.executable, *args], stdout=log, stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
-            )  # fmt: skip
-        self.procs[name] = proc
-        return proc
-
-    def log(self, name: str) -> str:
-        return (self.log_dir / f"{name}.log").read_text(errors="replace")
-
-    def tail(self, name: str, lines: int = 15) -> str:
-        return "\n".join(self.log(name).splitlines()[-lines:])
-
-    def close(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 20
-        for proc in self.procs.values():
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)  # what is left, hivemind's helpers included
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(10)
-
-
-def wait_for(condition: Any, timeout_s: float, what: str, procs: Procs, names: list[str]) -> Any:
-    """cogen's ``wait_for``, failing with a BenchError (and the dead process's log tail)."""
-    from cogen.core.procs import ChildFailed
-    from cogen.core.procs import wait_for as wait
-
-    try:
-        return wait(condition, timeout_s, what, 0.25, [procs.procs[n] for n in names])
-    except ChildFailed as e:
-        dead = [n for n in names if procs.procs[n].poll() is not None]
-        raise BenchError(f"{e}\n{procs.tail(dead[0])}" if dead else str(e)) from None
+# ----------------------------------------------------------------- figures
 
 
 @dataclass
@@ -215,7 +95,7 @@ def run_arm(switch: Switch, args: argparse.Namespace, overlap: bool, log_dir: Pa
             "-m", "cogen.coordinator.cli", "--swarm", swarm, "--host", switch.addresses[0], "--port", "0",
             "--api-port", "0", "--ready-file", str(ready), "--record-ttl-s", "30",
         ])  # fmt: skip
-        info = wait_for(lambda: _read_json(ready), 120, "coordinator ready", procs, [f"{arm}-coordinator"])
+        info = wait_for(lambda: read_json(ready), 120, "coordinator ready", procs, [f"{arm}-coordinator"])
         nodes = [f"{arm}-node{i}" for i in (1, 2)]
         scrapes = [log_dir / f"{name}.scrape.jsonl" for name in nodes]
         for i, (name, scrape_path) in enumerate(zip(nodes, scrapes, strict=True), start=1):
@@ -230,14 +110,14 @@ def run_arm(switch: Switch, args: argparse.Namespace, overlap: bool, log_dir: Pa
                 "--output-dir", str(log_dir / name), "--overlap" if overlap else "--no-overlap",
             ])  # fmt: skip
             procs.start(f"{name}-scrape", i, [
-                str(Path(__file__).resolve()), "--worker", "scrape", "--url",
+                "-m", __spec__.name, "--worker", "scrape", "--url",
                 f"http://127.0.0.1:{METRICS_PORT}/metrics", "--out", str(scrape_path),
                 "--scrape-s", str(args.scrape_s), "--max-s", str(args.arm_timeout),
             ])  # fmt: skip
         started = time.monotonic()
 
         def finished() -> bool:
-            steps = [int(_last_row(p).get("steps", 0)) for p in scrapes]
+            steps = [int(last_row(p).get("steps", 0)) for p in scrapes]
             if time.monotonic() - finished.shown >= 15:  # type: ignore[attr-defined]
                 finished.shown = time.monotonic()  # type: ignore[attr-defined]
                 print(f"  [{arm}] {time.monotonic() - started:4.0f} s: inner steps {steps} of {last_step}",
@@ -251,28 +131,11 @@ def run_arm(switch: Switch, args: argparse.Namespace, overlap: bool, log_dir: Pa
                 raise BenchError(
                     f"{name} exited with code {procs.procs[name].returncode}\n{procs.tail(name)}"
                 )
-        return [node_figures(_rows(p), last_step, procs.log(n)) for n, p in zip(nodes, scrapes, strict=True)]
+        return [
+            node_figures(read_rows(p), last_step, procs.log(n)) for n, p in zip(nodes, scrapes, strict=True)
+        ]
     finally:
         procs.close()
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-def _rows(path: Path) -> list[dict[str, Any]]:
-    try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except FileNotFoundError:
-        return []
-
-
-def _last_row(path: Path) -> dict[str, Any]:
-    rows = _rows(path)
-    return rows[-1] if rows else {}
 
 
 def summarise(nodes: list[NodeFigures]) -> dict[str, Any]:
@@ -362,7 +225,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p = new_parser(__doc__)
     p.add_argument("--rate", default="100mbit", help="tbf rate of every link (tc syntax)")
     p.add_argument(
         "--delay-ms", type=float, default=50.0, help="one-way delay between nodes, where netem exists"
@@ -383,12 +246,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--arm-timeout", type=float, default=420.0, help="give up on an arm after this many seconds"
     )
     p.add_argument("--log-dir", default=None, help="keep the processes' logs here (default: a new temp dir)")
-    p.add_argument("--json", type=Path, default=None, help="write all figures here as JSON (atomically)")
     p.add_argument("--worker", choices=("scrape",), help=argparse.SUPPRESS)
     p.add_argument("--url", help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--max-s", type=float, default=600.0, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    args = parse(p, argv)
     for name in ("lora_rank", "batch_size", "block_size", "inner_steps", "rounds"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")

@@ -1,4 +1,4 @@
-"""The swarm ``bench/chaos.py`` disturbs: a coordinator and nodes, each on its own namespace host.
+"""The swarm ``chaos.py`` disturbs: a coordinator and nodes, each on its own namespace host.
 
 Host 0 runs the coordinator (DHT on a fixed port and a stable identity, so a restarted coordinator is
 found at the same multiaddr); every node runs on a host of its own, with its own output dir that
@@ -16,8 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from netns import Switch
-
+from cogen.core.netns import Switch
 from cogen.core.procs import kill_group, read_json, spawn, stop, wait_for
 
 DHT_PORT = 31337

@@ -1,6 +1,6 @@
 """Validation loss against (simulated) wall time for a group of 1, 2 and 4 nodes on the same token budget.
 
-Every group size trains the same model (``bench/communication.py``'s folded-vocabulary Llama) from the
+Every group size trains the same model (``bench.communication``'s folded-vocabulary Llama) from the
 same seeded start on the same total number of tokens: W workers, each on its own shard, run
 ``total_steps / W`` inner steps, with cogen's outer step (H, outer Nesterov, 8-bit wire) every H of
 them; one node trains alone, as cogen's ``solo`` (no outer step).
@@ -15,7 +15,7 @@ reach the target loss for good (default: its own final loss x 1.02; the time fro
 evaluation stays at or below it) divided by the time the group of W takes; 0 when the group
 ends the budget above it.
 
-Run ``python bench/scaling.py --help``; ``bench/README.md`` explains the figures.
+Run ``python -m bench.communication.scaling --help``; ``bench/README.md`` explains the figures.
 """
 
 from __future__ import annotations
@@ -28,12 +28,14 @@ import platform
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
-from benchlib import BenchError, run_main, table_lines, write_report
-from communication import Settings, add_settings_flags, diloco_rounds, evaluate, load_data, settings_from
+
+from ..harness import BenchError, new_parser, parse, run_main, table_lines, write_report
+from .arms import diloco_rounds
+from .flags import add_settings_flags, settings_from
+from .model import Settings, evaluate, load_data
 
 logger = logging.getLogger("cogen.bench.scaling")
 
@@ -171,7 +173,7 @@ def run_benchmark(s: Settings, args: argparse.Namespace) -> int:
 
 
 def parse_args(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser = new_parser(__doc__)
     add_settings_flags(parser, Settings(), skip=("steps", "workers"))
     parser.set_defaults(eval_blocks=96)  # evaluated after every round: a smaller set than communication.py
     parser.add_argument("--total-steps", type=int, default=1600, help="inner steps of all workers together")
@@ -180,8 +182,7 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
         "--target-factor", type=float, default=1.02, help="target = 1 node's final loss x this"
     )
     parser.add_argument("--bandwidth-mbps", type=float, default=100.0, help="link speed for the bytes sent")
-    parser.add_argument("--json", type=Path, default=None, help="write all figures here as JSON (atomically)")
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     if args.total_steps < 2 or any(w < 1 for w in args.sizes) or args.bandwidth_mbps <= 0:
         parser.error("--total-steps, --sizes and --bandwidth-mbps must be positive")
     return settings_from(args, parser), args

@@ -8,12 +8,12 @@ Memory: the node's method against fp32 full fine-tuning (all weights trainable, 
 model-state bytes (weights + gradients + optimizer state, ``cogen.core.telemetry.model_state_bytes``) and as
 the measured peak resident set size of the process.
 
-Every configuration runs in a fresh child process (this script with ``--worker NAME``), one after
+Every configuration runs in a fresh child process (this module with ``--worker NAME``), one after
 another, because peak RSS is a per-process figure. The batches are tokenised once, up front, by
 ``cogen.core.data.train_batches`` and handed to every child, so no configuration times tokenisation.
-The child's side (building and measuring one configuration) is ``bench/node_overhead_child.py``.
+The child's side (building and measuring one configuration) is ``overhead_child.py``.
 
-Run ``python bench/node_overhead.py --help``; ``bench/README.md`` explains the figures.
+Run ``python -m bench.node.overhead --help``; ``bench/README.md`` explains the figures.
 """
 
 from __future__ import annotations
@@ -28,21 +28,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from benchlib import (
+
+from cogen.core import models
+from cogen.core.config import DataConfig, ModelConfig, OptimConfig
+from cogen.core.telemetry import format_bytes
+
+from ..harness import (
     BenchError,
     child_main,
     meets,
+    new_parser,
+    parse,
+    ratio_line,
     run_child,
     run_main,
     table_lines,
     targets_json,
     write_report,
 )
-from node_overhead_child import BUILDERS, DESCRIPTIONS, run_worker
-
-from cogen.core import models
-from cogen.core.config import DataConfig, ModelConfig, OptimConfig
-from cogen.core.telemetry import format_bytes
+from .overhead_child import BUILDERS, DESCRIPTIONS, run_worker
 
 TARGETS = {
     "throughput_ratio": (">=", 0.97),
@@ -81,11 +85,11 @@ def make_batches(args: argparse.Namespace, model_path: str, out: Path) -> None:
 
 
 def run_config(name: str, args: argparse.Namespace, model_path: str, batches: Path) -> dict[str, Any]:
-    """Run one configuration in a fresh process (this script, ``--worker``) and read its figures."""
+    """Run one configuration in a fresh process (this module, ``--worker``) and read its figures."""
     flags = ["--worker", name, "--model", args.model, "--model-path", model_path, "--batches", str(batches)]
     flags += ["--threads", str(args.threads), "--steps", str(args.steps), "--warmup", str(args.warmup)]
     flags.append("--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing")
-    return run_child(__file__, flags, args.threads, f"configuration {name}")
+    return run_child(__spec__.name, flags, args.threads, f"configuration {name}")
 
 
 def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float]:
@@ -124,10 +128,7 @@ def format_report(results: dict[str, dict[str, Any]], figures: dict[str, float])
         "state_memory_ratio": "cogen state bytes / fp32_full state bytes",
         "peak_memory_ratio": "cogen peak RSS / fp32_full peak RSS",
     }
-    for key, value in figures.items():
-        op, target = TARGETS[key]
-        verdict = "meets target" if meets(TARGETS, key, value) else "MISSES target"
-        lines.append(f"{key:<19} {value:7.3f}   ({explain[key]}; target {op} {target}: {verdict})")
+    lines += [ratio_line(key, value, TARGETS, explain[key], width=19) for key, value in figures.items()]
     return "\n".join(lines)
 
 
@@ -189,10 +190,10 @@ def run_benchmark(args: argparse.Namespace) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="samples/s of a cogen-node step vs a bare transformers + PEFT loop, and memory of "
+    parser = new_parser(
+        "samples/s of a cogen-node step vs a bare transformers + PEFT loop, and memory of "
         "8-bit base + LoRA + 8-bit AdamW vs fp32 full fine-tuning; each configuration in a fresh process",
+        show_defaults=True,
     )
     parser.add_argument(
         "--model", default="smollm2-135m", help="model alias, directory or hub id (tiny: quick run)"
@@ -215,11 +216,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=True,
         help="also run fp32 base + LoRA, for context",
     )
-    parser.add_argument("--json", type=Path, default=None, help="write all figures here as JSON (atomically)")
     parser.add_argument("--worker", choices=sorted(BUILDERS), help=argparse.SUPPRESS)
     parser.add_argument("--model-path", help=argparse.SUPPRESS)
     parser.add_argument("--batches", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     for flag in ("batch_size", "block_size", "steps", "threads"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")

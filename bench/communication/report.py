@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from benchlib import meets as meets_target
-from benchlib import table_lines
-from communication_arms import ArmResult
-from communication_model import Settings
+from ..harness import meets as meets_target
+from ..harness import table_lines
+from .arms import ArmResult
+from .model import Settings
 
 TARGETS = {"bytes_ratio": (">=", 400.0), "loss_gap_pct": ("<=", 5.0), "loss_gap_half_pct": ("<=", math.inf)}
 AIMS = {"loss_gap_pct": 2.0}

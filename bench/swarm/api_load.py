@@ -7,7 +7,7 @@ starts a real ``cogen-coordinator`` process joined to them, waits until ``/api/s
 peer, then sends ``--requests`` requests to each of ``/api/swarm`` and ``/api/peers`` from
 ``--concurrency`` clients (keep-alive, 127.0.0.1) and reports latency percentiles.
 
-    .venv/bin/python bench/api_load.py --json /tmp/api_load.json [--peers 1000]
+    .venv/bin/python -m bench.swarm.api_load --json /tmp/api_load.json [--peers 1000]
 
 JSON keys: ``peers``, ``p95_ms`` (all requests), ``p50_ms``, ``p99_ms``, ``requests``, ``concurrency``,
 ``endpoints`` (per-endpoint percentiles and body size). Target: ``p95_ms`` < 100 at 1000 peers.
@@ -35,7 +35,7 @@ from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
-from cogen.core.procs import read_json, spawn, stop, tail, wait_for
+from cogen.core.procs import ChildFailed, read_json, spawn, stop, tail, wait_for
 from cogen.protocols import (
     Hardware,
     NodeInfo,
@@ -44,6 +44,8 @@ from cogen.protocols import (
     swarm_key,
 )
 from cogen.protocols.validation import CogenRecordValidator
+
+from ..harness import BenchError, new_parser, parse, run_main, write_report
 
 SWARM = "apiload"
 EXPERTS = ("medical", "legal", "code", "literature")
@@ -176,14 +178,8 @@ def load(host: str, port: int, path: str, requests: int, concurrency: int) -> tu
     return [t for times, _ in results for t in times], results[0][1]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--peers", type=int, default=1000)
-    parser.add_argument("--dht-peers", type=int, default=3, help="real DHT processes storing the records")
-    parser.add_argument("--requests", type=int, default=400, help="per endpoint")
-    parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--json", type=Path, default=None, dest="json_path")
-    args = parser.parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """Fill the DHT, start the coordinator, load its API and report the latencies."""
     work = Path(tempfile.mkdtemp(prefix="cogen-api-load-"))
     dhts = fill_dht(args.peers, args.dht_peers)
     coordinator = None
@@ -258,10 +254,21 @@ def main(argv: list[str] | None = None) -> int:
         "dht_peers": args.dht_peers,
         "endpoints": endpoints,
     }
-    if args.json_path is not None:
-        args.json_path.write_text(json.dumps(result, indent=2) + "\n")
+    write_report(args.json, result)
     return 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    parser = new_parser(__doc__)
+    parser.add_argument(
+        "--peers", type=int, default=1000, help="simulated nodes with signed records in the DHT"
+    )
+    parser.add_argument("--dht-peers", type=int, default=3, help="real DHT processes storing the records")
+    parser.add_argument("--requests", type=int, default=400, help="per endpoint")
+    parser.add_argument("--concurrency", type=int, default=8, help="keep-alive clients at once")
+    args = parse(parser, argv)
+    return run_main("api_load", lambda: run(args), plain_logging=True, errors=(BenchError, ChildFailed))
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -1,6 +1,6 @@
 """How long cogen's outer-step averaging takes, against a raw TCP copy of the same bytes.
 
-Every peer is its own OS process (this script with ``--worker peer``) holding its own hivemind DHT,
+Every peer is its own OS process (this module with ``--worker peer``) holding its own hivemind DHT,
 cogen's ``GroupAverager`` and, for comparison, a bare hivemind ``DecentralizedAverager`` with the
 same tensors, matchmaking settings and wire compression. The parent schedules every round at a
 common wall-clock start; a round's time is the latest peer's end minus that start. Rounds of
@@ -10,11 +10,11 @@ rounds of the bare averager, then the same of cogen's.
 
 The floor is one process sending the same bytes to another over a plain TCP socket on the same
 path (``--worker floor-recv`` / ``floor-send``). Paths: (a) network namespaces, every peer on its
-own 1 Gbit/s ``tbf`` link to a bridge (``bench/netns.py``; needs root), and (b) plain loopback.
+own 1 Gbit/s ``tbf`` link to a bridge (``cogen.core.netns``; needs root), and (b) plain loopback.
 
-Run ``python bench/averaging.py --help``; ``bench/README.md`` explains the figures. This file is the
-measurement and its report; ``averaging_procs.py`` starts the workers and times rounds among them,
-``averaging_workers.py`` is what runs inside each worker.
+Run ``python -m bench.averaging --help``; ``bench/README.md`` explains the figures. This module is the
+measurement; ``report.py`` its figures, targets and table; ``procs.py`` starts the workers and times
+rounds among them; ``workers.py`` is what runs inside each worker.
 """
 
 from __future__ import annotations
@@ -29,109 +29,23 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from averaging_procs import Rounds, Route, measure_floor, median, run_configs, threads_per_peer
-from averaging_workers import MB, run_worker, shapes_for
-from benchlib import run_main, table_lines, write_report
-from netns import NetnsUnavailable, Switch, remove_stale
+from cogen.core.netns import NetnsUnavailable, Switch, remove_stale
+
+from ..harness import (
+    meets,
+    new_parser,
+    parse,
+    run_main,
+    targets_json,
+    write_report,
+)
+from .procs import Route, measure_floor, run_configs, threads_per_peer
+from .report import TARGETS, cell, config_figures, figures, format_table, format_targets
+from .workers import MB, run_worker, shapes_for
 
 logger = logging.getLogger("cogen.bench.averaging")
 
 COMPRESSIONS = ("none", "8bit")
-TARGETS = {"floor_ratio_2": 0.8, "floor_ratio_2_8bit": 1.5}  # floor time / cogen time, at least
-
-
-# ----------------------------------------------------------------- figures
-
-
-def _suffix(compression: str) -> str:
-    return "" if compression == "none" else f"_{compression}"
-
-
-def figures(configs: list[dict[str, Any]]) -> dict[str, float]:
-    """The ratio keys: floor / cogen per path, peers and compression, and cogen / bare hivemind."""
-    out: dict[str, float] = {}
-    for c in configs:
-        key = "floor_ratio" if c["path"] == "netns" else "loopback_ratio"
-        if c["floor_ratio"] is not None:
-            out[f"{key}_{c['peers']}{_suffix(c['compression'])}"] = c["floor_ratio"]
-    for c in sorted(configs, key=lambda c: c["path"] != "netns"):  # the netns figure if there is one
-        if c["cogen_overhead"] is not None:
-            out.setdefault(f"cogen_overhead_{c['peers']}{_suffix(c['compression'])}", c["cogen_overhead"])
-    return out
-
-
-COLUMNS = (
-    "floor_seconds",
-    "bare_seconds",
-    "cogen_seconds",
-    "floor_ratio",
-    "hivemind_floor_ratio",
-    "cogen_overhead",
-)
-
-
-def _cell(value: float | None) -> str:
-    return "failed" if value is None else f"{value:.3f}"
-
-
-def format_table(configs: list[dict[str, Any]]) -> str:
-    header = (
-        "path",
-        "peers",
-        "compression",
-        "floor s",
-        "bare hivemind s",
-        "cogen s",
-        "ratio",
-        "hivemind ratio",
-        "cogen/bare",
-    )
-    rows = [(c["path"], str(c["peers"]), c["compression"], *(_cell(c[k]) for k in COLUMNS)) for c in configs]
-    lines = table_lines([header, *rows], left=(0, 1, 2))
-    lines += [
-        "",
-        "ratio = floor s / cogen s (time to copy the same bytes once over a raw TCP socket on the same path,",
-        "over the time of cogen's outer_step_now); hivemind ratio = floor s / bare hivemind s;",
-        "cogen/bare = cogen s / bare DecentralizedAverager.step s. Seconds: medians of the measured rounds.",
-    ]
-    lines += [
-        f"{c['path']} {c['peers']} peers {c['compression']} FAILED: {c['error']}"
-        for c in configs
-        if c["error"]
-    ]
-    return "\n".join(lines)
-
-
-def format_targets(values: dict[str, float]) -> str:
-    lines = []
-    for key, target in TARGETS.items():
-        if key not in values:
-            lines.append(f"{key:<20} not measured   (target >= {target})")
-            continue
-        verdict = "met" if values[key] >= target else "MISSED"
-        lines.append(f"{key:<20} {values[key]:7.3f}        (target >= {target}: {verdict})")
-    return "\n".join(lines)
-
-
-def _config_figures(path: str, n: int, compression: str, floor: float, rounds: Rounds) -> dict[str, Any]:
-    """One configuration's figures; the ratios are ``None`` where a kind has no whole round."""
-    cogen, bare = median(rounds.seconds["cogen"]), median(rounds.seconds["bare"])
-    return {
-        "path": path,
-        "peers": n,
-        "compression": compression,
-        "floor_seconds": floor,
-        "cogen_seconds": cogen,
-        "bare_seconds": bare,
-        "cogen_rounds": rounds.seconds["cogen"],
-        "bare_rounds": rounds.seconds["bare"],
-        "failed_rounds": rounds.failed,
-        "error": rounds.error,
-        "log_tail": rounds.log_tail,
-        "floor_ratio": floor / cogen if cogen else None,
-        "hivemind_floor_ratio": floor / bare if bare else None,
-        "cogen_overhead": cogen / bare if cogen and bare else None,
-    }
 
 
 # ----------------------------------------------------------------- the parent: main flow
@@ -179,9 +93,9 @@ def measure(
         )
         for n in args.peers:
             for compression, rounds in run_configs(path, n, args, tmp).items():
-                configs.append(_config_figures(path.name, n, compression, floor, rounds))
+                configs.append(config_figures(path.name, n, compression, floor, rounds))
                 c = configs[-1]
-                cogen, bare = _cell(c["cogen_seconds"]), _cell(c["bare_seconds"])
+                cogen, bare = cell(c["cogen_seconds"]), cell(c["bare_seconds"])
                 print(f"[{path.name} {n} peers {compression}] cogen {cogen} s, bare hivemind {bare} s, "
                       f"floor {floor:.3f} s", flush=True)  # fmt: skip
     return configs, floors
@@ -217,8 +131,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
         args.json,
         {
             **values,
-            "targets": {k: {"op": ">=", "value": v} for k, v in TARGETS.items()},
-            "meets_targets": {k: values[k] >= v for k, v in TARGETS.items() if k in values},
+            "targets": targets_json(TARGETS),
+            "meets_targets": {k: meets(TARGETS, k, values[k]) for k in TARGETS if k in values},
             "floor_seconds": {k: v["seconds"] for k, v in floors.items()},
             "floors": floors,
             "bytes_per_peer": nbytes,
@@ -260,11 +174,11 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="time of cogen's outer-step averaging (GroupAverager.outer_step_now) and of bare "
+    parser = new_parser(
+        "time of cogen's outer-step averaging (GroupAverager.outer_step_now) and of bare "
         "hivemind averaging among 2 and 4 peer processes, against a raw TCP copy of the same bytes, across "
         "1 Gbit/s network namespaces and on loopback",
+        show_defaults=True,
     )
     parser.add_argument(
         "--size-mb", type=int, default=100, help="fp32 pseudo-gradient per peer, in MB (10^6 B)"
@@ -298,7 +212,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="keep every worker's log here (default: a temp dir, removed)",
     )
-    parser.add_argument("--json", type=Path, default=None, help="write all figures here as JSON (atomically)")
     parser.add_argument("--worker", choices=("peer", "floor-recv", "floor-send"), help=argparse.SUPPRESS)
     for hidden in ("--host", "--target", "--initial-peers"):
         parser.add_argument(
@@ -306,7 +219,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     for hidden in ("--index", "--bytes", "--count"):
         parser.add_argument(hidden, type=int, default=0, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     if args.size_mb < 1 or args.rounds < 1 or args.round_timeout <= 0 or args.threads_per_peer < 0:
         parser.error("--size-mb, --rounds >= 1; --round-timeout > 0; --threads-per-peer >= 0")
     if any(not 2 <= n <= 64 for n in args.peers):

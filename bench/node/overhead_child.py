@@ -1,6 +1,6 @@
 """One configuration of the node-overhead benchmark, built and measured in its own fresh process.
 
-``bench/node_overhead.py --worker NAME`` runs :func:`run_worker` here: it builds the configuration
+``python -m bench.node.overhead --worker NAME`` runs :func:`run_worker` here: it builds the configuration
 (cogen's node step, the hand-written floor, or an fp32 reference), times its steps and measures its
 memory; one process per configuration because peak RSS is a per-process figure.
 """
@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from benchlib import BenchError
 
 from cogen.core import models
 from cogen.core.config import ModelConfig, OptimConfig
 from cogen.core.telemetry import current_memory_bytes, model_state_bytes, peak_memory_bytes
+
+from ..harness import BenchError
 
 DESCRIPTIONS = {
     "cogen": "8-bit base + LoRA + AdamW8bit, cogen's ExpertTrainer.step (what a node runs)",

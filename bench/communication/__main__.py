@@ -22,7 +22,7 @@ these arms:
   the round in flight lands (what a node saves when it stops).
 
 Real-network behaviour (matchmaking, verification, partial rounds, state sync) is covered by the
-tests and ``bench/averaging.py``; this benchmark measures the algorithm and its bytes.
+tests and ``bench.averaging``; this benchmark measures the algorithm and its bytes.
 
 The model is a randomly initialised Llama whose every weight is trainable. The tokenizer is GPT-2's
 (50257 tokens), whose embedding would dwarf a 0.3M-parameter model, so token ids are folded into a
@@ -30,11 +30,11 @@ small vocabulary (``id % --vocab``, for training and validation alike); the lear
 meaningful, the task a little harder. Both arms use the same inner optimizer (cogen's
 ``models.build_optimizer`` and ``models.warmup_schedule``) and the same step code.
 
-The pieces: ``communication_model.py`` (settings, model, data, a worker's inner steps),
-``communication_outer.py`` (the wire trip and cogen's outer step), ``communication_arms.py`` (the arms)
-and ``communication_report.py`` (figures, targets, table); this script parses and runs them.
+The pieces: ``model.py`` (settings, model, data, a worker's inner steps), ``flags.py`` (one flag per
+setting), ``outer.py`` (the wire trip and cogen's outer step), ``arms.py`` (the arms) and ``report.py``
+(figures, targets, table); this module parses and runs them.
 
-Run ``python bench/communication.py --help``; ``bench/README.md`` explains the figures.
+Run ``python -m bench.communication --help``; ``bench/README.md`` explains the figures.
 """
 
 from __future__ import annotations
@@ -44,25 +44,14 @@ import platform
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from cogen.core.config import GroupConfig
-
-if str(Path(__file__).resolve().parent) not in sys.path:  # the siblings, also when loaded by path (tests)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from benchlib import BenchError, run_main, targets_json, write_report
-from communication_arms import InFlight, diloco_rounds, land, landed_model, run_baseline, run_cogen
-from communication_model import Data, Settings, Worker, build_model, evaluate, load_data
-from communication_outer import OuterState
-from communication_report import AIMS, TARGETS, figures, format_report, meets
-
-__all__ = [  # what bench/scaling.py and the tests take from this script, as before the split
-    "BenchError", "Data", "GroupConfig", "InFlight", "OuterState", "Settings", "Worker", "add_settings_flags",
-    "build_model", "diloco_rounds", "evaluate", "land", "landed_model", "load_data", "main", "settings_from",
-]  # fmt: skip
+from ..harness import BenchError, new_parser, parse, run_main, targets_json, write_report
+from .arms import run_baseline, run_cogen
+from .flags import add_settings_flags, settings_from
+from .model import Settings, build_model, load_data
+from .report import AIMS, TARGETS, figures, format_report, meets
 
 
 def run_benchmark(s: Settings, json_path: Path | None, overlap_arm: bool = True) -> int:
@@ -103,61 +92,14 @@ def run_benchmark(s: Settings, json_path: Path | None, overlap_arm: bool = True)
     return 0
 
 
-def add_settings_flags(
-    parser: argparse.ArgumentParser, defaults: Settings, skip: tuple[str, ...] = ()
-) -> None:
-    """One flag per ``Settings`` field but those in ``skip`` (shared with ``bench/scaling.py``)."""
-    helps = {
-        "workers": "simulated members of the group",
-        "steps": "inner steps per worker (the token budget)",
-        "inner_steps": "H: inner steps between outer steps (default: cogen's GroupConfig)",
-        "outer_lr": "outer Nesterov learning rate (default: cogen's)",
-        "outer_momentum": "outer Nesterov momentum (default: cogen's)",
-        "outer_lr_warmup": "rounds of linear outer-lr warm-up (0: none)",
-        "h_start": "H of the first round, doubling each round up to --inner-steps (0: constant H)",
-        "compression": "wire format of the pseudo-gradients: 8bit, fp16 or none",
-        "threshold": "tensors with fewer elements travel as fp16 in the 8bit format",
-        "vocab": "token ids are folded modulo this (the model's vocabulary)",
-        "optimizer": "inner optimizer in every arm: adamw (torch) or adamw8bit (bitsandbytes)",
-        "shuffle_blocks": "mix each worker's token blocks in a seeded order (smooth curves)",
-    }
-    for name, value in asdict(defaults).items():
-        if name in skip:
-            continue
-        flag = "--" + name.replace("_", "-")
-        kwargs: dict[str, Any] = {"type": type(value), "default": value, "help": helps.get(name, name)}
-        if isinstance(value, bool):
-            kwargs = {
-                "action": argparse.BooleanOptionalAction,
-                "default": value,
-                "help": helps.get(name, name),
-            }
-        if name == "compression":
-            kwargs["choices"] = ("8bit", "fp16", "none")
-        if name == "optimizer":
-            kwargs["choices"] = ("adamw", "adamw8bit")
-        parser.add_argument(flag, **kwargs)
-
-
-def settings_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Settings:
-    values = {name: getattr(args, name, default) for name, default in asdict(Settings()).items()}
-    for name in ("workers", "steps", "inner_steps", "vocab", "hidden", "layers", "block_size", "batch_size"):
-        if values[name] < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if values["outer_lr"] <= 0 or not 0 <= values["outer_momentum"] < 1:
-        parser.error("--outer-lr must be positive and --outer-momentum in [0, 1)")
-    return Settings(**values)
-
-
 def parse_args(argv: list[str] | None) -> tuple[Settings, Path | None, bool]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser = new_parser(__doc__)
     add_settings_flags(parser, Settings())
     parser.add_argument(
         "--overlap-arm", action=argparse.BooleanOptionalAction, default=True,
         help="also run cogen with --overlap: each outer step applied one round late",
     )  # fmt: skip
-    parser.add_argument("--json", type=Path, default=None, help="write all figures here as JSON (atomically)")
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     return settings_from(args, parser), args.json, args.overlap_arm
 
 

@@ -1,6 +1,6 @@
 """The averaging benchmark's worker processes: one group member, and the two ends of the raw TCP copy.
 
-``bench/averaging.py`` starts each of them as ``averaging.py --worker peer|floor-recv|floor-send``
+``python -m bench.averaging`` starts each of them as itself with ``--worker peer|floor-recv|floor-send``
 (inside a peer's network namespace where there is one); a worker answers its parent with one
 ``REPLY``-prefixed JSON line per command on stdout, and logs to stderr.
 """
@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Any
 
-from benchlib import BenchError
+from ..harness import BenchError
 
 REPLY = "COGEN_BENCH_REPLY "
 MB = 1_000_000

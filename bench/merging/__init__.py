@@ -1,0 +1,6 @@
+"""Merging N experts: ``python -m bench.merging.cost`` and ``python -m bench.merging.quality``.
+
+- ``cost.py``    — time and peak memory of a merge against loading the N experts once;
+  ``cost_child.py`` — one measurement (the floor or a merge) inside its own fresh process
+- ``quality.py`` — experts, every merge method, the routed mixture and one centralised model, per domain
+"""
