@@ -138,7 +138,7 @@ def write_report(path: Path | None, report: Mapping[str, Any]) -> None:
     """Write ``report`` to ``path`` as JSON, atomically (nothing when ``path`` is None), and say so."""
     if path is None:
         return
-    from cogen.core.checkpoint import write_json_atomic
+    from cogen.core.atomic import write_json_atomic
 
     write_json_atomic(path, dict(report))
     print(f"wrote {path}", flush=True)

@@ -36,12 +36,12 @@ from cogen.coordinator.merging.experts import load_experts
 from cogen.coordinator.merging.merge import load_base_fp32, merge_into
 from cogen.coordinator.merging.weights import format_matrix, ranking_weights
 from cogen.core import models
+from cogen.core.atomic import write_json_atomic
 from cogen.core.checkpoint import (
     AdapterMetadata,
     latest_checkpoint,
     load_adapter,
     save_adapter,
-    write_json_atomic,
 )
 from cogen.core.config import ModelConfig, OptimConfig
 from cogen.core.corpora import get_corpus

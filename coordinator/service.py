@@ -30,7 +30,7 @@ from cogen.coordinator.merging.publish import GENERATIONS
 from cogen.coordinator.metrics import NodeScraper, make_registry
 from cogen.coordinator.view import SwarmMonitor
 from cogen.core.addresses import http_url, is_unspecified
-from cogen.core.checkpoint import write_json_atomic
+from cogen.core.atomic import write_json_atomic
 from cogen.core.config import CoordinatorConfig
 from cogen.core.models import cache_root
 from cogen.core.periodic import PeriodicService

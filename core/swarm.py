@@ -38,7 +38,7 @@ from cogen.core.addresses import (
     public_host,
     warn_if_unreachable,
 )
-from cogen.core.checkpoint import fsync_dir
+from cogen.core.atomic import fsync_dir
 from cogen.core.config import NetworkConfig
 from cogen.core.exit_codes import CommandError, ExitCode
 from cogen.protocols import (

@@ -34,7 +34,7 @@ from typing import Any
 from hivemind.utils import get_dht_time
 from pydantic import ValidationError
 
-from cogen.core.checkpoint import remove_stale_staging
+from cogen.core.atomic import remove_stale_staging
 from cogen.core.config import FetchConfig
 from cogen.core.periodic import PeriodicService
 from cogen.core.swarm import SwarmClient
