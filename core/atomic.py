@@ -11,8 +11,9 @@ states, model conversions, fetched bases, published generations, routed mixtures
 - :func:`remove_stale_staging` — what a killed writer left (hidden siblings no live process holds):
   every staging directory holds an ``flock`` while it is built, so a leftover is told from a directory
   another process is still building. :func:`write_dir_atomic` runs it on the parent before each write.
-- :func:`write_json_atomic` (a file through a temp file and a rename), :func:`swap_symlink` (a link
-  re-pointed in one rename), :func:`fsync_dir` / :func:`fsync_tree` (make renames and files durable).
+- :func:`write_json_atomic` (a file through a temp file and a rename), :func:`create_private_once` (a
+  secret file, mode 0600, created once: the first of concurrent creators wins), :func:`swap_symlink` (a
+  link re-pointed in one rename), :func:`fsync_dir` / :func:`fsync_tree` (make renames and files durable).
 """
 
 from __future__ import annotations
@@ -71,6 +72,31 @@ def write_json_atomic(path: Path, data: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def create_private_once(path: Path, write: Callable[[Path], object]) -> bool:
+    """Create the file ``path`` (mode 0600) by ``write``-ing it at a path it is given, unless it exists.
+
+    It is written inside a fresh private directory next to ``path``, fsynced and hard-linked into place,
+    so it is never readable by others nor partial, not even for a moment, and of concurrent creators the
+    first wins (the others keep its file). Returns whether this call created it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    private = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))  # mode 0700
+    try:
+        tmp = private / path.name
+        write(tmp)
+        tmp.chmod(0o600)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        fsync_dir(path.parent)
+        return True
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
 
 
 def swap_symlink(link: Path, target: Path) -> None:

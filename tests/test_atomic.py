@@ -138,3 +138,12 @@ def test_file_hashes_are_sha256_of_every_file_by_relative_path(tmp_path: Path) -
     assert list(sha256_tree(tmp_path)) == sorted(expected)
     del expected["listing.json"]
     assert sha256_tree(tmp_path, exclude={"listing.json"}) == expected  # a listing never hashes itself
+
+
+def test_a_private_file_is_created_once_with_mode_0600_and_the_first_creator_wins(tmp_path: Path) -> None:
+    path = tmp_path / "keys" / "id.pem"
+    assert atomic.create_private_once(path, lambda tmp: tmp.write_text("first"))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.read_text() == "first"
+    assert not atomic.create_private_once(path, lambda tmp: tmp.write_text("second"))
+    assert path.read_text() == "first"  # never overwritten
+    assert sorted(p.name for p in path.parent.iterdir()) == ["id.pem"]  # no private temp dir left
