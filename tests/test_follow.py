@@ -41,6 +41,7 @@ def mirror(served: tuple[Path, str], tmp_path: Path):  # type: ignore[no-untyped
     root = tmp_path / "mirror"
     shutil.copytree(served[0], root / "gen")
     server = MirrorServer(root, "127.0.0.1")
+    server.start()
     yield server
     server.stop()
 
