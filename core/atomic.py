@@ -8,9 +8,10 @@ states, model conversions, fetched bases, published generations, routed mixtures
   never a half-written one. An existing target is refused (``FileExistsError``) unless
   ``replace=True``; then it is swapped for the new one in one ``renameat2(RENAME_EXCHANGE)`` where
   Linux offers it, else moved aside first (for an instant the name is absent, never partial).
-- :func:`remove_stale_staging` — what a killed writer left (hidden siblings no live process holds):
-  every staging directory holds an ``flock`` while it is built, so a leftover is told from a directory
-  another process is still building. :func:`write_dir_atomic` runs it on the parent before each write.
+- :func:`remove_stale_staging` — what a killed writer left (hidden ``.NAME-XXXX.staging`` siblings no
+  live process holds): every staging directory holds an ``flock`` while it is built, so a leftover is
+  told from a directory another process is still building; nothing else in the parent is touched.
+  :func:`write_dir_atomic` runs it on the parent before each write.
 - :func:`write_json_atomic` (a file through a temp file and a rename), :func:`create_private_once` (a
   secret file, mode 0600, created once: the first of concurrent creators wins), :func:`swap_symlink` (a
   link re-pointed in one rename), :func:`fsync_dir` / :func:`fsync_tree` (make renames and files durable).
@@ -35,6 +36,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 STALE_AFTER_S = 60.0  #: a staging dir younger than this is spared: its creator may not have locked it yet
+STAGING_SUFFIX = ".staging"  #: how a staging directory's name ends (``.NAME-XXXXXXXX.staging``)
 
 
 def fsync_dir(path: Path) -> None:
@@ -110,7 +112,8 @@ def swap_symlink(link: Path, target: Path) -> None:
 
 @contextlib.contextmanager
 def staging_dir(parent: Path, name: str) -> Iterator[Path]:
-    """A hidden temporary directory ``parent/.name-XXXX`` to build a directory in, then :func:`commit_dir`.
+    """A hidden temporary directory ``parent/.name-XXXX.staging`` to build a directory in, then
+    :func:`commit_dir`.
 
     It is removed when the block exits in any way (an exception, KeyboardInterrupt, SystemExit) unless it
     was committed; while the block runs it holds an ``flock``, so :func:`remove_stale_staging` can tell
@@ -118,7 +121,7 @@ def staging_dir(parent: Path, name: str) -> Iterator[Path]:
     """
     parent = Path(parent)
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", suffix=STAGING_SUFFIX, dir=parent))
     fd = os.open(tmp, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -159,7 +162,9 @@ def commit_dir(tmp: Path, final: Path, replace: bool = False) -> None:
     tmp.chmod(0o755)  # mkdtemp made it private
     if replace and final.is_dir() and not final.is_symlink():
         if not _exchange(tmp, final):
-            aside = final.parent / f".{final.name}-replaced-{os.getpid()}-{time.monotonic_ns()}"
+            aside = (
+                final.parent / f".{final.name}-replaced-{os.getpid()}-{time.monotonic_ns()}{STAGING_SUFFIX}"
+            )
             os.rename(final, aside)  # a crash here leaves it to remove_stale_staging
             os.rename(tmp, final)
             shutil.rmtree(aside, ignore_errors=True)
@@ -183,11 +188,14 @@ def write_dir_atomic(final: Path, write: Callable[[Path], None], replace: bool =
     return final
 
 
-def remove_stale_staging(parent: Path, min_age_s: float = STALE_AFTER_S) -> list[Path]:
-    """Remove the staging directories under ``parent`` that no live process holds (left by a kill);
-    returns them. One younger than ``min_age_s`` is spared: its creator may not have locked it yet."""
+def remove_stale_staging(
+    parent: Path, min_age_s: float = STALE_AFTER_S, pattern: str = f".*{STAGING_SUFFIX}"
+) -> list[Path]:
+    """Remove the staging directories under ``parent`` (hidden, named by ``pattern``) that no live
+    process holds (left by a kill); returns them. One younger than ``min_age_s`` is spared: its creator
+    may not have locked it yet."""
     removed = []
-    for p in sorted(Path(parent).glob(".*")) if Path(parent).is_dir() else []:
+    for p in sorted(Path(parent).glob(pattern)) if Path(parent).is_dir() else []:
         if not p.is_dir() or p.is_symlink() or time.time() - p.stat().st_mtime < min_age_s:
             continue
         fd = os.open(p, os.O_RDONLY)

@@ -60,7 +60,8 @@ def test_a_killed_writer_leaves_nothing_visible_and_the_next_write_removes_lefto
         child.wait(10)
     assert not final.exists()  # nothing half-written is visible under the final name
     (leftover,) = final.parent.iterdir()
-    assert leftover.name.startswith(".thing-") and (leftover / "half.bin").is_file()  # SIGKILL ran no cleanup
+    assert leftover.name.startswith(".thing-") and leftover.name.endswith(".staging")
+    assert (leftover / "half.bin").is_file()  # SIGKILL ran no cleanup
     assert remove_stale_staging(final.parent) == []  # too young: its writer may not have locked it yet
     _age(leftover)
     write_dir_atomic(final, _fill("v1"))
@@ -116,10 +117,13 @@ def test_an_atomic_exchange_swaps_two_directories_where_linux_offers_it(tmp_path
 
 def test_a_directory_a_live_process_is_building_is_kept(tmp_path: Path) -> None:
     with staging_dir(tmp_path, "live") as live:
-        dead = tmp_path / ".dead-k1ll3d"
+        dead = tmp_path / ".dead-k1ll3d.staging"
+        other = tmp_path / ".git"  # not a staging directory: never touched, whatever its age
         dead.mkdir()
-        _age(live, dead)
+        other.mkdir()
+        _age(live, dead, other)
         assert remove_stale_staging(tmp_path) == [dead]
+        other.rmdir()
         assert live.is_dir()
         (live / "f").write_text("done")
         commit_dir(live, tmp_path / "live")

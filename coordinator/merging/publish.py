@@ -70,7 +70,7 @@ def remove_stale_temps(out: Path) -> list[Path]:
     """Delete what a publish killed half-way left: its hidden temp dirs under ``OUT/generations/``
     and a temp ``latest`` link. Call it only while no publish into ``out`` runs (at start)."""
     out = Path(out)
-    removed = remove_stale_staging(out / GENERATIONS, min_age_s=0)
+    removed = remove_stale_staging(out / GENERATIONS, min_age_s=0, pattern=".gen-*")
     for link in sorted(out.glob(f".{LATEST}-*")):
         link.unlink(missing_ok=True)
         removed.append(link)
