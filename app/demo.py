@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from cogen.core import models
-from cogen.core.checkpoint import latest_checkpoint, load_adapter, read_metadata, write_json_atomic
+from cogen.core.atomic import write_json_atomic
+from cogen.core.checkpoint import latest_checkpoint, load_adapter, read_metadata
 from cogen.core.config import ModelConfig, Precision
 from cogen.core.corpora import get_corpus
 from cogen.core.data import validation_blocks

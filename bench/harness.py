@@ -233,7 +233,7 @@ def write_report(path: Path | None, report: Mapping[str, Any]) -> None:
     The report gains an ``environment`` key (:func:`environment`) unless it has one."""
     if path is None:
         return
-    from cogen.core.checkpoint import write_json_atomic
+    from cogen.core.atomic import write_json_atomic
 
     write_json_atomic(path, {**report, "environment": report.get("environment", environment())})
     print(f"wrote {path}", flush=True)

@@ -15,7 +15,7 @@
 3. **announce**: a :class:`CheckpointSource` record points at the files, served by the coordinator's
    HTTP server under ``/checkpoints/``; nodes fetch, verify and move to it at their next outer step.
 
-A failed collection or merge is retried with exponential backoff (:class:`cogen.core.periodic.Backoff`).
+A failed collection or merge is retried with exponential backoff (:class:`cogen.core.backoff.Backoff`).
 A restarted coordinator picks up where it was: it removes what a killed publish left, reads back every
 published generation that verifies (the newest is the current base, numbering continues from it, the
 API lists them all) and serves only those; a generation that was being merged when it was killed is
@@ -41,14 +41,15 @@ from cogen.coordinator.merging.merge import IDENTITY_FILE
 from cogen.coordinator.merging.publish import GENERATIONS, published_generations, remove_stale_temps
 from cogen.coordinator.schemas import DomainScore, GenerationSummary
 from cogen.core import models
+from cogen.core.backoff import Backoff
 from cogen.core.checkpoint import AdapterMetadata, save_adapter_tensors
 from cogen.core.config import CoordinatorConfig, MergeConfig
 from cogen.core.corpora import known_domains
-from cogen.core.periodic import Backoff
 from cogen.core.swarm import GroupStateAverager, SwarmClient
 from cogen.protocols import CheckpointSource, GroupProgress, NodeInfo
+from cogen.protocols.hashing import sha256_file
 from cogen.protocols.keys import group_prefix
-from cogen.protocols.manifest import MANIFEST_FILE, Manifest, read_manifest, sha256_file
+from cogen.protocols.manifest import MANIFEST_FILE, Manifest, read_manifest
 
 logger = logging.getLogger(__name__)
 

@@ -14,6 +14,7 @@ records (SwarmInfo, the newest generation's CheckpointSource) fresh whatever the
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -30,8 +31,9 @@ from cogen.coordinator.merging.publish import GENERATIONS
 from cogen.coordinator.metrics import NodeScraper, make_registry
 from cogen.coordinator.view import SwarmMonitor
 from cogen.core.addresses import http_url, is_unspecified
-from cogen.core.checkpoint import write_json_atomic
+from cogen.core.atomic import write_json_atomic
 from cogen.core.config import CoordinatorConfig
+from cogen.core.http_service import ServerThread
 from cogen.core.models import cache_root
 from cogen.core.periodic import PeriodicService
 from cogen.core.procs import read_json
@@ -41,43 +43,60 @@ from cogen.protocols import SwarmInfo, software_version
 logger = logging.getLogger(__name__)
 
 
-class ApiServer:
-    """uvicorn in a background thread; ``start`` / ``stop`` / ``is_running``."""
+class ApiServer(ServerThread):
+    """uvicorn in a background thread, with the lifecycle of :class:`cogen.core.http_service.ServerThread`
+    (``start`` / ``stop`` / ``is_running``; the socket is bound in ``start``, a stopped server may start
+    again). A port it cannot listen on is a :class:`NetworkError`."""
 
     def __init__(self, app: Any, host: str, port: int):
-        self.server = uvicorn.Server(
-            uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
-        )
-        self._thread: threading.Thread | None = None
+        super().__init__("api-server")
+        self.app, self.host, self.requested_port = app, host, port
+        self.server: uvicorn.Server | None = None
+        self._socket: socket.socket | None = None
+
+    def _bind(self) -> None:
+        config = uvicorn.Config(self.app, host=self.host, port=self.requested_port, log_level="warning",
+                                access_log=False)  # fmt: skip
+        self.server = uvicorn.Server(config)
+        try:
+            self._socket = config.bind_socket()
+        except SystemExit:  # uvicorn logged why (the port is taken, the address is not this machine's)
+            raise NetworkError(
+                f"the HTTP API could not listen on {self.host}:{self.requested_port}"
+            ) from None
+
+    def _serve(self) -> None:
+        assert self.server is not None and self._socket is not None
+        self.server.run(sockets=[self._socket])
+
+    def _ready(self) -> bool:
+        return self.server is not None and self.server.started
+
+    def _shutdown(self) -> None:
+        if self.server is not None:
+            self.server.should_exit = True
+
+    def _close(self) -> None:
+        if self._socket is not None:
+            self._socket.close()
+
+    def _bound(self) -> tuple[str, int]:
+        if self._socket is None:
+            return self.host, self.requested_port
+        return self.host, int(self._socket.getsockname()[1])
 
     def start(self, timeout_s: float = 30.0) -> None:
-        self._thread = threading.Thread(target=self.server.run, name="api-server", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + timeout_s
-        while not self.server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise NetworkError(
-                    f"the HTTP API could not listen on {self.server.config.host}:{self.server.config.port}"
-                )
-            time.sleep(0.05)
-
-    @property
-    def port(self) -> int:
-        return int(self.server.servers[0].sockets[0].getsockname()[1])
+        try:
+            super().start(timeout_s)
+        except OSError as e:
+            raise NetworkError(
+                f"the HTTP API could not listen on {self.host}:{self.requested_port}: {e}"
+            ) from None
 
     @property
     def url(self) -> str:
         """Where this process reaches the API (a wildcard bind is reached on loopback)."""
-        host = self.server.config.host
-        return http_url("127.0.0.1" if is_unspecified(host) else host, self.port)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-
-    def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return http_url("127.0.0.1" if is_unspecified(self.host) else self.host, self.port)
 
 
 class Announcer(PeriodicService):

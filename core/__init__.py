@@ -5,11 +5,15 @@
 - ``corpora.py``    — the domain registry (medical, legal, code, literature, or a directory)
 - ``data.py``       — deterministic split, sharding, tokenising and packing into blocks
 - ``checkpoint.py`` — adapter checkpoints: safetensors + JSON metadata, atomic
+- ``atomic.py``     — atomic writes: a directory (staged, fsynced, renamed; leftovers of a kill removed),
+  a JSON file, a symlink
 - ``swarm.py``      — a peer's DHT handle with cogen's validators and typed records
 - ``health.py``     — health checks and the 200/503 JSON verdict of /healthz and /readyz
 - ``evaluation.py`` — validation loss; ``telemetry.py`` — logging and memory figures
 - ``addresses.py``  — which host and URL a peer announces (never a wildcard, loopback only locally)
-- ``periodic.py``   — a background service that repeats a task (start/stop/is_running) and a backoff
+- ``periodic.py``   — a background service that repeats a task (start/stop/is_running)
+- ``http_service.py`` — an HTTP server in a thread (start/stop/is_running), stdlib or uvicorn
+- ``backoff.py``    — the one retry schedule: exponential, capped, jittered
 - ``lazy.py``       — lazy re-exports, so a package's heavy modules load on first use, not on ``--help``
 - ``procs.py``      — starting ``python -m cogen...`` children, waiting on conditions with deadlines
 - ``netns.py``      — a test network of real hosts on one machine: namespaces on a rate-limited bridge

@@ -11,27 +11,25 @@ Names carry the generation of the base the expert was trained on, and old checkp
 within their generation: the last expert of every generation stays.
 
 A checkpoint is written into a temporary directory, fsynced and renamed into place before ``latest``
-moves to it, so a crash at any moment leaves the previous checkpoint intact and ``latest`` valid.
+moves to it (:mod:`cogen.core.atomic`), so a crash at any moment leaves the previous checkpoint intact
+and ``latest`` valid.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
-import os
 import re
 import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from cogen.core.atomic import swap_symlink, write_dir_atomic
 from cogen.core.exit_codes import CommandError, ExitCode
-from cogen.protocols.manifest import sha256_file
+from cogen.protocols.hashing import sha256_file, sha256_tree
 from cogen.protocols.version import software_version
 
 METADATA_FILE = "cogen.json"
@@ -85,15 +83,6 @@ def _upgrade(raw: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new file in directory ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_adapter(model: Any, out_dir: Path, metadata: AdapterMetadata, keep: int = 3) -> Path:
     """Save ``model``'s adapter (a PEFT model) as a new checkpoint and point ``latest`` at it."""
 
@@ -129,34 +118,14 @@ def _write_checkpoint(
 
     def write_all(tmp: Path) -> None:
         write(tmp)
-        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        files = sha256_tree(tmp)
         meta = metadata.model_copy(update={"files": files})
         (tmp / METADATA_FILE).write_text(meta.model_dump_json(indent=2))
 
-    write_dir_atomic(final, write_all)
+    write_dir_atomic(final, write_all, replace=True)
     swap_symlink(Path(out_dir) / "latest", final)
     prune_dirs(ckpt_root, f"{prefix}*", keep, final)
     return final
-
-
-def write_dir_atomic(final: Path, write: Callable[[Path], None]) -> Path:
-    """Fill a temporary sibling directory of ``final`` (``write``), fsync its files and rename it to
-    ``final``: readers see no directory or a complete one, never a half-written one."""
-    with staging_dir(final.parent, final.name) as tmp:
-        write(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        commit_dir(tmp, final)
-    return final
-
-
-def swap_symlink(link: Path, target: Path) -> None:
-    """Point ``link`` at ``target`` (relative), atomically: readers see the old or the new target."""
-    link_tmp = link.parent / f".{link.name}-{os.getpid()}"
-    link_tmp.unlink(missing_ok=True)
-    os.symlink(os.path.relpath(target, link.parent), link_tmp)
-    os.replace(link_tmp, link)
-    fsync_dir(link.parent)
 
 
 def prune_dirs(root: Path, pattern: str, keep: int, current: Path, marker: str = METADATA_FILE) -> None:
@@ -205,71 +174,3 @@ def load_adapter(base: Any, ckpt: Path, trainable: bool = False) -> Any:
 
     read_metadata(ckpt, verify=True)
     return PeftModel.from_pretrained(base, str(ckpt), is_trainable=trainable)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to ``path`` through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-@contextlib.contextmanager
-def staging_dir(parent: Path, name: str) -> Iterator[Path]:
-    """A hidden temporary directory ``parent/.name-XXXX`` to build a directory in, then :func:`commit_dir`.
-
-    It is removed when the block exits in any way (an exception, KeyboardInterrupt, SystemExit) unless it
-    was committed; while the block runs it holds an ``flock``, so :func:`remove_stale_staging` can tell
-    the leftovers of a killed process from a directory another process is still building.
-    """
-    parent = Path(parent)
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=parent))
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.close(fd)
-
-
-def commit_dir(tmp: Path, final: Path) -> None:
-    """fsync every file of ``tmp``, make it world-readable and rename it to ``final`` (which must not
-    exist, or be an empty directory): readers see nothing or the whole directory."""
-    for p in Path(tmp).rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as handle:
-                os.fsync(handle.fileno())
-    Path(tmp).chmod(0o755)  # mkdtemp made it private
-    os.rename(tmp, final)
-    fsync_dir(Path(final).parent)
-
-
-def remove_stale_staging(parent: Path, min_age_s: float = 60.0) -> list[Path]:
-    """Remove the staging directories under ``parent`` that no live process holds (left by a kill);
-    returns them. One younger than ``min_age_s`` is spared: its creator may not have locked it yet."""
-    removed = []
-    for p in sorted(Path(parent).glob(".*")) if Path(parent).is_dir() else []:
-        if not p.is_dir() or p.is_symlink() or time.time() - p.stat().st_mtime < min_age_s:
-            continue
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            continue  # a live download
-        else:
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p)
-        finally:
-            os.close(fd)
-    return removed

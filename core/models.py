@@ -19,8 +19,6 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cogen.core.atomic import write_dir_atomic
 from cogen.core.config import ModelConfig, OptimConfig, Precision
 from cogen.core.exit_codes import CommandError, ExitCode
 
@@ -72,15 +71,11 @@ def _build_once(target: Path, build: Callable[[Path], dict[str, Any]]) -> Path:
     with _file_lock(target.parent / f".{target.name}.lock"):
         if (target / READY_MARKER).exists():
             return target
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-        try:
-            info = build(tmp)
-            (tmp / READY_MARKER).write_text(json.dumps(info, indent=2))
-            if target.exists():  # a half-built leftover without the marker
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+        def write(tmp: Path) -> None:
+            (tmp / READY_MARKER).write_text(json.dumps(build(tmp), indent=2))
+
+        write_dir_atomic(target, write, replace=True)  # replaces a half-built leftover without the marker
     return target
 
 

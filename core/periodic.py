@@ -1,8 +1,8 @@
 """A background thread that does one unit of work every interval: ``start`` / ``stop`` / ``is_running``.
 
 The stop Event doubles as the sleep, so ``stop()`` returns promptly; a failing tick is logged and
-retried at the next interval, never kills the thread. :class:`Backoff` is the delay schedule of work
-that is retried after a failure (exponential, capped).
+retried at the next interval, never kills the thread. Work retried after a failure waits by
+:class:`cogen.core.backoff.Backoff`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import threading
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
 
@@ -55,32 +54,3 @@ class PeriodicService(ABC):
             except Exception:  # a DHT or network hiccup must not kill the service
                 logger.warning("%s failed; retrying in %.1f s", self.name, self.interval_s, exc_info=True)
             self._stop.wait(self.interval_s)
-
-
-@dataclass
-class Backoff:
-    """Delays between retries of failing work: ``base_s``, doubling after each failure, at most ``cap_s``.
-
-    ``failed()`` counts a failure and returns how long to wait before the next attempt; ``succeeded()``
-    starts the schedule over."""
-
-    base_s: float
-    cap_s: float
-    failures: int = 0
-
-    def __post_init__(self) -> None:
-        if not 0 < self.base_s <= self.cap_s:
-            raise ValueError(f"backoff needs 0 < base_s <= cap_s, got {self.base_s} and {self.cap_s}")
-
-    def delay(self) -> float:
-        """The wait after the failures counted so far (0 before the first)."""
-        if self.failures == 0:
-            return 0.0
-        return min(self.cap_s, self.base_s * 2.0 ** min(self.failures - 1, 60))
-
-    def failed(self) -> float:
-        self.failures += 1
-        return self.delay()
-
-    def succeeded(self) -> None:
-        self.failures = 0

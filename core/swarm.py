@@ -9,12 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import functools
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -38,7 +34,7 @@ from cogen.core.addresses import (
     public_host,
     warn_if_unreachable,
 )
-from cogen.core.checkpoint import fsync_dir
+from cogen.core.atomic import create_private_once
 from cogen.core.config import NetworkConfig
 from cogen.core.exit_codes import CommandError, ExitCode
 from cogen.protocols import (
@@ -84,27 +80,13 @@ def owner_fingerprint(owner: bytes) -> str:
 def ensure_p2p_identity(path: Path) -> Path:
     """The libp2p private key at ``path`` (hivemind's format), created with mode 0600 if missing.
 
-    The key is written inside a fresh private directory next to ``path`` and linked into place, so it is
-    never readable by others, not even for a moment, and a concurrent creator wins. A key that others
+    The key is written inside a fresh private directory next to ``path`` and linked into place
+    (:func:`cogen.core.atomic.create_private_once`), so it is never readable by others, not even for a
+    moment, and a concurrent creator wins. A key that others
     can read is refused: whoever read it can take this peer's id."""
     path = Path(path)
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        private = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))  # mode 0700
-        try:
-            tmp = private / path.name
-            P2P.generate_identity(str(tmp))
-            tmp.chmod(0o600)
-            with open(tmp, "rb") as handle:
-                os.fsync(handle.fileno())
-            with contextlib.suppress(FileExistsError):
-                os.link(tmp, path)
-                fsync_dir(path.parent)
-                logger.info(
-                    "created the libp2p identity %s (the peer id stays the same across restarts)", path
-                )
-        finally:
-            shutil.rmtree(private, ignore_errors=True)
+    if not path.exists() and create_private_once(path, lambda tmp: P2P.generate_identity(str(tmp))):
+        logger.info("created the libp2p identity %s (the peer id stays the same across restarts)", path)
     if not path.is_file():
         raise NetworkError(f"the libp2p identity {path} is not a file")
     mode = path.stat().st_mode & 0o777

@@ -2,7 +2,7 @@
 
 :func:`fetch_base` downloads the ``manifest.json`` a :class:`CheckpointSource` announces, checks its
 sha256 and its signature before anything else, then streams every file the manifest lists into a
-staging directory (:func:`cogen.core.checkpoint.staging_dir`), hashing as it goes, and renames the directory
+staging directory (:func:`cogen.core.atomic.staging_dir`), hashing as it goes, and renames the directory
 into the cache only once it verifies as a whole. Every file is bounded:
 
 - by the size the signed manifest declares: reading stops at that size + 1 byte, a longer file is refused
@@ -32,16 +32,16 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
 
-from cogen.core.checkpoint import commit_dir, staging_dir
+from cogen.core.atomic import commit_dir, staging_dir
 from cogen.core.config import FetchConfig
 from cogen.protocols import CheckpointSource
+from cogen.protocols.hashing import sha256_file
 from cogen.protocols.manifest import (
     MANIFEST_FILE,
     Manifest,
     ManifestError,
     check_signature,
     read_manifest,
-    sha256_file,
     verify_manifest,
 )
 

@@ -18,7 +18,8 @@ Trust never comes from a source: :class:`BaseFollower`, in a background thread,
    left there: staging directories of a killed process are removed when the follower starts) and marked
    ready. The node moves to it at its next outer step (:meth:`BaseFollower.take`), without restarting.
 
-:class:`MirrorServer` serves the fetched bases read-only over HTTP (the standard library's server).
+:class:`MirrorServer` serves the fetched bases read-only over HTTP (the standard library's server, with
+the lifecycle of :class:`cogen.core.http_service.ServerThread`).
 """
 
 from __future__ import annotations
@@ -27,15 +28,16 @@ import functools
 import logging
 import threading
 import urllib.parse
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import SimpleHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 from hivemind.utils import get_dht_time
 from pydantic import ValidationError
 
-from cogen.core.checkpoint import remove_stale_staging
+from cogen.core.atomic import remove_stale_staging
 from cogen.core.config import FetchConfig
+from cogen.core.http_service import HttpServer
 from cogen.core.periodic import PeriodicService
 from cogen.core.swarm import SwarmClient
 from cogen.node.fetch import MAX_MANIFEST_BYTES, Base, FetchError, fetch_base
@@ -72,35 +74,22 @@ class _QuietHandler(SimpleHTTPRequestHandler):
         return super().send_head()
 
 
-class MirrorServer:
-    """Serves ``root`` read-only over HTTP from a background thread (``url`` once started)."""
+class MirrorServer(HttpServer):
+    """Serves ``root`` read-only over HTTP from a background thread: ``start`` / ``stop`` / ``is_running``
+    (``url`` once started); no listings, no hidden paths (a base still being downloaded)."""
 
     def __init__(self, root: Path, host: str, port: int = 0):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        handler = functools.partial(_QuietHandler, directory=str(self.root))
-        self.server = ThreadingHTTPServer((host, port), handler)
-        self.server.daemon_threads = True
-        self._thread = threading.Thread(target=self.server.serve_forever, name="mirror", daemon=True)
-        self._thread.start()
-
+        super().__init__(
+            functools.partial(_QuietHandler, directory=str(self.root)), host, port, name="mirror"
+        )
         self.public_url: str | None = None  # what peers are told (set by the node: never 0.0.0.0)
-
-    @property
-    def port(self) -> int:
-        return int(self.server.server_address[1])
 
     @property
     def url(self) -> str:
         """The URL announced for this mirror: ``public_url``, else the address it is bound to."""
-        if self.public_url is not None:
-            return self.public_url
-        host, port = self.server.server_address[:2]
-        return f"http://{host!s}:{port}/"
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        return self.public_url if self.public_url is not None else f"{self.url_base}/"
 
 
 class BaseFollower(PeriodicService):

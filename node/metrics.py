@@ -4,17 +4,17 @@
 in one process (tests). The coordinator scrapes the ``cogen_node_*`` families of every node that
 announces its metrics URL and re-exposes them with ``peer`` and ``expert`` labels. ``/healthz`` and
 ``/readyz`` answer 200 or 503 with a JSON body naming the failed checks (:mod:`cogen.node.health`).
-One standard-library ``ThreadingHTTPServer`` in a background thread serves all three.
+One standard-library server in a background thread (:class:`cogen.core.http_service.HttpServer`) serves
+all three.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
-import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from prometheus_client import (
@@ -27,30 +27,22 @@ from prometheus_client import (
     generate_latest,
 )
 
-from cogen.core.addresses import http_url
 from cogen.core.health import Check, HealthChecks, verdict
+from cogen.core.http_service import HttpServer
 
 logger = logging.getLogger(__name__)
 
 NODE_STATES = ("joining", "training", "averaging", "stopping")
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    metrics: NodeMetrics
-
-    def __init__(self, host: str, port: int, metrics: NodeMetrics):
-        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.metrics = metrics
-        super().__init__((host, port), _Handler)
-
-
 class _Handler(BaseHTTPRequestHandler):
-    server: _Server
+    def __init__(self, *args: Any, metrics: NodeMetrics, **kwargs: Any) -> None:
+        self.metrics = metrics  # before the base class handles the request
+        super().__init__(*args, **kwargs)
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
-        metrics = self.server.metrics
+        metrics = self.metrics
         if path == "/metrics":
             self._send(200, CONTENT_TYPE_LATEST, generate_latest(metrics.registry))
         elif path in ("/healthz", "/readyz"):
@@ -102,18 +94,16 @@ class NodeMetrics:
         self.health = health
         self.step_seconds_total = 0.0  # for the mean step time (how long one outer step takes)
         self.steps_timed = 0
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
+        self._http: HttpServer | None = None
 
     def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Serve ``/metrics``, ``/healthz``, ``/readyz`` in a background thread; returns the metrics URL
-        (port 0 picks a free one)."""
-        self._server = _Server(host, port, self)
-        self._thread = threading.Thread(target=self._server.serve_forever, name="node-metrics", daemon=True)
-        self._thread.start()
-        url = self.url
-        assert url is not None
-        return url
+        (port 0 picks a free one). Restarting a running one is refused (``RuntimeError``)."""
+        if self.is_running():
+            raise RuntimeError(f"node metrics are already served at {self.url}")
+        self._http = HttpServer(functools.partial(_Handler, metrics=self), host, port, name="node-metrics")
+        self._http.start()
+        return f"{self._http.url_base}/metrics"
 
     def checks(self, ready: bool) -> list[Check]:
         """The checks behind ``/readyz`` (``ready``) or ``/healthz``."""
@@ -127,15 +117,11 @@ class NodeMetrics:
 
     @property
     def port(self) -> int | None:
-        return None if self._server is None else int(self._server.server_address[1])
+        return None if self._http is None else self._http.port
 
     @property
     def url(self) -> str | None:
-        if self._server is None:
-            return None
-        host, port = self._server.server_address[:2]
-        host = host.decode() if isinstance(host, bytes) else str(host)
-        return http_url(host, int(port), "/metrics")
+        return None if self._http is None else f"{self._http.url_base}/metrics"
 
     def observe_step(self, loss: float, samples: int, tokens: int, seconds: float) -> None:
         """Record one inner step (a NaN loss is counted, and the loss gauge shows NaN)."""
@@ -158,15 +144,12 @@ class NodeMetrics:
         self.state.state(state)
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self._server = self._thread = None
+        if self._http is not None:
+            self._http.stop(timeout_s=5)
+        self._http = None
 
     def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._http is not None and self._http.is_running()
 
     def __enter__(self) -> NodeMetrics:
         return self

@@ -11,7 +11,7 @@ never overwrites the state of the old one)::
 
 Nothing here is pickle: the optimizer's state dict (bitsandbytes 8-bit AdamW or torch AdamW) is
 flattened into named tensors plus a JSON tree that says where each one goes. A state is written into a
-temporary directory and renamed into place (:func:`cogen.core.checkpoint.write_dir_atomic`), so a SIGKILL at
+temporary directory and renamed into place (:func:`cogen.core.atomic.write_dir_atomic`), so a SIGKILL at
 any moment leaves the previous complete state.
 
 Resuming (:func:`restore`): a state is loaded only into the base it was trained on (same generation and
@@ -34,10 +34,12 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from cogen.core.checkpoint import CheckpointError, fsync_dir, prune_dirs, swap_symlink, write_dir_atomic
+from cogen.core.atomic import fsync_dir, swap_symlink, write_dir_atomic
+from cogen.core.checkpoint import CheckpointError, prune_dirs
 from cogen.node.group import GroupAverager
 from cogen.node.trainer import ExpertTrainer
-from cogen.protocols.manifest import MANIFEST_FILE, sha256_file
+from cogen.protocols.hashing import sha256_file
+from cogen.protocols.manifest import MANIFEST_FILE
 from cogen.protocols.version import software_version
 
 logger = logging.getLogger(__name__)
@@ -175,7 +177,7 @@ def save_state(
         )
         (tmp / META_FILE).write_text(full.model_dump_json(indent=1))
 
-    write_dir_atomic(final, write)
+    write_dir_atomic(final, write, replace=True)
     swap_symlink(root / "latest", final)
     prune_dirs(root, "step-*", 2, final, marker=META_FILE)
     fsync_dir(root)

@@ -3,8 +3,9 @@
 A :class:`SourceBook` remembers each source (its URL and the manifest sha256 it announced) that failed:
 
 - a transfer failure (refused, timed out, too slow, cut short: :class:`cogen.node.fetch.FetchError`) puts
-  the source on exponential backoff, ``fetch_backoff_s`` doubling per failure up to
-  ``fetch_backoff_max_s``, jittered (a random 50-100 % of it) so that nodes do not return in step;
+  the source on exponential backoff (:class:`cogen.core.backoff.Backoff`), ``fetch_backoff_s`` doubling
+  per failure up to ``fetch_backoff_max_s``, jittered (a random 50-100 % of it) so that nodes do not
+  return in step;
 - provably wrong content under its own announcement (a manifest other than announced or not signed by the
   trusted key, a file whose size or sha256 the signed manifest contradicts:
   :class:`cogen.protocols.manifest.ManifestError`) distrusts it for ``distrust_s``. Keyed by URL *and*
@@ -24,18 +25,24 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from cogen.core.backoff import Backoff
 from cogen.core.config import FetchConfig
 from cogen.protocols import CheckpointSource
 
 _MAX_REMEMBERED = 4096  # sources remembered at most (the oldest are forgotten first)
+JITTER = 0.5  #: a failed source waits a random 50-100 % of its backoff
 
 
 @dataclass
 class _Health:
-    failures: int = 0
+    backoff: Backoff  # counts the failures (a distrust too) and says how long to wait
     not_before: float = 0.0  # clock time before which the source is not tried
     distrusted: bool = False
     updated: float = 0.0
+
+    @property
+    def failures(self) -> int:
+        return self.backoff.failures
 
 
 def _key(source: CheckpointSource) -> tuple[str, str]:
@@ -55,46 +62,46 @@ class SourceBook:
         self.clock = clock
         self.rng = rng or random.Random()
         self._health: dict[tuple[str, str], _Health] = {}
-        self._local = _Health()  # this host's own failures (disk full)
+        self._local = self._new()  # this host's own failures (disk full)
 
-    def _delay(self, failures: int) -> float:
-        full = min(self.cfg.fetch_backoff_max_s, self.cfg.fetch_backoff_s * 2 ** min(failures - 1, 60))
-        return full * self.rng.uniform(0.5, 1.0)
+    def _new(self) -> _Health:
+        cap = self.cfg.fetch_backoff_max_s
+        return _Health(Backoff(min(self.cfg.fetch_backoff_s, cap), cap, jitter=JITTER, rng=self.rng))
 
     def _entry(self, source: CheckpointSource) -> _Health:
         if len(self._health) >= _MAX_REMEMBERED and _key(source) not in self._health:
             oldest = min(self._health, key=lambda k: self._health[k].updated)
             del self._health[oldest]
-        health = self._health.setdefault(_key(source), _Health())
+        health = self._health.get(_key(source))
+        if health is None:
+            health = self._health[_key(source)] = self._new()
         health.updated = self.clock()
         return health
 
     def transfer_failed(self, source: CheckpointSource) -> float:
         """Back ``source`` off after a failed transfer; returns the seconds until it may be tried again."""
         health = self._entry(source)
-        health.failures += 1
-        delay = self._delay(health.failures)
+        delay = health.backoff.failed()
         health.not_before = self.clock() + delay
         return delay
 
     def distrust(self, source: CheckpointSource) -> float:
         """Skip ``source`` for ``distrust_s`` (it served content its manifest contradicts); returns that."""
         health = self._entry(source)
-        health.failures += 1
+        health.backoff.failures += 1
         health.distrusted = True
         health.not_before = self.clock() + self.cfg.distrust_s
         return self.cfg.distrust_s
 
     def local_failed(self) -> float:
         """Hold every source back after this host failed (disk full); returns the seconds to wait."""
-        self._local.failures += 1
-        delay = self._delay(self._local.failures)
+        delay = self._local.backoff.failed()
         self._local.not_before = self.clock() + delay
         return delay
 
     def succeeded(self, source: CheckpointSource) -> None:
         self._health.pop(_key(source), None)
-        self._local = _Health()
+        self._local = self._new()
 
     def usable(self, source: CheckpointSource) -> bool:
         """Whether ``source`` may be tried now (not backing off, not distrusted, this host not held)."""

@@ -52,6 +52,7 @@ class BaseSwitching(NodeAnnouncing):
         if cfg.serve_bases and not self.client.client_mode:  # behind NAT nobody could fetch from it
             host = cfg.serve_host or cfg.network.host
             mirror = MirrorServer(bases_dir, host)
+            mirror.start()
             mirror.public_url = self.client.optional_url("base mirror", host, mirror.port, "/")
             if mirror.public_url is None:
                 mirror.stop()

@@ -4,6 +4,7 @@
 - ``keys.py``       — swarm-prefixed DHT keys
 - ``records.py``    — strict pydantic v2 record schemas (:class:`NodeInfo`, :class:`TrainingProgress`, ...)
 - ``manifest.py``   — the signed manifest of a published base and :func:`verify_manifest`
+- ``hashing.py``    — the sha256 of a file and of every file of a directory (one helper for all)
 - ``ranking.py``    — :class:`Ranking`: a generation's expert ranking as the manifest and the API carry it
 - ``validation.py`` — the record validator plugged into hivemind's DHT, next to its
   ``RSASignatureValidator`` (not re-exported here: it imports hivemind, and a command's ``--help``

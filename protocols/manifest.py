@@ -15,7 +15,6 @@ a downloader bounds its files by a global cap instead (:meth:`Manifest.declared_
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any, ClassVar
 from hivemind.utils.crypto import RSAPublicKey
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, model_validator
 
+from cogen.protocols.hashing import sha256_tree
 from cogen.protocols.ranking import Ranking
 from cogen.protocols.version import software_version
 
@@ -38,14 +38,6 @@ class ManifestError(RuntimeError):
 
     exit_code: ClassVar[int] = 6  # ExitCode.DATA (cogen.core.exit_codes)
     what: ClassVar[str] = "manifest"
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class EvalMatrix(BaseModel):
@@ -149,12 +141,7 @@ class Manifest(BaseModel):
 
 def file_hashes(directory: Path) -> dict[str, str]:
     """sha256 of every file under ``directory`` (relative POSIX paths) except the manifest."""
-    directory = Path(directory)
-    return {
-        p.relative_to(directory).as_posix(): sha256_file(p)
-        for p in sorted(directory.rglob("*"))
-        if p.is_file() and p.relative_to(directory).as_posix() != MANIFEST_FILE
-    }
+    return sha256_tree(directory, exclude={MANIFEST_FILE})
 
 
 def file_sizes(directory: Path) -> dict[str, int]:

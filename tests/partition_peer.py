@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from cogen.core.checkpoint import write_json_atomic
+from cogen.core.atomic import write_json_atomic
 from cogen.core.config import NetworkConfig
 from cogen.core.swarm import SwarmClient
 from cogen.protocols import SwarmInfo

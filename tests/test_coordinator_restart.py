@@ -32,11 +32,12 @@ from cogen.coordinator.merging.publish import (
     published_generations,
     remove_stale_temps,
 )
+from cogen.core.backoff import Backoff
 from cogen.core.config import MergeConfig, NetworkConfig
-from cogen.core.periodic import Backoff
 from cogen.core.procs import ChildFailed, kill_group, read_json, tail, wait_for
 from cogen.core.swarm import NetworkError, SwarmClient, ensure_p2p_identity
-from cogen.protocols.manifest import MANIFEST_FILE, read_manifest, sha256_file, verify_manifest
+from cogen.protocols.hashing import sha256_file
+from cogen.protocols.manifest import MANIFEST_FILE, read_manifest, verify_manifest
 
 NODE_ARGS = ["--inner-steps", "3", "--matchmaking-s", "1.5", "--averaging-timeout-s", "30", "--lr", "2e-2"]
 MOVED = re.compile(r"now training on generation (\d+)")

@@ -27,7 +27,7 @@ from merging_helpers import make_expert
 
 from cogen.coordinator.merging import Identity, merge_experts
 from cogen.coordinator.merging.manifest import sign_manifest
-from cogen.core.checkpoint import remove_stale_staging, staging_dir
+from cogen.core.atomic import remove_stale_staging, staging_dir
 from cogen.core.config import FetchConfig, MergeConfig, NetworkConfig
 from cogen.core.procs import wait_for
 from cogen.core.swarm import SwarmClient
@@ -35,7 +35,8 @@ from cogen.node.fetch import FetchError
 from cogen.node.follow import BaseFollower, fetch_base
 from cogen.node.sources import SourceBook
 from cogen.protocols import CheckpointSource, SwarmInfo
-from cogen.protocols.manifest import MANIFEST_FILE, Manifest, ManifestError, sha256_file, verify_manifest
+from cogen.protocols.hashing import sha256_file
+from cogen.protocols.manifest import MANIFEST_FILE, Manifest, ManifestError, verify_manifest
 
 PEER = "12D3KooWSb9uUfn3yQrD2xTJmUFr4PbYBb7oYbP2pCSs3rGqCwTq"
 WEIGHTS = "model.safetensors"

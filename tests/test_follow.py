@@ -13,7 +13,8 @@ from cogen.coordinator.merging import Identity, merge_experts
 from cogen.core.config import MergeConfig
 from cogen.node.follow import MirrorServer, fetch_base
 from cogen.protocols import CheckpointSource
-from cogen.protocols.manifest import MANIFEST_FILE, ManifestError, sha256_file
+from cogen.protocols.hashing import sha256_file
+from cogen.protocols.manifest import MANIFEST_FILE, ManifestError
 
 PEER = "12D3KooWSb9uUfn3yQrD2xTJmUFr4PbYBb7oYbP2pCSs3rGqCwTq"
 
@@ -40,6 +41,7 @@ def mirror(served: tuple[Path, str], tmp_path: Path):  # type: ignore[no-untyped
     root = tmp_path / "mirror"
     shutil.copytree(served[0], root / "gen")
     server = MirrorServer(root, "127.0.0.1")
+    server.start()
     yield server
     server.stop()
 

@@ -17,7 +17,8 @@ from transformers import AutoModelForCausalLM
 
 from cogen.core.checkpoint import latest_checkpoint, read_metadata
 from cogen.core.procs import wait_for
-from cogen.protocols.manifest import MANIFEST_FILE, sha256_file, verify_manifest
+from cogen.protocols.hashing import sha256_file
+from cogen.protocols.manifest import MANIFEST_FILE, verify_manifest
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(540)]
 

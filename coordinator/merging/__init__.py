@@ -5,7 +5,8 @@
   ``dare_ties``), each a thin wrapper of PEFT's ``peft.utils.merge_utils``
 - ``experts.py`` — find and verify expert checkpoints, stream their dense LoRA deltas module by module
 - ``ranking.py`` — the full ranking (Borda, Bradley–Terry, bootstrap) and the cheap one
-- ``moe.py`` — ``moe``: the experts' adapters behind a learned per-sequence router
+- ``moe/`` — ``moe``: the experts' adapters behind a learned per-sequence router (router, its
+  training, the mixture, its on-disk format: one module each)
 - ``weights.py`` — per-expert weights and per-domain ranking from an :class:`EvalMatrix`
 - ``evaluate.py`` — validation losses of the base, each expert and the merge on each domain
 - ``manifest.py`` — the coordinator's :class:`Identity` key that signs manifests (their schema and

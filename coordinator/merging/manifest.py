@@ -9,14 +9,13 @@ scheme (RSA-PSS over SHA-256, base64), verified with ``hivemind.utils.crypto.RSA
 from __future__ import annotations
 
 import base64
-import contextlib
 import logging
-import os
 from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from cogen.core.atomic import create_private_once
 from cogen.protocols.manifest import Manifest, ManifestError
 
 logger = logging.getLogger(__name__)
@@ -59,24 +58,13 @@ class Identity:
 
 
 def _create_key(path: Path) -> None:
-    """Write a new key through a 0600 temp file, then link it into place (a concurrent writer wins)."""
+    """Write a new key (mode 0600) and link it into place; a concurrent writer wins."""
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(pem)
-            handle.flush()
-            os.fsync(handle.fileno())
-        with contextlib.suppress(FileExistsError):
-            os.link(tmp, path)
-            logger.info("created the coordinator identity key %s", path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    if create_private_once(path, lambda tmp: tmp.write_bytes(pem)):
+        logger.info("created the coordinator identity key %s", path)
 
 
 def sign_manifest(manifest: Manifest, identity: Identity) -> Manifest:

@@ -7,8 +7,9 @@ Layout::
     OUT/latest -> generations/gen-000001      (symlink, swapped atomically)
 
 A generation is written into a hidden temporary directory next to its final place, every file is
-fsynced, the directory is renamed into place, and only then does ``latest`` move: a crash at any
-moment leaves ``latest`` on the previous, complete generation. Published generations are never
+fsynced, the directory is renamed into place (:func:`cogen.core.atomic.write_dir_atomic`), and only
+then does ``latest`` move: a crash at any moment leaves ``latest`` on the previous, complete
+generation. Published generations are never
 overwritten. A restarted coordinator removes what a killed publish left (:func:`remove_stale_temps`)
 and reads its generations back (:func:`published_generations`): only those that verify are served.
 """
@@ -18,8 +19,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +26,8 @@ from typing import Any
 
 from cogen.coordinator.merging.manifest import Identity, sign_manifest
 from cogen.coordinator.merging.registry import MergeError
-from cogen.core.checkpoint import fsync_dir, sha256_file, swap_symlink, write_json_atomic
+from cogen.core.atomic import remove_stale_staging, swap_symlink, write_dir_atomic, write_json_atomic
+from cogen.protocols.hashing import sha256_file
 from cogen.protocols.manifest import (
     MANIFEST_FILE,
     Manifest,
@@ -69,14 +69,11 @@ def latest_generation(out: Path) -> Path | None:
 def remove_stale_temps(out: Path) -> list[Path]:
     """Delete what a publish killed half-way left: its hidden temp dirs under ``OUT/generations/``
     and a temp ``latest`` link. Call it only while no publish into ``out`` runs (at start)."""
-    out, removed = Path(out), []
-    root = out / GENERATIONS
-    for p in sorted(root.glob(".gen-*")) + sorted(out.glob(f".{LATEST}-*")):
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
-        removed.append(p)
+    out = Path(out)
+    removed = remove_stale_staging(out / GENERATIONS, min_age_s=0, pattern=".gen-*")
+    for link in sorted(out.glob(f".{LATEST}-*")):
+        link.unlink(missing_ok=True)
+        removed.append(link)
     return removed
 
 
@@ -145,9 +142,8 @@ def publish(
     final = generation_dir(out, manifest.generation)
     if final.exists():
         raise MergeError(f"generation {manifest.generation} is already published at {final}")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if extra is not None:
@@ -155,15 +151,8 @@ def publish(
         listed = {"files": file_hashes(tmp), "sizes": file_sizes(tmp)}
         signed = sign_manifest(manifest.model_copy(update=listed), identity)
         write_json_atomic(tmp / MANIFEST_FILE, signed.model_dump(mode="json"))
-        for p in tmp.rglob("*"):
-            if p.is_file():
-                with open(p, "rb") as handle:
-                    os.fsync(handle.fileno())
-        tmp.chmod(0o755)  # mkdtemp made it private; a published base is for everyone to read
-        os.rename(tmp, final)
-        fsync_dir(final.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    write_dir_atomic(final, write)  # a published base is for everyone to read: world-readable
     swap_symlink(out / LATEST, final)
     logger.info("published generation %d at %s", manifest.generation, final)
     return final
