@@ -48,7 +48,7 @@ from cogen.core.corpora import known_domains
 from cogen.core.swarm import GroupStateAverager, SwarmClient
 from cogen.protocols import CheckpointSource, GroupProgress, NodeInfo
 from cogen.protocols.hashing import sha256_file
-from cogen.protocols.keys import group_prefix
+from cogen.protocols.keys import group_prefix, state_prefix
 from cogen.protocols.manifest import MANIFEST_FILE, Manifest, read_manifest
 
 logger = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def collect_expert(
     client: SwarmClient, expert: str, generation: int, base_model: str, out_dir: Path, timeout_s: float
 ) -> Path:
     """Load ``expert``'s group state from its members and save it as an expert checkpoint."""
-    prefix = group_prefix(client.cfg.swarm, expert, generation) + "_state"
+    prefix = state_prefix(group_prefix(client.cfg.swarm, expert, generation))
     averager = GroupStateAverager(
         [torch.zeros(1)], client.dht, prefix=prefix, target_group_size=2, min_matchmaking_time=1.0,
         client_mode=True, allow_state_sharing=False, start=True,
@@ -259,7 +259,7 @@ class GenerationLoop:
             return False
         experts = self._experts()
         steps: dict[str, int] = {}
-        for entry in self.client.fetch("groups"):
+        for entry in self.client.fetch(GroupProgress):
             r = entry.record
             if isinstance(r, GroupProgress) and r.generation == self.generation and r.expert in experts:
                 steps[r.expert] = max(steps.get(r.expert, 0), r.outer_step)
@@ -268,7 +268,7 @@ class GenerationLoop:
     def _experts(self) -> list[str]:
         """Experts with a node on the current generation's base."""
         return sorted({
-            e.record.expert for e in self.client.fetch("nodes")
+            e.record.expert for e in self.client.fetch(NodeInfo)
             if isinstance(e.record, NodeInfo) and e.record.generation == self.generation
             and e.record.state != "stopping"
         })  # fmt: skip
@@ -338,7 +338,7 @@ class GenerationLoop:
         if not self.published:
             return
         manifest, sha, final = self.published[-1]
-        self.client.publish("checkpoints", CheckpointSource(
+        self.client.publish(CheckpointSource(
             peer_id=self.client.peer_id, generation=manifest.generation, manifest_sha256=sha,
             url=f"{self.api_url}/checkpoints/{final.name}/", time=get_dht_time(),
         ))  # fmt: skip

@@ -260,7 +260,6 @@ class Coordinator:
         if self.generations is not None:
             self.generations.announce()
         self.client.publish(
-            "swarm",
             SwarmInfo(
                 swarm=self.cfg.network.swarm,
                 coordinator_peer_id=self.client.peer_id,

@@ -35,7 +35,7 @@ from cogen.coordinator.schemas import (
 )
 from cogen.core.periodic import PeriodicService
 from cogen.core.swarm import SwarmClient, owner_fingerprint
-from cogen.protocols import PROTOCOL_VERSION, RECORD_SCHEMAS, NodeInfo, TrainingProgress, software_version
+from cogen.protocols import PROTOCOL_VERSION, GroupProgress, NodeInfo, TrainingProgress, software_version
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +96,8 @@ class SwarmMonitor(PeriodicService):
 
     def poll(self) -> None:
         """Read the swarm's records once, update the view and rebuild what the API serves."""
-        nodes = self.client.fetch("nodes")
-        progress = self.client.fetch("progress")
+        nodes = self.client.fetch(NodeInfo)
+        progress = self.client.fetch(TrainingProgress)
         now = time.time()
         new_points: list[LossPoint] = []
         with self._lock:
@@ -108,10 +108,10 @@ class SwarmMonitor(PeriodicService):
                 assert isinstance(entry.record, NodeInfo)
                 state.info, state.online, state.expert = entry.record, True, entry.record.expert
                 state.last_seen = max(state.last_seen, entry.record.updated_at)
-            for entry in progress:
-                fp = owner_fingerprint(entry.owner)
+            for reported in progress:
+                fp = owner_fingerprint(reported.owner)
                 state = self._peers.setdefault(fp, PeerState())
-                prog = entry.record
+                prog = reported.record
                 assert isinstance(prog, TrainingProgress)
                 state.progress, state.expert = prog, prog.expert
                 state.last_seen = max(state.last_seen, prog.time)
@@ -138,9 +138,7 @@ class SwarmMonitor(PeriodicService):
     def _read_group_records(self) -> None:
         """Averaging rounds from the nodes' ``groups`` records, where this protocol version has them
         (each round once: see :mod:`cogen.coordinator.rounds`)."""
-        if "groups" not in RECORD_SCHEMAS:
-            return
-        for expert, summary in self._rounds.unseen(self.client.fetch("groups")):
+        for expert, summary in self._rounds.unseen(self.client.fetch(GroupProgress)):
             self.record_round(expert, summary)
 
     def metrics_urls(self) -> dict[str, str]:

@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cogen.protocols.keys import check_swarm_name
-from cogen.protocols.records import EXPERT_PATTERN
+from cogen.protocols.names import is_name
 
 Precision = Literal["int8", "bf16", "fp32"]
 
@@ -247,7 +247,7 @@ class NodeConfig(_Frozen):
     @classmethod
     def _expert_name(cls, value: DataConfig) -> DataConfig:
 
-        if not re.match(EXPERT_PATTERN, value.expert) and not Path(value.expert).is_dir():
+        if not is_name(value.expert) and not Path(value.expert).is_dir():
             raise ValueError(f"expert {value.expert!r} is neither a domain name nor an existing directory")
         return value
 

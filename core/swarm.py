@@ -1,8 +1,8 @@
 """A peer's handle on the swarm: a hivemind DHT with cogen's validators, and typed record I/O.
 
-Every record is stored under ``<swarm>_<kind>`` with this peer's RSA public key as subkey, so only
-this peer can write it (hivemind's ``RSASignatureValidator`` signs on store and checks on read) and
-its schema is checked by :class:`cogen.protocols.CogenRecordValidator` on every peer.
+Every record is stored under ``<swarm>_<kind>`` (its class's ``KIND``) with this peer's RSA public key
+as subkey, so only this peer can write it (hivemind's ``RSASignatureValidator`` signs on store and
+checks on read) and its schema is checked by :class:`cogen.protocols.CogenRecordValidator` on every peer.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import hivemind
 import torch
@@ -41,6 +41,7 @@ from cogen.protocols import (
     PROTOCOL_VERSION,
     IncompatibleProtocolError,
     Record,
+    SwarmInfo,
     swarm_key,
 )
 from cogen.protocols.records import RECORD_SCHEMAS
@@ -58,11 +59,11 @@ class NetworkError(RuntimeError, CommandError):
 
 
 @dataclass(frozen=True)
-class Entry:
+class Entry(Generic[R]):
     """One peer's record of some kind, as read from the DHT."""
 
     owner: bytes  # the owner's public-key subkey
-    record: Record
+    record: R
     expiration_time: float
 
 
@@ -221,12 +222,13 @@ class SwarmClient:
             logger.debug("listing connected peers timed out after %.0f s", timeout_s)
             return []
 
-    def publish(self, kind: str, record: Record, ttl_s: float | None = None) -> Future[Any]:
-        """Store ``record`` under this peer's subkey; returns a future (training never waits on it)."""
-        if not isinstance(record, RECORD_SCHEMAS[kind]):
-            raise TypeError(
-                f"{kind} records must be {RECORD_SCHEMAS[kind].__name__}, not {type(record).__name__}"
-            )
+    def publish(self, record: Record, ttl_s: float | None = None) -> Future[Any]:
+        """Store ``record`` under its kind's key and this peer's subkey; returns a future (training never
+        waits on it)."""
+        kind = getattr(type(record), "KIND", None)
+        if kind not in RECORD_SCHEMAS or RECORD_SCHEMAS[kind] is not type(record):
+            known = ", ".join(cls.__name__ for cls in RECORD_SCHEMAS.values())
+            raise TypeError(f"{type(record).__name__} is not a record of any kind; records are {known}")
         return self.dht.store(
             swarm_key(self.cfg.swarm, kind),
             record.to_wire(),
@@ -235,8 +237,9 @@ class SwarmClient:
             return_future=True,
         )
 
-    def fetch(self, kind: str) -> list[Entry]:
-        """All unexpired, valid records of ``kind`` (the DHT has already dropped invalid ones)."""
+    def fetch(self, schema: type[R]) -> list[Entry[R]]:
+        """All unexpired, valid records of ``schema``'s kind (the DHT has already dropped invalid ones)."""
+        kind = schema.KIND
         found = self.dht.get(swarm_key(self.cfg.swarm, kind), latest=True)
         if found is None or not isinstance(found.value, dict):
             return []
@@ -247,7 +250,7 @@ class SwarmClient:
             except RecordRejected as e:  # defensive: never let one bad record break a reader
                 logger.debug("skipping a %s record: %s", kind, e)
                 continue
-            if isinstance(owner, bytes):
+            if isinstance(owner, bytes) and isinstance(record, schema):
                 entries.append(Entry(owner=owner, record=record, expiration_time=item.expiration_time))
         return entries
 
@@ -276,7 +279,7 @@ async def _connected_maddrs(_dht: hivemind.DHT, node: Any) -> list[str]:
 
 def check_compatible(client: SwarmClient) -> None:
     """Raise :class:`IncompatibleProtocolError` if the swarm's coordinator speaks another protocol."""
-    found = client.dht.get(swarm_key(client.cfg.swarm, "swarm"), latest=True)
+    found = client.dht.get(swarm_key(client.cfg.swarm, SwarmInfo.KIND), latest=True)
     if found is None or not isinstance(found.value, dict):
         return
     for item in found.value.values():

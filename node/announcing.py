@@ -58,5 +58,5 @@ class NodeAnnouncing(NodeState):
             entry.owner != self.client.owner and isinstance(entry.record, NodeInfo)
             and entry.record.expert == self.expert and entry.record.state != "stopping"
             and entry.record.generation == self.generation
-            for entry in self.client.fetch("nodes")
+            for entry in self.client.fetch(NodeInfo)
         )  # fmt: skip

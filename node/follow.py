@@ -139,9 +139,7 @@ class BaseFollower(PeriodicService):
 
     def _trust(self) -> tuple[str | None, set[bytes]]:
         """The trusted key and the owners of the SwarmInfo records that announce it (the coordinator)."""
-        infos = [
-            e for e in self.client.fetch("swarm") if isinstance(e.record, SwarmInfo) and e.record.manifest_key
-        ]
+        infos = [e for e in self.client.fetch(SwarmInfo) if e.record.manifest_key]
         key = self.pinned_key
         if not key:
             keys = {e.record.manifest_key for e in infos if isinstance(e.record, SwarmInfo)}
@@ -170,7 +168,7 @@ class BaseFollower(PeriodicService):
         self._announce_served()
         announced = [
             (e.owner, e.record)
-            for e in self.client.fetch("checkpoints")
+            for e in self.client.fetch(CheckpointSource)
             if isinstance(e.record, CheckpointSource) and e.record.generation > self.generation
         ]
         if not announced:
@@ -234,7 +232,6 @@ class BaseFollower(PeriodicService):
             return
         base = self._served[-1]
         self.client.publish(
-            "checkpoints",
             CheckpointSource(
                 peer_id=self.client.peer_id,
                 generation=base.generation,

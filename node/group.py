@@ -34,6 +34,7 @@ from cogen.core.swarm import GroupStateAverager
 from cogen.node.group_state import GroupState
 from cogen.node.wire import RoundVerifier, all_finite, estimate_bytes_sent, wire_compression
 from cogen.protocols import RoundReport
+from cogen.protocols.keys import delta_prefix, state_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -92,14 +93,14 @@ class GroupAverager(GroupState):
         self.delta_averager = DecentralizedAverager(
             delta,
             dht,
-            prefix=f"{prefix}_delta",
+            prefix=delta_prefix(prefix),
             compression=self.compression,
             allow_state_sharing=False,
             **common,
         )
         try:
             self.state_averager = GroupStateAverager(
-                [*self.anchor, *self.momentum], dht, prefix=f"{prefix}_state", compression=NoCompression(),
+                [*self.anchor, *self.momentum], dht, prefix=state_prefix(prefix), compression=NoCompression(),
                 state_compression=NoCompression(), metadata=self._state_metadata,
                 allow_state_sharing=not dht.client_mode,  # behind NAT nobody can download from this member
                 **common,

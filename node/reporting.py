@@ -90,7 +90,7 @@ class NodeReporter(PeriodicService):
 
     def publish_group(self, progress: GroupProgress) -> None:
         self._group = progress
-        self.client.publish("groups", progress)
+        self.client.publish(progress)
 
     def tick(self) -> None:
         # after a partition hivemind forgets the peers it lost: ping the initial ones back into view
@@ -98,11 +98,11 @@ class NodeReporter(PeriodicService):
         self._publish()
         group = self._group
         if group is not None:
-            self.client.publish("groups", group)
+            self.client.publish(group)
 
     def _publish(self) -> None:
         with self._lock:  # the training thread and the renewal thread may both publish
-            self.client.publish("nodes", self.node_info(self.state))
+            self.client.publish(self.node_info(self.state))
             if self.claim is not None:
                 renew_claim(self.client, self.expert, self.claim[0], self.claim[1], self.ttl_s)
 
@@ -114,7 +114,7 @@ class NodeReporter(PeriodicService):
     def report(self, step: int, samples: int, tokens: int, skipped: int, peak: int) -> None:
         """Log one summary line and publish TrainingProgress for the steps since the last report."""
         loss, rate = self.window.close()
-        self.client.publish("progress", TrainingProgress(
+        self.client.publish(TrainingProgress(
             peer_id=self.client.peer_id, expert=self.expert, step=step, samples=samples, tokens=tokens,
             loss=loss, samples_per_second=rate, peak_memory_bytes=peak, rss_bytes=current_memory_bytes(),
             gpu_memory_bytes=gpu_memory_bytes(), time=get_dht_time(),

@@ -17,7 +17,6 @@ records and summaries (:mod:`~cogen.node.announcing`), the base and the group
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from pathlib import Path
@@ -40,6 +39,7 @@ from cogen.node.resume import batches_to_skip, data_fingerprint, find_state
 from cogen.node.shards import claim_shard
 from cogen.node.trainer import ExpertTrainer
 from cogen.node.training import NodeResult, TrainingLoop
+from cogen.protocols.names import is_name, slug
 
 logger = logging.getLogger(__name__)
 
@@ -53,10 +53,7 @@ class DataError(RuntimeError, CommandError):
 
 def expert_name(expert: str) -> str:
     """The expert's name on the wire: the domain name, or a slug of a data directory's name."""
-    if re.fullmatch(r"[a-z0-9][a-z0-9_\-]{0,63}", expert):
-        return expert
-    slug = re.sub(r"[^a-z0-9_\-]+", "-", Path(expert).name.lower()).strip("-_")[:64]
-    return slug or "custom"
+    return expert if is_name(expert) else slug(Path(expert).name, "custom")
 
 
 class ExpertNode(TrainingLoop):

@@ -16,7 +16,7 @@ def _taken(client: SwarmClient, expert: str, num_shards: int, previous: str | No
     """shard -> fingerprint of the other peer claiming it (not this node's own claim from before a
     restart: the peer id ``previous``)."""
     taken: dict[int, str] = {}
-    for entry in client.fetch("shards"):
+    for entry in client.fetch(ShardClaim):
         claim = entry.record
         if not isinstance(claim, ShardClaim) or entry.owner == client.owner or claim.peer_id == previous:
             continue
@@ -38,7 +38,7 @@ def renew_claim(client: SwarmClient, expert: str, shard: int, num_shards: int, t
     """(Re)publish this node's claim on ``shard``; a node renews it as often as it announces itself, so
     the claim lives as long as the node does (not only one record lifetime)."""
     claim = ShardClaim(peer_id=client.peer_id, expert=expert, shard=shard, num_shards=num_shards)
-    client.publish("shards", claim, ttl_s)
+    client.publish(claim, ttl_s)
 
 
 def claim_shard(
@@ -62,7 +62,7 @@ def claim_shard(
     shard = _first_free(start, num_shards, _taken(client, expert, num_shards, previous))
     for _ in range(rounds):
         claim = ShardClaim(peer_id=client.peer_id, expert=expert, shard=shard, num_shards=num_shards)
-        client.publish("shards", claim, ttl_s).result()
+        client.publish(claim, ttl_s).result()
         time.sleep(settle_s)
         taken = _taken(client, expert, num_shards, previous)
         rival = taken.get(shard)

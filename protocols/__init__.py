@@ -1,8 +1,10 @@
 """The wire: what cogen peers say to each other on the DHT.
 
 - ``version.py``    — protocol version, software version, :class:`IncompatibleProtocolError`
-- ``keys.py``       — swarm-prefixed DHT keys
-- ``records.py``    — strict pydantic v2 record schemas (:class:`NodeInfo`, :class:`TrainingProgress`, ...)
+- ``names.py``      — the rule for swarm and expert names (they end up in DHT keys)
+- ``keys.py``       — swarm-prefixed DHT keys, each format in one place (record kinds, group averagers)
+- ``records.py``    — strict pydantic v2 record schemas (:class:`NodeInfo`, :class:`TrainingProgress`, ...),
+  each naming its key kind (``NodeInfo.KIND``)
 - ``manifest.py``   — the signed manifest of a published base and :func:`verify_manifest`
 - ``hashing.py``    — the sha256 of a file and of every file of a directory (one helper for all)
 - ``ranking.py``    — :class:`Ranking`: a generation's expert ranking as the manifest and the API carry it

@@ -1,40 +1,51 @@
-"""DHT keys. Every key is prefixed with the swarm's name, so swarms can share one DHT."""
+"""DHT keys, each format written once. Every key is prefixed with the swarm's name, so swarms can share
+one DHT:
+
+- ``<swarm>_<kind>``: the records of one kind (``NodeInfo.KIND`` etc.), one subkey per owner
+- ``<swarm>_<expert>_g<generation>``: an expert group's averagers on one generation's base, the
+  pseudo-gradients' under ``<group>_delta``, the exactly averaged and shared state under ``<group>_state``
+"""
 
 from __future__ import annotations
 
-import re
 from typing import Final
 
-SWARM_NAME_RE: Final = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,63}$")
+from cogen.protocols.names import NAME_RULE, is_name
+from cogen.protocols.records import RECORD_SCHEMAS
 
-#: key suffix -> what lives there (one subkey per owner, signed by that owner)
-NODES: Final = "nodes"
-PROGRESS: Final = "progress"
-SWARM: Final = "swarm"
-SHARDS: Final = "shards"
-GROUPS: Final = "groups"
-CHECKPOINTS: Final = "checkpoints"
-KEY_KINDS: Final = (NODES, PROGRESS, SWARM, SHARDS, GROUPS, CHECKPOINTS)
+#: the suffixes of a group's two averagers (see :func:`delta_prefix`, :func:`state_prefix`)
+DELTA_SUFFIX: Final = "_delta"
+STATE_SUFFIX: Final = "_state"
 
 
 def check_swarm_name(name: str) -> str:
     """Return ``name`` if it is a valid swarm name, else raise ``ValueError``."""
-    if not SWARM_NAME_RE.match(name):
-        raise ValueError(
-            f"invalid swarm name {name!r}: use 1-64 characters of a-z, 0-9, '_' and '-', starting with a "
-            "letter or digit"
-        )
+    if not is_name(name):
+        raise ValueError(f"invalid swarm name {name!r}: use {NAME_RULE}")
     return name
-
-
-def group_prefix(swarm: str, expert: str, generation: int) -> str:
-    """The averagers' DHT prefix of an expert group on one generation's base (members on different
-    bases never average together; the coordinator loads a group's state under ``<prefix>_state``)."""
-    return f"{check_swarm_name(swarm)}_{expert}_g{generation}"
 
 
 def swarm_key(swarm: str, kind: str) -> str:
     """The DHT key of ``kind`` records in ``swarm``, e.g. ``swarm_key("cogen", "nodes") == "cogen_nodes"``."""
-    if kind not in KEY_KINDS:
-        raise ValueError(f"unknown record kind {kind!r}; known: {', '.join(KEY_KINDS)}")
+    if kind not in RECORD_SCHEMAS:
+        raise ValueError(f"unknown record kind {kind!r}; known: {', '.join(RECORD_SCHEMAS)}")
     return f"{check_swarm_name(swarm)}_{kind}"
+
+
+def group_prefix(swarm: str, expert: str, generation: int) -> str:
+    """The DHT prefix of an expert group on one generation's base (members on different bases never
+    average together); its averagers add :data:`DELTA_SUFFIX` and :data:`STATE_SUFFIX`."""
+    if not is_name(expert):
+        raise ValueError(f"invalid expert name {expert!r}: use {NAME_RULE}")
+    return f"{check_swarm_name(swarm)}_{expert}_g{generation}"
+
+
+def delta_prefix(group: str) -> str:
+    """The averager prefix of the pseudo-gradients of the group at ``group`` (:func:`group_prefix`)."""
+    return group + DELTA_SUFFIX
+
+
+def state_prefix(group: str) -> str:
+    """The averager prefix of the group's shared state: what a joining node, or the coordinator
+    collecting the expert, loads."""
+    return group + STATE_SUFFIX

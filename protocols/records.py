@@ -1,20 +1,22 @@
 """Record schemas: what peers publish on the DHT.
 
-Each record is a strict, frozen pydantic v2 model. Values travel as msgpack dicts (never pickle)
-under a swarm-prefixed key, with the owner's public key as subkey and the owner's RSA signature
-appended by hivemind's ``RSASignatureValidator``; :mod:`cogen.protocols.validation` checks them.
+Each record is a strict, frozen pydantic v2 model. Its class names its *kind* (``NodeInfo.KIND ==
+"nodes"``), the suffix of the swarm-prefixed DHT key it lives under
+(:func:`cogen.protocols.keys.swarm_key`). Values travel as msgpack dicts (never pickle) under that key,
+with the owner's public key as subkey and the owner's RSA signature appended by hivemind's
+``RSASignatureValidator``; :mod:`cogen.protocols.validation` checks them.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from cogen.protocols.names import NAME_PATTERN
 from cogen.protocols.version import PROTOCOL_VERSION
 
-EXPERT_PATTERN = r"^[a-z0-9][a-z0-9_\-]{0,63}$"
 # libp2p peer ids are base58 multihashes, e.g. 12D3KooW...
 PEER_ID_PATTERN = r"^[1-9A-HJ-NP-Za-km-z]{20,128}$"
 
@@ -28,7 +30,7 @@ def _finite(value: float) -> float:
 Finite = Annotated[float, AfterValidator(_finite)]
 NonNegativeFinite = Annotated[Finite, Field(ge=0.0)]
 PeerId = Annotated[str, Field(pattern=PEER_ID_PATTERN)]
-ExpertName = Annotated[str, Field(pattern=EXPERT_PATTERN)]
+ExpertName = Annotated[str, Field(pattern=NAME_PATTERN)]
 Precision = Literal["int8", "bf16", "fp32"]
 
 
@@ -36,6 +38,9 @@ class Record(BaseModel):
     """Base of all DHT records: strict types, no extra fields, immutable, versioned."""
 
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    #: the key kind this record class lives under (every concrete record class sets it)
+    KIND: ClassVar[str]
 
     protocol_version: int = Field(default=PROTOCOL_VERSION, ge=0, description="cogen wire protocol version")
 
@@ -61,6 +66,8 @@ class Hardware(BaseModel):
 class NodeInfo(Record):
     """A node announces itself: who it is, which expert it trains, on what."""
 
+    KIND: ClassVar[str] = "nodes"
+
     peer_id: PeerId
     expert: ExpertName
     hardware: Hardware
@@ -84,6 +91,8 @@ class NodeInfo(Record):
 class TrainingProgress(Record):
     """A node's training progress on its expert."""
 
+    KIND: ClassVar[str] = "progress"
+
     peer_id: PeerId
     expert: ExpertName
     step: int = Field(ge=0, description="inner steps done")
@@ -105,6 +114,8 @@ class TrainingProgress(Record):
 class SwarmInfo(Record):
     """The coordinator's announcement of the swarm it runs."""
 
+    KIND: ClassVar[str] = "swarm"
+
     swarm: str = Field(max_length=64)
     coordinator_peer_id: PeerId
     api_url: str | None = Field(default=None, max_length=256)
@@ -118,6 +129,8 @@ class SwarmInfo(Record):
 
 class ShardClaim(Record):
     """A node claims a data shard of its expert's domain, so group members read different data."""
+
+    KIND: ClassVar[str] = "shards"
 
     peer_id: PeerId
     expert: ExpertName
@@ -151,6 +164,8 @@ class RoundReport(BaseModel):
 class GroupProgress(Record):
     """A group member's view of its expert group's outer steps."""
 
+    KIND: ClassVar[str] = "groups"
+
     peer_id: PeerId
     expert: ExpertName
     outer_step: int = Field(ge=0)
@@ -168,6 +183,8 @@ class CheckpointSource(Record):
     Trust does not come from this record: whoever downloads checks the manifest's signature and every
     file's sha256 (:func:`cogen.protocols.manifest.verify_manifest`)."""
 
+    KIND: ClassVar[str] = "checkpoints"
+
     peer_id: PeerId
     generation: int = Field(ge=1)
     manifest_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
@@ -175,12 +192,8 @@ class CheckpointSource(Record):
     time: NonNegativeFinite
 
 
-#: which record schema lives under which key kind (see :mod:`cogen.protocols.keys`)
+#: every record class by its kind (see :mod:`cogen.protocols.keys`)
 RECORD_SCHEMAS: dict[str, type[Record]] = {
-    "nodes": NodeInfo,
-    "progress": TrainingProgress,
-    "swarm": SwarmInfo,
-    "shards": ShardClaim,
-    "groups": GroupProgress,
-    "checkpoints": CheckpointSource,
+    cls.KIND: cls
+    for cls in (NodeInfo, TrainingProgress, SwarmInfo, ShardClaim, GroupProgress, CheckpointSource)
 }

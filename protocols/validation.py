@@ -30,7 +30,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 from pydantic import ValidationError
 
 from cogen.protocols.keys import swarm_key
-from cogen.protocols.records import RECORD_SCHEMAS, Record
+from cogen.protocols.records import RECORD_SCHEMAS, Record, SwarmInfo
 from cogen.protocols.version import PROTOCOL_VERSION
 
 logger = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class CogenRecordValidator(RecordValidatorBase):
 
 #: kinds whose records are kept even from another protocol version (only their envelope is checked),
 #: so that a joining peer can tell the user which version the swarm speaks instead of seeing nothing
-ENVELOPE_ON_MISMATCH = frozenset({"swarm"})
+ENVELOPE_ON_MISMATCH = frozenset({SwarmInfo.KIND})
 
 
 def check_record(kind: str, subkey: bytes, value: bytes) -> Record | None:

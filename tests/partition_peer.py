@@ -24,9 +24,9 @@ def main() -> None:
         info = SwarmInfo(
             swarm="part", coordinator_peer_id=peer, software_version="0", started_at=now, updated_at=now
         )
-        client.publish("swarm", info)
+        client.publish(info)
         client.reconnect(client.cfg.initial_peers)  # what NodeReporter.tick does every third of the TTL
-        others = [e for e in client.fetch("swarm") if e.owner != client.owner]
+        others = [e for e in client.fetch(SwarmInfo) if e.owner != client.owner]
         print(f"sees {len(others)}", flush=True)
         time.sleep(1.0)
 

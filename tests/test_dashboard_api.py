@@ -94,14 +94,14 @@ def _poll_until(monitor: SwarmMonitor, condition: Any, what: str) -> Any:
 
 def test_api_serves_peers_groups_alerts_and_survives_a_restart(dht, tmp_path: Path) -> None:
     host, medical, legal = dht
-    medical.publish("nodes", node_info(medical, "medical")).result()
-    legal.publish("nodes", node_info(legal, "legal", version="0.0.1-old")).result()
+    medical.publish(node_info(medical, "medical")).result()
+    legal.publish(node_info(legal, "legal", version="0.0.1-old")).result()
     history = History(tmp_path / "history.sqlite3")
     monitor = SwarmMonitor(host, poll_interval_s=0.2, stale_after_s=60, history=history)
     for step, loss in enumerate([3.0, 2.5, math.nan], start=1):
         memory = {"rss_bytes": 300 << 20, "gpu_memory_bytes": 5 << 30}
-        medical.publish("progress", progress(medical, "medical", step, loss, **memory)).result()
-        legal.publish("progress", progress(legal, "legal", step, 4.0 - step)).result()
+        medical.publish(progress(medical, "medical", step, loss, **memory)).result()
+        legal.publish(progress(legal, "legal", step, 4.0 - step)).result()
         _poll_until(monitor, lambda v, s=step: all(p.step == s for p in v.snapshot.peers) and len(
             v.snapshot.peers) == 2, f"progress step {step}")  # fmt: skip
         time.sleep(0.01)  # DHT time must move on between two reports of one peer
@@ -171,10 +171,10 @@ def test_rounds_of_each_generation_are_kept_apart(dht, tmp_path: Path) -> None:
     host, medical, _ = dht
     history = History(tmp_path / "history.sqlite3")
     monitor = SwarmMonitor(host, poll_interval_s=0.2, history=history)
-    medical.publish("nodes", node_info(medical, "code")).result()
+    medical.publish(node_info(medical, "code")).result()
     expected = [(0, 1), (0, 2), (1, 1)]
     for generation, step in expected:  # what one member reports as its group moves on to generation 1
-        medical.publish("groups", group_progress(medical, "code", generation, step)).result()
+        medical.publish(group_progress(medical, "code", generation, step)).result()
         _poll_until(monitor, lambda v, g=generation, s=step: any(
             r.last_round and (r.last_round.generation, r.last_round.outer_step) == (g, s)
             for r in v.groups if r.expert == "code"

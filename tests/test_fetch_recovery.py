@@ -193,14 +193,14 @@ def _announce(client: SwarmClient, source: CheckpointSource, manifest_key: str |
             swarm=client.cfg.swarm, coordinator_peer_id=client.peer_id, manifest_key=manifest_key,
             software_version="test", started_at=time.time(), updated_at=time.time(),
         )  # fmt: skip
-        client.publish("swarm", info).result()
-    client.publish("checkpoints", source.model_copy(update={"peer_id": client.peer_id})).result()
+        client.publish(info).result()
+    client.publish(source.model_copy(update={"peer_id": client.peer_id})).result()
 
 
 def _visible(host: SwarmClient, sources: int) -> None:
     """Wait until ``host`` reads the coordinator's SwarmInfo and all ``sources`` announcements."""
     wait_for(
-        lambda: host.fetch("swarm") and len(host.fetch("checkpoints")) == sources,
+        lambda: host.fetch(SwarmInfo) and len(host.fetch(CheckpointSource)) == sources,
         30,
         "the records are visible",
     )

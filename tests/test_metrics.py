@@ -40,12 +40,12 @@ def monitor() -> Iterator[SwarmMonitor]:
         now = time.time()
         hw = Hardware(device="cpu", device_name="cpu", memory_bytes=1, cpu_count=1,
                       supports_bf16=False, supports_fp16=False, supports_int8=True)  # fmt: skip
-        client.publish("nodes", NodeInfo(
+        client.publish(NodeInfo(
             peer_id=client.peer_id, expert="code", hardware=hw, software_version=software_version(),
             model="tiny", precision="int8", shard=0, num_shards=1, state="training", started_at=now,
             updated_at=now,
         )).result()  # fmt: skip
-        client.publish("progress", TrainingProgress(
+        client.publish(TrainingProgress(
             peer_id=client.peer_id, expert="code", step=3, samples=6, tokens=192, loss=2.5,
             samples_per_second=7.5, peak_memory_bytes=1, time=get_dht_time(),
         )).result()  # fmt: skip

@@ -13,11 +13,20 @@ from cogen.core.config import NetworkConfig
 from cogen.core.swarm import SwarmClient, check_compatible
 from cogen.protocols import (
     PROTOCOL_VERSION,
+    RECORD_SCHEMAS,
+    CheckpointSource,
+    GroupProgress,
     Hardware,
     NodeInfo,
+    Record,
+    ShardClaim,
+    SwarmInfo,
     TrainingProgress,
+    check_swarm_name,
     swarm_key,
 )
+from cogen.protocols.keys import delta_prefix, group_prefix, state_prefix
+from cogen.protocols.names import is_name, slug
 from cogen.protocols.validation import RecordRejected, check_record, parse_record
 
 PEER = "12D3KooWGdMLJpgWr9AtogxkNPTRuP3WN2fdpN7Tmknw3J36TJfd"
@@ -142,6 +151,50 @@ def test_swarm_keys_are_prefixed_and_names_checked() -> None:
         swarm_key("lab", "secrets")
 
 
+def test_each_record_class_names_its_kind_and_each_key_format_is_written_once() -> None:
+    assert {
+        "nodes": NodeInfo, "progress": TrainingProgress, "swarm": SwarmInfo, "shards": ShardClaim,
+        "groups": GroupProgress, "checkpoints": CheckpointSource,
+    } == RECORD_SCHEMAS  # fmt: skip
+    assert all(kind == cls.KIND for kind, cls in RECORD_SCHEMAS.items())
+    assert swarm_key("lab-1", TrainingProgress.KIND) == "lab-1_progress"
+    group = group_prefix("lab-1", "medical", 3)
+    assert (group, delta_prefix(group), state_prefix(group)) == (
+        "lab-1_medical_g3", "lab-1_medical_g3_delta", "lab-1_medical_g3_state",
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="invalid expert name"):
+        group_prefix("lab-1", "Medical!", 3)
+
+
+@pytest.mark.parametrize(
+    ("name", "ok"),
+    [("medical", True), ("a", True), ("x" * 64, True), ("0-code_2", True), ("x" * 65, False),
+     ("-lead", False), ("_lead", False), ("Upper", False), ("sp ace", False), ("", False),
+     ("trailing\n", False)],
+)  # fmt: skip
+def test_one_rule_for_swarm_and_expert_names(name: str, ok: bool) -> None:
+    """The same rule holds in the name check, the record schemas and the key builder."""
+    assert is_name(name) is ok
+    record_ok = True
+    try:
+        parse_record("progress", progress(expert=name))
+    except RecordRejected:
+        record_ok = False
+    assert record_ok is ok
+    if ok:
+        assert check_swarm_name(name) == name
+    else:
+        with pytest.raises(ValueError, match="invalid swarm name"):
+            check_swarm_name(name)
+    assert is_name(slug(name, "custom"))
+
+
+def test_a_free_text_becomes_a_name() -> None:
+    assert slug("My Notes (2024)", "custom") == "my-notes-2024"
+    assert slug("???", "custom") == "custom"
+    assert len(slug("a" * 100, "custom")) == 64
+
+
 @pytest.fixture(scope="module")
 def two_peers() -> Iterator[tuple[SwarmClient, SwarmClient]]:
     first = SwarmClient(NetworkConfig(swarm="unit", host="127.0.0.1"))
@@ -158,8 +211,8 @@ def two_peers() -> Iterator[tuple[SwarmClient, SwarmClient]]:
 def test_signed_records_travel_between_real_peers(two_peers: tuple[SwarmClient, SwarmClient]) -> None:
     first, second = two_peers
     record = parse_record("progress", progress())
-    assert first.publish("progress", record).result() is True
-    entries = second.fetch("progress")
+    assert first.publish(record).result() is True
+    entries = second.fetch(TrainingProgress)
     assert [(e.owner, e.record) for e in entries] == [(first.owner, record)]
     check_compatible(second)  # no announcement yet: nothing to refuse
 
@@ -171,13 +224,19 @@ def test_forged_and_malformed_records_are_not_stored(two_peers: tuple[SwarmClien
     assert second.dht.store(key, node_info(), expiry, subkey=first.owner) is False
     # second writes a malformed record under its own key: signed, but the schema check refuses it
     assert second.dht.store(key, node_info(shard="3"), expiry, subkey=second.owner) is False
-    assert first.fetch("nodes") == [] and second.fetch("nodes") == []
+    assert first.fetch(NodeInfo) == [] and second.fetch(NodeInfo) == []
     # a well-formed one is accepted
     info = parse_record("nodes", node_info())
-    assert second.publish("nodes", info).result() is True
-    assert [e.owner for e in first.fetch("nodes")] == [second.owner]
+    assert second.publish(info).result() is True
+    assert [e.owner for e in first.fetch(NodeInfo)] == [second.owner]
 
 
 def test_publish_checks_the_record_type(two_peers: tuple[SwarmClient, SwarmClient]) -> None:
-    with pytest.raises(TypeError, match="progress records must be TrainingProgress"):
-        two_peers[0].publish("progress", parse_record("nodes", node_info()))
+    """A record's kind (its key) comes from its class: what is not a record of a kind is not published."""
+
+    class Unkeyed(Record):
+        note: str
+
+    for value in (hardware(), Unkeyed(note="x")):
+        with pytest.raises(TypeError, match=f"{type(value).__name__} is not a record of any kind"):
+            two_peers[0].publish(value)  # type: ignore[arg-type]

@@ -123,10 +123,10 @@ def test_a_node_keeps_its_shard_claim_alive_and_announces_its_current_base(tmp_p
         deadline = time.monotonic() + 12
         while time.monotonic() < deadline:
             time.sleep(5 / 3)
-            claims = [e.record for e in other.fetch("shards") if isinstance(e.record, ShardClaim)]
+            claims = [e.record for e in other.fetch(ShardClaim) if isinstance(e.record, ShardClaim)]
             assert [c.shard for c in claims] == [node.shard], claims
         assert claim_shard(other, "medical", 4, 5.0, settle_s=0.2, preferred=node.shard) != node.shard
-        (info,) = [e.record for e in other.fetch("nodes") if isinstance(e.record, NodeInfo)]
+        (info,) = [e.record for e in other.fetch(NodeInfo) if isinstance(e.record, NodeInfo)]
         assert info.generation == 1 and info.model == base.name and info.state == "averaging", info
     finally:
         if reporter is not None:

@@ -17,7 +17,7 @@ from cogen.core.config import NetworkConfig
 from cogen.core.exit_codes import ExitCode
 from cogen.core.procs import tail, wait_for
 from cogen.core.swarm import SwarmClient
-from cogen.protocols import swarm_key
+from cogen.protocols import NodeInfo, ShardClaim, SwarmInfo, TrainingProgress, swarm_key
 
 pytestmark = pytest.mark.slow
 
@@ -105,14 +105,14 @@ def test_malformed_records_do_not_crash_anyone(peers: Peers) -> None:
     )
     try:
         expiry = get_dht_time() + 30
-        for kind in ("nodes", "progress", "swarm", "shards"):
-            key = swarm_key(peers.swarm, kind)
+        for schema in (NodeInfo, TrainingProgress, SwarmInfo, ShardClaim):
+            key = swarm_key(peers.swarm, schema.KIND)
             rogue.store(key, {"protocol_version": 1, "peer_id": 42}, expiry, subkey=b"no-owner")
             rogue.store(key, b"\xff\x00not msgpack", expiry, subkey=b"[owner:ssh-rsa AAAA]")
             rogue.store(key, [1, 2, 3], expiry)
         victim_owner = SwarmClient(NetworkConfig(swarm="other", host="127.0.0.1")).owner
         forger.dht.store(
-            swarm_key(peers.swarm, "nodes"), {"protocol_version": 1}, expiry, subkey=victim_owner
+            swarm_key(peers.swarm, NodeInfo.KIND), {"protocol_version": 1}, expiry, subkey=victim_owner
         )
         # everyone keeps running and the view holds only the real node
         deadline = time.monotonic() + 5
@@ -122,7 +122,7 @@ def test_malformed_records_do_not_crash_anyone(peers: Peers) -> None:
             for name, proc in peers.procs.items():
                 assert proc.poll() is None, f"{name} died:\n{tail(peers.log(name))}"
             time.sleep(0.5)
-        assert forger.fetch("nodes") and all(e.record.expert == "code" for e in forger.fetch("nodes"))
+        assert forger.fetch(NodeInfo) and all(e.record.expert == "code" for e in forger.fetch(NodeInfo))
     finally:
         rogue.shutdown()
         forger.shutdown()
@@ -133,7 +133,7 @@ def test_node_refuses_a_swarm_on_another_protocol_version(peers: Peers, tmp_path
     host = SwarmClient(NetworkConfig(swarm=peers.swarm, host="127.0.0.1"))
     try:
         host.dht.store(
-            swarm_key(peers.swarm, "swarm"),
+            swarm_key(peers.swarm, SwarmInfo.KIND),
             {"protocol_version": 999, "software_version": "9.9.9"},
             get_dht_time() + 60,
             subkey=host.owner,

@@ -138,9 +138,9 @@ def fill_dht(n_peers: int, n_dhts: int) -> list[hivemind.DHT]:
         owner = RSASignatureValidator(key).local_public_key
         info, prog = records(i)
         dht = dhts[i % n_dhts]
-        for kind, rec in (("nodes", info), ("progress", prog)):
+        for rec in (info, prog):
             futures.append(
-                dht.store(swarm_key(SWARM, kind), rec.to_wire(), expiry, subkey=owner, return_future=True)
+                dht.store(swarm_key(SWARM, rec.KIND), rec.to_wire(), expiry, subkey=owner, return_future=True)
             )
     stored = sum(bool(f.result()) for f in futures)
     print(f"stored {stored}/{len(futures)} signed records in {time.monotonic() - t0:.1f} s", flush=True)
