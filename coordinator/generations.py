@@ -25,7 +25,6 @@ collected and merged again under the same number.
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 import threading
 import time
@@ -46,7 +45,14 @@ from cogen.core.checkpoint import AdapterMetadata, save_adapter_tensors
 from cogen.core.config import CoordinatorConfig, MergeConfig
 from cogen.core.corpora import known_domains
 from cogen.core.swarm import GroupStateAverager, SwarmClient
-from cogen.protocols import CheckpointSource, GroupProgress, NodeInfo
+from cogen.protocols import (
+    CheckpointSource,
+    GroupProgress,
+    GroupStateInfo,
+    GroupStateRejected,
+    NodeInfo,
+    parse_group_state,
+)
 from cogen.protocols.hashing import sha256_file
 from cogen.protocols.keys import group_prefix, state_prefix
 from cogen.protocols.manifest import MANIFEST_FILE, Manifest, read_manifest
@@ -75,37 +81,41 @@ def collect_expert(
         averager.shutdown()
     if loaded is None:
         raise CollectError(f"no member of {expert!r} shared its state within {timeout_s:.0f} s")
-    metadata, tensors = loaded[0], list(loaded[1])
-    tensors_by_name = _adapter_tensors(expert, metadata, tensors)
-    if _count(metadata, "outer_step") == 0:  # the group state is still its initial adapter: nothing to merge
+    return save_group_state(expert, generation, base_model, loaded[0], list(loaded[1]), out_dir)
+
+
+def save_group_state(
+    expert: str, generation: int, base_model: str, metadata: Any, tensors: list[torch.Tensor], out_dir: Path
+) -> Path:
+    """Save a group's downloaded state (its :class:`GroupStateInfo` metadata and tensors) as the expert
+    checkpoint ``out_dir/<expert>``; raises :class:`CollectError` (one line) on a state that is not a
+    valid one of ``expert``'s group on ``generation``."""
+    try:
+        info = parse_group_state(metadata)
+    except GroupStateRejected as e:
+        raise CollectError(f"{expert}: refused its group state: {e}") from None
+    if (info.expert, info.generation) != (expert, generation):
+        raise CollectError(
+            f"{expert}: the group state says it is {info.expert!r} on generation {info.generation}, "
+            f"not generation {generation}"
+        )
+    tensors_by_name = _adapter_tensors(expert, info, tensors)
+    if info.outer_step == 0:  # the group state is still its initial adapter: nothing to merge
         raise CollectError(f"{expert!r} has not applied its first outer step yet")
     meta = AdapterMetadata(
-        expert=expert,
-        base_model=base_model,
-        precision=str(metadata.get("precision", "int8"))[:16],
-        steps=_count(metadata, "steps"),
-        samples=_count(metadata, "samples"),
-        tokens=_count(metadata, "tokens"),
-        train_loss=_loss(metadata.get("train_loss")),
-        first_loss=_loss(metadata.get("first_loss")),
-        outer_step=_count(metadata, "outer_step"),
-    )
-    config = metadata["adapter_config"]
-    config["base_model_name_or_path"] = base_model
+        expert=expert, base_model=base_model, precision=info.precision,
+        steps=info.steps, samples=info.samples, tokens=info.tokens,
+        train_loss=info.train_loss, first_loss=info.first_loss, outer_step=info.outer_step,
+    )  # fmt: skip
+    config = {**info.adapter_config, "base_model_name_or_path": base_model}
     return save_adapter_tensors(tensors_by_name, config, out_dir / expert, meta)
 
 
-def _adapter_tensors(expert: str, metadata: Any, tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+def _adapter_tensors(
+    expert: str, info: GroupStateInfo, tensors: list[torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """The anchor half of the state, keyed by PEFT's saved names; refuses anything that is not that."""
-    if not isinstance(metadata, dict):
-        raise CollectError(f"{expert}: the group state carries no metadata")
-    names, config = metadata.get("names"), metadata.get("adapter_config")
-    if (
-        not isinstance(names, list)
-        or not all(isinstance(n, str) for n in names)
-        or not isinstance(config, dict)
-    ):
-        raise CollectError(f"{expert}: the group state does not describe its adapter")
+    names = info.names
     if len(tensors) != 2 * len(names):  # anchors, then the outer momenta
         raise CollectError(f"{expert}: {len(tensors)} tensors for {len(names)} parameters")
     out = {}
@@ -116,15 +126,6 @@ def _adapter_tensors(expert: str, metadata: Any, tensors: list[torch.Tensor]) ->
             raise CollectError(f"{expert}: {name} holds NaN or Inf")
         out[name.replace(".default.", ".")] = tensor.detach().float().contiguous()
     return out
-
-
-def _count(metadata: dict[str, Any], key: str) -> int:
-    value = metadata.get(key)
-    return value if isinstance(value, int) and value >= 0 else 0
-
-
-def _loss(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
 def summarize(manifest: Manifest, manifest_sha256: str) -> GenerationSummary:

@@ -74,7 +74,7 @@ class GroupAverager(GroupState):
         self.last_round: RoundReport | None = None
         self._samples_at_anchor = 0
         self._pending: _Pending | None = None
-        self.state_info = {}
+        self.state_info = None
         self.compression = wire_compression(cfg.compression, cfg.compression_threshold)
         with torch.no_grad():
             self.anchor = [p.detach().float().cpu().clone() for p in self.params]

@@ -30,6 +30,7 @@ from hivemind.averaging.control import AveragingStage
 
 from cogen.core.config import GroupConfig
 from cogen.core.swarm import GroupStateAverager
+from cogen.protocols import GroupStateInfo
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ class GroupState:
     state_averager: GroupStateAverager
     #: what else a peer loading the group's state learns (the node: parameter names, adapter config,
     #: training counters), so the coordinator can turn the state into an expert checkpoint
-    state_info: dict[str, Any]
+    state_info: GroupStateInfo | None
     _outer_step: int
     _samples_at_anchor: int  # samples behind the anchor: the next round's weight is the rest
 
@@ -103,7 +104,10 @@ class GroupState:
         return control.result()
 
     def _state_metadata(self) -> dict[str, Any]:
-        return {**self.state_info, "outer_step": self.outer_step}
+        """What a peer loading the state gets besides the tensors: :attr:`state_info` at this outer step."""
+        if self.state_info is None:
+            return {"outer_step": self.outer_step}
+        return self.state_info.model_copy(update={"outer_step": self.outer_step}).to_wire()
 
     # ---- joining and resuming --------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from cogen.node.follow import Base, BaseFollower, MirrorServer, read_key
 from cogen.node.group import GroupAverager
 from cogen.node.resume import SavedState, base_identity, find_state, restore
 from cogen.node.trainer import ExpertTrainer
+from cogen.protocols import GroupStateInfo
 from cogen.protocols.keys import group_prefix
 
 logger = logging.getLogger(__name__)
@@ -148,18 +149,20 @@ class BaseSwitching(NodeAnnouncing):
         self._saved_outer = group.outer_step if group is not None else None
         return group
 
-    def _state_info(self, model: Any, trainer: ExpertTrainer | None = None) -> dict[str, Any]:
-        """What the coordinator needs to turn the group's state into an expert checkpoint."""
-        info = dict(self.group.state_info) if self.group is not None else {}
+    def _state_info(self, model: Any, trainer: ExpertTrainer | None = None) -> GroupStateInfo:
+        """What the coordinator needs to turn the group's state into an expert checkpoint: the adapter's
+        names and config from ``model`` (else as sent so far), the base, and the trainer's counters."""
+        sent = self.group.state_info if self.group is not None else None
+        info: dict[str, Any] = sent.model_dump() if sent is not None else {}
         if model is not None:
-            info["names"] = [n for n, p in model.named_parameters() if p.requires_grad]
+            info["names"] = tuple(n for n, p in model.named_parameters() if p.requires_grad)
             info["adapter_config"] = _json_ready(model.peft_config["default"].to_dict())
         info.update(expert=self.expert, generation=self.generation, base_model=self.base_name[:256],
                     precision=self.cfg.model.precision)  # fmt: skip
         if trainer is not None:
             info.update(steps=trainer.steps, samples=trainer.samples, tokens=trainer.tokens,
                         train_loss=self.losses.last_loss, first_loss=self.losses.first_loss)  # fmt: skip
-        return info
+        return GroupStateInfo.model_validate(info)
 
 
 def _json_ready(value: Any) -> Any:

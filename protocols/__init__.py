@@ -5,6 +5,8 @@
 - ``keys.py``       — swarm-prefixed DHT keys, each format in one place (record kinds, group averagers)
 - ``records.py``    — strict pydantic v2 record schemas (:class:`NodeInfo`, :class:`TrainingProgress`, ...),
   each naming its key kind (``NodeInfo.KIND``)
+- ``group_state.py`` — :class:`GroupStateInfo`: what a group member sends with its shared state
+  (parameter names, adapter config, outer step, training counters), and :func:`parse_group_state`
 - ``manifest.py``   — the signed manifest of a published base and :func:`verify_manifest`
 - ``hashing.py``    — the sha256 of a file and of every file of a directory (one helper for all)
 - ``ranking.py``    — :class:`Ranking`: a generation's expert ranking as the manifest and the API carry it
@@ -13,6 +15,7 @@
   reads the records and keys without it)
 """
 
+from cogen.protocols.group_state import GroupStateInfo, GroupStateRejected, parse_group_state
 from cogen.protocols.keys import check_swarm_name, swarm_key
 from cogen.protocols.records import (
     RECORD_SCHEMAS,
@@ -33,6 +36,8 @@ __all__ = [
     "RECORD_SCHEMAS",
     "CheckpointSource",
     "GroupProgress",
+    "GroupStateInfo",
+    "GroupStateRejected",
     "Hardware",
     "IncompatibleProtocolError",
     "NodeInfo",
@@ -42,6 +47,7 @@ __all__ = [
     "SwarmInfo",
     "TrainingProgress",
     "check_swarm_name",
+    "parse_group_state",
     "software_version",
     "swarm_key",
 ]

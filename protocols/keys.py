@@ -47,5 +47,5 @@ def delta_prefix(group: str) -> str:
 
 def state_prefix(group: str) -> str:
     """The averager prefix of the group's shared state: what a joining node, or the coordinator
-    collecting the expert, loads."""
+    collecting the expert, loads (with a :class:`cogen.protocols.group_state.GroupStateInfo`)."""
     return group + STATE_SUFFIX
