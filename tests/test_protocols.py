@@ -219,7 +219,7 @@ def test_signed_records_travel_between_real_peers(two_peers: tuple[SwarmClient, 
 
 def test_forged_and_malformed_records_are_not_stored(two_peers: tuple[SwarmClient, SwarmClient]) -> None:
     first, second = two_peers
-    key, expiry = swarm_key("unit", "nodes"), get_dht_time() + 30
+    key, expiry = swarm_key("unit", NodeInfo.KIND), get_dht_time() + 30
     # second writes under first's public key: it cannot sign for it, so no peer accepts it
     assert second.dht.store(key, node_info(), expiry, subkey=first.owner) is False
     # second writes a malformed record under its own key: signed, but the schema check refuses it
