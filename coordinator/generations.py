@@ -37,7 +37,7 @@ from hivemind.utils import get_dht_time
 from cogen.coordinator.merging import MergeError, merge_experts
 from cogen.coordinator.merging.manifest import Identity
 from cogen.coordinator.merging.merge import IDENTITY_FILE
-from cogen.coordinator.merging.publish import GENERATIONS, published_generations, remove_stale_temps
+from cogen.coordinator.merging.publish import published_generations, remove_stale_temps
 from cogen.coordinator.schemas import DomainScore, GenerationSummary
 from cogen.core import models
 from cogen.core.backoff import Backoff
@@ -343,7 +343,3 @@ class GenerationLoop:
             peer_id=self.client.peer_id, generation=manifest.generation, manifest_sha256=sha,
             url=f"{self.api_url}/checkpoints/{final.name}/", time=get_dht_time(),
         ))  # fmt: skip
-
-    @property
-    def checkpoints_dir(self) -> Path:
-        return self.out_dir / GENERATIONS

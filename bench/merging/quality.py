@@ -118,18 +118,16 @@ def train(
 
 
 def rank_agreement(cheap: dict[str, float], full: dict[str, float]) -> float:
-    """Kendall's tau between two scores of the same experts (higher is better in both).
+    """Kendall's tau between the orders two scores give the same experts (higher is better in both),
+    computed as the coordinator computes it (:func:`cogen.coordinator.merging.ranking.kendall_tau`).
+    With fewer than 2 experts there is no order: 0."""
+    from cogen.coordinator.merging.ranking import kendall_tau
 
-    A stand-in until ``cogen.coordinator.merging.ranking`` lands: swap this one function for its
-    ``kendall_tau``. With fewer than 2 experts, or a constant score, there is no order: 0.
-    """
-    from scipy.stats import kendalltau
+    def order(scores: dict[str, float]) -> list[str]:
+        return sorted(scores, key=lambda name: (-scores[name], name))
 
-    names = sorted(cheap)
-    if len(names) < 2:
-        return 0.0
-    tau = kendalltau([cheap[n] for n in names], [full[n] for n in names]).statistic
-    return float(tau) if math.isfinite(tau) else 0.0
+    tau = kendall_tau(order(cheap), order(full))
+    return tau if tau is not None and math.isfinite(tau) else 0.0
 
 
 def full_scores(matrix: EvalMatrix) -> dict[str, float]:

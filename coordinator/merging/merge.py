@@ -25,7 +25,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from cogen.coordinator.merging import dare, linear, moe, ties  # noqa: F401 - register the built-in methods
+from cogen.coordinator.merging import (  # noqa: F401 - register the built-in methods
+    dare,
+    linear,
+    moe,  # the routed mixture (not a registered weight-merge method)
+    ties,
+)
 from cogen.coordinator.merging.evaluate import BlockLosses, domain_blocks, evaluate_blocks, losses
 from cogen.coordinator.merging.experts import Expert, iter_deltas, load_experts
 from cogen.coordinator.merging.manifest import Identity
