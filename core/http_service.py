@@ -16,7 +16,9 @@ the node's ``/metrics`` and base mirror) and the coordinator's uvicorn API
 
 from __future__ import annotations
 
+import logging
 import socket
+import sys
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -26,6 +28,8 @@ from socketserver import BaseRequestHandler
 from typing import Any
 
 from cogen.core.addresses import http_url
+
+logger = logging.getLogger(__name__)
 
 POLL_S = 0.1  #: how often a stdlib server looks for a stop request
 
@@ -109,6 +113,15 @@ class _StdlibServer(ThreadingHTTPServer):
     def __init__(self, host: str, port: int, handler: Callable[..., BaseRequestHandler]) -> None:
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         super().__init__((host, port), handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that goes away mid-response (a cancelled download, a peer that died) is one debug
+        line, not a traceback on stderr; anything else is logged with its traceback."""
+        error = sys.exc_info()[1]
+        if isinstance(error, ConnectionError | TimeoutError):
+            logger.debug("HTTP client %s went away: %s", client_address, error)
+            return
+        logger.exception("HTTP request from %s failed", client_address)
 
 
 class HttpServer(ServerThread):

@@ -121,3 +121,30 @@ def test_node_metrics_refuse_a_second_start_and_may_start_after_stop() -> None:
         assert not metrics.is_running() and metrics.url is None
         assert "cogen_node_steps" in _get(metrics.start("127.0.0.1", 0))
     assert not metrics.is_running()
+
+
+def test_a_client_that_goes_away_mid_download_is_a_debug_line_not_a_traceback(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    import logging
+    import struct
+
+    from cogen.core.procs import wait_for
+
+    (tmp_path / "gen").mkdir()
+    (tmp_path / "gen" / "model.safetensors").write_bytes(b"\0" * (32 << 20))  # more than socket buffers
+    caplog.set_level(logging.DEBUG, logger="cogen.core.http_service")
+    with MirrorServer(tmp_path, "127.0.0.1") as mirror:
+        client = socket.create_connection(("127.0.0.1", mirror.port), timeout=10)
+        client.sendall(
+            f"GET /gen/model.safetensors HTTP/1.1\r\nHost: 127.0.0.1:{mirror.port}\r\n\r\n".encode()
+        )
+        assert client.recv(4096).startswith(b"HTTP/1.")
+        client.setsockopt(
+            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+        )  # reset, as a kill does
+        client.close()
+        wait_for(lambda: any("went away" in r.getMessage() for r in caplog.records), 20, "the server noticed")
+        assert _get(mirror.url + "gen/model.safetensors")[:1] == "\0"  # and goes on serving
+    assert "Traceback" not in capfd.readouterr().err
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
