@@ -30,22 +30,41 @@ def _weights(peers: Peers, name: str) -> dict[str, torch.Tensor]:
     return load_file(ckpt / "adapter_model.safetensors")
 
 
+REFUSED = re.compile(
+    r"outer step \d+ not applied: (incomplete round|averaging failed|the averaging round did not)"
+)
+
+
 @pytest.mark.parametrize("overlap", ["--no-overlap", "--overlap"])
 def test_group_members_end_with_the_same_weights(peers: Peers, overlap: str) -> None:
+    """Two members that train 8 steps end on the same outer step with the same weights.
+
+    A real network can tear the very last round: one member applies it while the other's check
+    refuses the partial average it received, and nobody is left to load the group's state from. That
+    is the design working (the refusal is asserted); the scenario then runs once more, on a fresh
+    group, and must agree there."""
     peers.start_coordinator()
-    for name in ("med-a", "med-b"):
-        peers.start_node(name, "medical", *GROUP_ARGS, "--max-steps", "8", "--compression", "none", overlap)
-    for name in ("med-a", "med-b"):
-        assert peers.wait_exit(name, 120) == 0, tail(peers.log(name))
-    rounds = {name: _applied(peers, name) for name in ("med-a", "med-b")}
-    assert all(any(size == 2 for _, size in r) for r in rounds.values()), rounds
-    metas = {name: read_metadata(latest_checkpoint(peers.workdir / name)) for name in ("med-a", "med-b")}
-    assert metas["med-a"].outer_step == metas["med-b"].outer_step >= 2, metas
-    a, b = _weights(peers, "med-a"), _weights(peers, "med-b")
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.isfinite(a[key]).all()
-        assert torch.allclose(a[key], b[key], atol=1e-5), (key, (a[key] - b[key]).abs().max())
+    for attempt, expert in enumerate(("medical", "legal")):
+        names = (f"{expert}-a", f"{expert}-b")
+        for name in names:
+            peers.start_node(name, expert, *GROUP_ARGS, "--max-steps", "8", "--compression", "none", overlap)
+        for name in names:
+            assert peers.wait_exit(name, 120) == 0, tail(peers.log(name))
+        rounds = {name: _applied(peers, name) for name in names}
+        assert all(any(size == 2 for _, size in r) for r in rounds.values()), rounds
+        metas = {name: read_metadata(latest_checkpoint(peers.workdir / name)) for name in names}
+        steps = {name: m.outer_step for name, m in metas.items()}
+        if steps[names[0]] != steps[names[1]] and attempt == 0:
+            behind = min(names, key=lambda n: steps[n] or 0)
+            assert REFUSED.search(peers.log(behind).read_text()), (steps, tail(peers.log(behind)))
+            continue  # the last round was torn and refused: try a fresh group once
+        assert steps[names[0]] == steps[names[1]] >= 2, metas
+        a, b = _weights(peers, names[0]), _weights(peers, names[1])
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.isfinite(a[key]).all()
+            assert torch.allclose(a[key], b[key], atol=1e-5), (key, (a[key] - b[key]).abs().max())
+        return
 
 
 def test_a_killed_member_does_not_stop_the_group(peers: Peers) -> None:
