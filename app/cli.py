@@ -83,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         from cogen.coordinator.cli import main as coordinator_main
 
         return coordinator_main(argv[1:])
+    if argv[:1] == ["verify"]:
+        from cogen.app.verify import main as verify_main
+
+        return verify_main(argv[1:])
     if argv[:1] == ["dashboard"]:
         from cogen.coordinator.cli import dashboard_main
 
@@ -91,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="cogen",
         description="cogen: train a foundation model as a model over "
         "models. Commands: demo, node (= cogen-node), coordinator (= cogen-coordinator), "
-        "dashboard (watch a swarm read-only).",
+        "dashboard (watch a swarm read-only), verify (check a published generation).",
     )
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING, ERROR (env COGEN_LOG_LEVEL)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -99,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("node", help="run a node (see cogen-node --help)")
     sub.add_parser("coordinator", help="run a coordinator (see cogen-coordinator --help)")
     sub.add_parser("dashboard", help="watch a swarm as a read-only observer (see cogen dashboard --help)")
+    sub.add_parser("verify", help="check a published generation, --recompute its merge (cogen verify --help)")
     args = parser.parse_args(argv)
 
     def body() -> int:

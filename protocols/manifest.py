@@ -8,9 +8,12 @@ all that (sorted keys, no whitespace, the ``signature`` field left out). The sig
 Signing lives with the coordinator (``cogen.coordinator.merging.manifest``); this module is what a node
 needs to trust a checkpoint it fetched: :func:`verify_manifest`.
 
-Versions: 2 declares every file's size (``sizes``), so a downloader stops reading at the signed size;
-1 (before sizes) is still read and verified as it was signed (its canonical form has no ``sizes``), and
-a downloader bounds its files by a global cap instead (:meth:`Manifest.declared_size` is ``None``).
+Versions: 3 also says how exactly the merge can be recomputed (``reproduction``: the platform it ran
+on and the tolerance a recomputation elsewhere must meet; ``cogen verify --recompute``); 2 declares every
+file's size (``sizes``), so a downloader stops reading at the signed size; 1 (before sizes) is still read
+and verified as it was signed (its canonical form has no ``sizes``), and a downloader bounds its files by
+a global cap instead (:meth:`Manifest.declared_size` is ``None``). Each older version's canonical form
+leaves out the fields it did not have.
 """
 
 from __future__ import annotations
@@ -28,9 +31,12 @@ from cogen.protocols.ranking import Ranking
 from cogen.protocols.version import software_version
 
 MANIFEST_FILE = "manifest.json"
-MANIFEST_VERSION = 2
-#: versions this cogen reads: 1 has no file sizes (it verifies as signed; downloads use a global cap)
-READABLE_VERSIONS = (1, 2)
+MANIFEST_VERSION = 3
+#: versions this cogen reads: 1 has no file sizes (it verifies as signed; downloads use a global cap),
+#: 2 no reproduction record
+READABLE_VERSIONS = (1, 2, 3)
+#: the fields each version's canonical (signed) form leaves out, beyond the signature itself
+_NOT_IN_VERSION = {1: {"sizes", "reproduction"}, 2: {"reproduction"}, 3: set()}
 
 
 class ManifestError(RuntimeError):
@@ -90,6 +96,20 @@ class BestModel(BaseModel):
     )
 
 
+class Reproduction(BaseModel):
+    """How a dense merge can be recomputed: bit-identically on the platform it ran on, elsewhere within
+    ``tolerance`` (a matrix product's rounding depends on the BLAS kernel a CPU or GPU picks)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    platform: str = Field(
+        max_length=200, description="torch version, device type and CPU capability the merge ran on"
+    )
+    tolerance: float = Field(
+        ge=0, le=1e-2, description="largest |recomputed - published| / max |published| per tensor elsewhere"
+    )
+
+
 class Manifest(BaseModel):
     """The signed record of one published generation."""
 
@@ -114,6 +134,9 @@ class Manifest(BaseModel):
     sizes: dict[str, NonNegativeInt] = Field(
         default_factory=dict, description="every file in files -> its size in bytes (version 2; empty in 1)"
     )
+    reproduction: Reproduction | None = Field(
+        default=None, description="how exactly `cogen verify --recompute` must match (version 3)"
+    )
     created_at: float = Field(default_factory=time.time)
     software_version: str = Field(default_factory=software_version)
     public_key: str = Field(default="", description="the signer's RSA public key (OpenSSH format)")
@@ -121,10 +144,16 @@ class Manifest(BaseModel):
 
     @model_validator(mode="after")
     def _sizes_match_files(self) -> Manifest:
+        if self.manifest_version not in READABLE_VERSIONS:
+            raise ValueError(
+                f"manifest_version {self.manifest_version} is not one this cogen writes or reads"
+            )
         if self.manifest_version >= 2 and set(self.sizes) != set(self.files):
             raise ValueError("sizes must list exactly the files of the manifest")
         if self.manifest_version < 2 and self.sizes:
             raise ValueError(f"a version {self.manifest_version} manifest declares no sizes")
+        if self.manifest_version < 3 and self.reproduction is not None:
+            raise ValueError(f"a version {self.manifest_version} manifest has no reproduction record")
         return self
 
     def declared_size(self, name: str) -> int | None:
@@ -132,9 +161,9 @@ class Manifest(BaseModel):
         return self.sizes[name] if self.manifest_version >= 2 else None
 
     def canonical_bytes(self) -> bytes:
-        """What is signed: the manifest without its signature, as sorted, compact JSON (a version 1
-        manifest was signed before ``sizes`` existed, so its canonical form leaves them out)."""
-        exclude = {"signature"} if self.manifest_version >= 2 else {"signature", "sizes"}
+        """What is signed: the manifest without its signature, as sorted, compact JSON (an older
+        manifest was signed before later fields existed, so its canonical form leaves them out)."""
+        exclude = {"signature", *_NOT_IN_VERSION[self.manifest_version]}
         data = self.model_dump(mode="json", exclude=exclude)
         return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 

@@ -353,14 +353,14 @@ def test_an_old_manifest_without_sizes_still_verifies_and_is_fetched_under_the_c
     published, key = served
     old = Path(shutil.copytree(published, tmp_path / "v1"))
     raw = json.loads((old / MANIFEST_FILE).read_text())
-    assert raw["manifest_version"] == 2 and raw["sizes"][WEIGHTS] == (old / WEIGHTS).stat().st_size
-    del raw["sizes"]
+    assert raw["manifest_version"] == 3 and raw["sizes"][WEIGHTS] == (old / WEIGHTS).stat().st_size
+    del raw["sizes"], raw["reproduction"]
     raw["manifest_version"] = 1
     identity = Identity.load_or_create(published.parents[2] / "id.pem")  # the key that signed it
     signed = sign_manifest(Manifest.model_validate(raw), identity)
     data = signed.model_dump(mode="json")
     assert "sizes" not in json.loads(signed.canonical_bytes())  # signed exactly as a version 1 cogen did
-    del data["sizes"]
+    del data["sizes"], data["reproduction"]
     (old / MANIFEST_FILE).write_text(json.dumps(data))
     manifest = verify_manifest(old, key)
     assert manifest.manifest_version == 1 and manifest.declared_size(WEIGHTS) is None

@@ -101,7 +101,7 @@ def test_every_file_size_is_signed_and_checked(copy: Path) -> None:
     (copy / MANIFEST_FILE).write_text(json.dumps(data))
     with pytest.raises(ManifestError, match="sizes must list exactly the files"):
         read_manifest(copy)
-    data["manifest_version"] = 3
+    data["manifest_version"] = 4
     (copy / MANIFEST_FILE).write_text(json.dumps(data))
-    with pytest.raises(ManifestError, match=r"unsupported manifest_version 3 \(this cogen reads 1, 2\)"):
+    with pytest.raises(ManifestError, match=r"unsupported manifest_version 4 \(this cogen reads 1, 2, 3\)"):
         read_manifest(copy)

@@ -13,6 +13,8 @@
   :func:`verify_manifest` are in :mod:`cogen.protocols.manifest`)
 - ``publish.py`` — write a generation (HF checkpoint + manifest) atomically and swap ``OUT/latest``
 - ``merge.py`` — :func:`merge_experts`, the whole offline pipeline behind ``cogen-coordinator merge``
+- ``reproduce.py`` — the platform a merge ran on and the tolerance a recomputation elsewhere must meet
+- ``recompute.py`` — re-run a published generation's merge from its manifest (``cogen verify --recompute``)
 """
 
 from cogen.coordinator.merging import dare, linear, ties  # noqa: F401 - register the built-in methods

@@ -37,6 +37,7 @@ from cogen.coordinator.merging.manifest import Identity
 from cogen.coordinator.merging.publish import newest_generation, parent_info, publish
 from cogen.coordinator.merging.ranking import attach_cheap, cheap_ranking, delta_statistics, rank_experts
 from cogen.coordinator.merging.registry import MergeError, MergeMethod, MergeParams, create
+from cogen.coordinator.merging.reproduce import reproduction
 from cogen.coordinator.merging.weights import confident_weights, format_matrix, format_ranking, ranking
 from cogen.core import models
 from cogen.core.config import MergeConfig
@@ -229,6 +230,7 @@ def merge_experts(cfg: MergeConfig) -> Path:
         ranking=ranking(matrix) if matrix is not None else {},
         rankings=ranked,
         best=best,
+        reproduction=reproduction(device),
         files={},
     )
     routed = mixture
