@@ -70,24 +70,64 @@ def test_linear_selects_and_averages(experts: list[Path]) -> None:
     assert torch.allclose(linear.merge(module, d1, [d1, d2], torch.tensor([3.0, 3.0])), (d1 + d2) / 2)
 
 
-def test_ties_and_dare_match_peft_and_dare_is_seeded(experts: list[Path]) -> None:
+def mergekit_disjoint(deltas: torch.Tensor, weights: list[float], method: str) -> torch.Tensor:
+    """mergekit's generalized task arithmetic after sparsification (consensus ``sum`` / ``count``,
+    normalised by the agreeing weights), written out independently as the reference."""
+    w = torch.tensor(weights, dtype=deltas.dtype)
+    while w.dim() < deltas.dim():
+        w = w.unsqueeze(-1)
+    weighted = deltas * w
+    sign = weighted.sign()
+    votes = weighted.sum(dim=0) if method == "total" else sign.sum(dim=0)
+    mask = sign == (votes >= 0).to(deltas.dtype) * 2 - 1
+    divisor = (w * mask).sum(dim=0)
+    divisor[divisor == 0] = 1
+    return (weighted * mask).sum(dim=0) / divisor
+
+
+def test_ties_and_dare_match_peft_with_equal_weights_and_dare_is_seeded(experts: list[Path]) -> None:
     module, deltas = first_module(experts)
-    w = torch.tensor([1.0, 3.0])
+    ones = torch.ones(2)
     params = registry.MergeParams(density=0.3, seed=7)
-    ties = registry.create("ties", params).merge(module, deltas[0], deltas, w)
-    assert torch.equal(ties, merge_utils.ties(deltas, w * 2 / 4, 0.3))  # weights rescaled to mean 1
+    ties = registry.create("ties", params).merge(module, deltas[0], deltas, ones)
+    assert torch.allclose(ties, merge_utils.ties(deltas, ones, 0.3), rtol=0, atol=1e-9)
     for name, peft_fn, scaled in [
-        ("dare", merge_utils.dare_linear, w / 4),
-        ("dare_ties", merge_utils.dare_ties, w * 2 / 4),
+        ("dare", merge_utils.dare_linear, ones / 2),
+        ("dare_ties", merge_utils.dare_ties, ones),
     ]:
-        ours = registry.create(name, params).merge(module, deltas[0], deltas, w)
+        ours = registry.create(name, params).merge(module, deltas[0], deltas, ones)
         with torch.random.fork_rng():
             torch.manual_seed(module_seed(7, module))
-            assert torch.equal(ours, peft_fn(deltas, scaled, 0.3))
+            assert torch.allclose(ours, peft_fn(deltas, scaled, 0.3), rtol=0, atol=1e-9)
         torch.manual_seed(123)  # the global generator's state does not matter
-        assert torch.equal(ours, registry.create(name, params).merge(module, deltas[0], deltas, w))
+        assert torch.equal(ours, registry.create(name, params).merge(module, deltas[0], deltas, ones))
         other = registry.create(name, registry.MergeParams(density=0.3, seed=8))
-        assert not torch.equal(ours, other.merge(module, deltas[0], deltas, w))
+        assert not torch.equal(ours, other.merge(module, deltas[0], deltas, ones))
+
+
+@pytest.mark.parametrize("weights", [[1.0, 1.0, 1.0], [3.0, 1.0, 1.0], [0.6, 0.3, 0.1]])
+@pytest.mark.parametrize("majority_sign", ["total", "frequency"])
+def test_weighted_ties_and_dare_ties_are_mergekits_and_stay_convex(
+    weights: list[float], majority_sign: str
+) -> None:
+    from cogen.coordinator.merging.ties import trim
+
+    generator = torch.Generator().manual_seed(0)
+    deltas = [torch.randn(256, 128, generator=generator) * 0.01 for _ in weights]
+    w = torch.tensor(weights)
+    params = registry.MergeParams(density=0.5, seed=5, majority_sign=majority_sign)  # type: ignore[arg-type]
+    trimmed = torch.stack([trim(d, 0.5) for d in deltas])
+    ties = registry.create("ties", params).merge("m", deltas[0], deltas, w)
+    assert torch.allclose(ties, mergekit_disjoint(trimmed, weights, majority_sign), rtol=1e-6, atol=1e-9)
+    assert bool(
+        (ties.abs() <= trimmed.abs().amax(dim=0) * (1 + 1e-6)).all()
+    )  # never beyond what an expert has
+    dare_ties = registry.create("dare_ties", params).merge("m", deltas[0], deltas, w)
+    with torch.random.fork_rng():
+        torch.manual_seed(module_seed(5, "m"))
+        dropped = torch.stack([merge_utils.prune(d, 0.5, method="random", rescale=True) for d in deltas])
+    assert torch.allclose(dare_ties, mergekit_disjoint(dropped, weights, majority_sign), rtol=1e-6, atol=1e-9)
+    assert bool((dare_ties.abs() <= dropped.abs().amax(dim=0) * (1 + 1e-6)).all())
 
 
 def test_ties_on_hand_made_tensors() -> None:
@@ -99,9 +139,9 @@ def test_ties_on_hand_made_tensors() -> None:
     merged = ties.merge("m", a, [a, b, c], torch.ones(3))
     expected = torch.tensor([[(4.0 + 2.0) / 2, 2.0], [-6.0, (-3.0 - 5.0) / 2]])
     assert torch.equal(merged, expected)
-    # weights scale each expert's kept values before the disjoint mean (rescaled to average 1)
+    # weights enter the vote and the mean of the agreeing values, divided by *their* weight sum
     weighted = ties.merge("m", a, [a, b], torch.tensor([3.0, 1.0]))
-    assert torch.allclose(weighted, torch.tensor([[(6.0 + 1.0) / 2, 1.0], [-3.0, -4.5]]))
+    assert torch.allclose(weighted, torch.tensor([[(12.0 + 2.0) / 4, 2.0], [-6.0, -3.0]]))
 
 
 def test_dare_rescaling_preserves_the_expectation() -> None:

@@ -4,7 +4,8 @@ PEFT's ``merge_utils.dare_linear`` / ``dare_ties`` draw their masks with ``torch
 global generator. cogen makes them reproducible: each module is merged under ``torch.random.fork_rng``
 seeded with :func:`module_seed` (a hash of the seed and the module's name), so the result depends on
 neither the order modules are visited in nor anything else that used the generator before.
-``dare`` rescales the weights to sum to 1 (like ``linear``), ``dare_ties`` to average 1 (like ``ties``).
+``dare`` rescales the weights to sum to 1 (like ``linear``); ``dare_ties`` merges the survivors with
+``ties``' weighted, convex disjoint mean (:func:`cogen.coordinator.merging.ties.disjoint_mean`).
 The masks are reproducible for a given seed on a given device type (CPU and CUDA draw differently).
 (DARE: Yu et al. 2024, "Language Models are Super Mario".)
 """
@@ -16,7 +17,8 @@ import hashlib
 import torch
 from peft.utils import merge_utils
 
-from cogen.coordinator.merging.registry import MergeMethod, mean_to_one, register, sum_to_one
+from cogen.coordinator.merging.registry import MergeMethod, register, sum_to_one
+from cogen.coordinator.merging.ties import disjoint_mean
 
 
 def module_seed(seed: int, module: str) -> int:
@@ -47,9 +49,9 @@ class DareTies(Dare):
     name = "dare_ties"
 
     def _drop_and_merge(self, deltas: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
-        return merge_utils.dare_ties(
-            deltas, mean_to_one(weights), self.params.density, majority_sign_method=self.params.majority_sign
-        )
+        # PEFT's drops, in PEFT's order (the masks equal merge_utils.dare_ties'); cogen's weighted mean
+        kept = [merge_utils.prune(d, self.params.density, method="random", rescale=True) for d in deltas]
+        return disjoint_mean(torch.stack(kept, dim=0), weights, self.params.majority_sign)
 
     def describe(self) -> dict[str, float | int | str]:
         return {**super().describe(), "majority_sign": self.params.majority_sign}

@@ -101,8 +101,3 @@ def create(name: str, params: MergeParams | None = None) -> MergeMethod:
 def sum_to_one(weights: torch.Tensor) -> torch.Tensor:
     """Weights rescaled to sum to 1: a weighted average (task arithmetic with Σλ = 1)."""
     return weights / weights.sum()
-
-
-def mean_to_one(weights: torch.Tensor) -> torch.Tensor:
-    """Weights rescaled to average 1: equal weights are all 1, as in the TIES paper's disjoint mean."""
-    return weights * (weights.numel() / weights.sum())
