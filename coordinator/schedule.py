@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from cogen.coordinator.collect import CollectError, download_state
 from cogen.coordinator.config import ScheduleConfig
@@ -57,7 +57,7 @@ class _Verdict:
 
     outer_step: int | None
     until: float
-    backoff: Backoff = field(default_factory=lambda: Backoff(GenerationSchedule.PROBE_RETRY_S, 600.0))
+    backoff: Backoff
 
 
 class GenerationSchedule:
@@ -65,6 +65,7 @@ class GenerationSchedule:
     coordinator's main thread: a probe downloads a group's state through a hivemind averager."""
 
     PROBE_RETRY_S = 5.0  #: first wait before a group whose state did not answer is probed again (doubling)
+    PROBE_RETRY_CAP_S = 600.0
     PROBE_KEEP_S = 60.0  #: how long the outer step a group's state showed is trusted before a new probe
     PROBES_TO_LEAVE_OUT = 2  #: failed probes in a row after which a group no longer holds the generation
 
@@ -149,7 +150,7 @@ class GenerationSchedule:
         verdict = self._verdicts.get(expert)
         if verdict is not None and now < verdict.until:
             return verdict.outer_step
-        verdict = verdict or _Verdict(None, now)
+        verdict = verdict or _Verdict(None, now, Backoff(self.PROBE_RETRY_S, self.PROBE_RETRY_CAP_S))
         try:
             verdict.outer_step = self.probe(expert, self.generation).outer_step
             verdict.backoff.succeeded()
