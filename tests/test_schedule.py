@@ -156,7 +156,8 @@ def test_impossible_and_borrowed_claims_are_not_believed(swarm: Swarm) -> None:
 
 def _loop(swarm: Swarm, tmp_path: Path, tiny_path: str, **merge: Any) -> GenerationLoop:
     cfg = CoordinatorConfig(
-        network=swarm.coordinator.cfg, schedule=ScheduleConfig(generation_outer_steps=3, collect_timeout_s=20),
+        network=swarm.coordinator.cfg,
+        schedule=ScheduleConfig(generation_outer_steps=3, collect_timeout_s=20),
         merge=MergeOptions(**merge), model=tiny_path, out_dir=tmp_path / "out",
         keys=CoordinatorKeys(identity=tmp_path / "id.pem"),
     )  # fmt: skip
