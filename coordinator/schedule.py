@@ -82,6 +82,7 @@ class GenerationSchedule:
         """A new generation started ``age_s`` seconds ago: its clock and its probes start over."""
         self.generation, self.started = generation, time.monotonic() - max(0.0, age_s)
         self._verdicts.clear()
+        self._refused.clear()
 
     @property
     def age_s(self) -> float:
@@ -109,7 +110,7 @@ class GenerationSchedule:
             if r.generation != self.generation or members.get(r.expert, {}).get(entry.owner) != r.peer_id:
                 continue  # not a member of that group on this generation (or not under its own peer id)
             if r.outer_step > possible:
-                if (entry.owner, r.outer_step) not in self._refused:
+                if (entry.owner, r.outer_step) not in self._refused and len(self._refused) < 1024:
                     self._refused.add((entry.owner, r.outer_step))
                     logger.warning(
                         "not believing %s's claim of %d outer steps for %r: generation %d is %.0f s old",
