@@ -4,6 +4,7 @@
   ``cogen merge``, ...), dispatching to :mod:`cogen.node` and :mod:`cogen.coordinator`
 - ``verify.py`` — ``cogen verify GEN_DIR [--recompute]``: a generation's signature, files and arithmetic
 - ``demo.py`` — ``cogen demo``: a coordinator and one node per domain on this machine, two generations
+- ``demo_results.py`` — the demo's evaluation: per-domain losses from the manifests, the table, the JSON
 
 It is the only layer that imports both :mod:`cogen.node` and :mod:`cogen.coordinator`; the shared core
 (:mod:`cogen.core`) imports neither.

@@ -11,7 +11,10 @@
 - ``health.py``    — the checks behind ``/healthz`` and ``/readyz``
 - ``metrics.py``   — Prometheus collector of the swarm and scraper of nodes' own ``/metrics``
 - ``dashboard.py`` — the page (``static/``) and plotly.js from the installed ``plotly`` package
-- ``generations.py`` — :class:`GenerationLoop`: collect each group's expert, rank, merge, publish
+- ``config.py``    — the coordinator's and the offline merge's config models, one per concern
+- ``schedule.py``  — :class:`GenerationSchedule`: when a generation is due, from claims it can check
+- ``collect.py``   — a group's state downloaded, checked and saved as an expert checkpoint
+- ``generations.py`` — :class:`GenerationLoop`: collect each due group's expert, rank, merge, publish
 - ``merging/``     — merge methods, ranking weights, signed manifests, published generations
 - ``cli.py``       — the ``cogen-coordinator`` and ``cogen dashboard`` commands
 """

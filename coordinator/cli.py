@@ -11,8 +11,8 @@ import argparse
 import sys
 import threading
 
+from cogen.coordinator.config import CoordinatorConfig, MergeConfig
 from cogen.core.cli_common import run_main, stop_on_signals
-from cogen.core.config import CoordinatorConfig, MergeConfig
 from cogen.core.exit_codes import ExitCode
 from cogen.core.settings import ConfigError, add_config_arguments, build_config
 from cogen.core.telemetry import setup_logging
@@ -48,7 +48,7 @@ def _run(argv: list[str] | None, observer: bool) -> int:
             cfg = build_config(CoordinatorConfig, args, observer=True)
         else:
             cfg = build_config(CoordinatorConfig, args)
-        if cfg.observer and not cfg.network.initial_peers:
+        if cfg.view.observer and not cfg.network.initial_peers:
             raise ConfigError("--initial-peers: an observer needs the multiaddr of a peer in the swarm")
         from cogen.coordinator.service import Coordinator  # torch and hivemind: not for --help or a bad flag
 

@@ -1,25 +1,25 @@
 """Generations: collect every group's expert from the swarm, rank and merge them, publish the next base.
 
-:class:`GenerationLoop` runs in the coordinator's background. A generation ends after
-``generation_s`` seconds, or once every expert group on the current base has made
-``generation_outer_steps`` outer steps (whichever is configured; both: the first). Then:
+:class:`GenerationLoop` runs in the coordinator's background. When the generation is due
+(:class:`cogen.coordinator.schedule.GenerationSchedule`: by time or by outer steps, from records no
+single peer can steer), then:
 
-1. **collect**: for each expert with nodes on the current generation, the coordinator joins the
-   group's state averager as an auxiliary peer and loads its state from the members
-   (``DecentralizedAverager.load_state_from_peers``, exactly what a joining node does) — the anchor
-   weights, the parameter names and the adapter config — and writes it as an expert checkpoint.
-   Nobody uploads files, and the group keeps training;
+1. **collect**: for each expert with nodes on the current generation, the coordinator downloads the
+   group's state from its members and writes it as an expert checkpoint (:mod:`cogen.coordinator.collect`);
+   ended by outer steps, every collected state must show those outer steps itself, else nothing is merged;
 2. **merge**: :func:`cogen.coordinator.merging.merge_experts` evaluates base and experts on every
-   built-in domain among the experts, ranks them, merges with the configured method and publishes
+   built-in domain among the experts, ranks them, merges with the configured options and publishes
    ``gen-N`` (HF checkpoint + signed manifest) atomically under ``out_dir``;
-3. **announce**: a :class:`CheckpointSource` record points at the files, served by the coordinator's
-   HTTP server under ``/checkpoints/``; nodes fetch, verify and move to it at their next outer step.
+3. **announce**: once the published generation verifies under the coordinator's key, a
+   :class:`CheckpointSource` record points at the files, served by the coordinator's HTTP server under
+   ``/checkpoints/``; nodes fetch, verify and move to it at their next outer step.
 
-A failed collection or merge is retried with exponential backoff (:class:`cogen.core.backoff.Backoff`).
-A restarted coordinator picks up where it was: it removes what a killed publish left, reads back every
-published generation that verifies (the newest is the current base, numbering continues from it, the
-API lists them all) and serves only those; a generation that was being merged when it was killed is
-collected and merged again under the same number.
+A failed collection or merge fails closed (nothing is announced) and is retried with exponential
+backoff (:class:`cogen.core.backoff.Backoff`), never at once. A restarted coordinator picks up where it
+was: it removes what a killed publish left, reads back every published generation that verifies (the
+newest is the current base, numbering continues from it, the API lists them all) and serves only
+those; a generation that was being merged when it was killed is collected and merged again under the
+same number.
 """
 
 from __future__ import annotations
@@ -31,101 +31,25 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from hivemind.utils import get_dht_time
 
+from cogen.coordinator.collect import download_state, save_state
+from cogen.coordinator.config import CoordinatorConfig, MergeConfig
 from cogen.coordinator.merging import MergeError, merge_experts
 from cogen.coordinator.merging.manifest import Identity
 from cogen.coordinator.merging.merge import IDENTITY_FILE
 from cogen.coordinator.merging.publish import published_generations, remove_stale_temps
+from cogen.coordinator.schedule import Due, GenerationSchedule
 from cogen.coordinator.schemas import DomainScore, GenerationSummary
 from cogen.core import models
 from cogen.core.backoff import Backoff
-from cogen.core.checkpoint import AdapterMetadata, save_adapter_tensors
-from cogen.core.config import CoordinatorConfig, MergeConfig
 from cogen.core.corpora import known_domains
-from cogen.core.swarm import GroupStateAverager, SwarmClient
-from cogen.protocols import (
-    CheckpointSource,
-    GroupProgress,
-    GroupStateInfo,
-    GroupStateRejected,
-    NodeInfo,
-    parse_group_state,
-)
+from cogen.core.swarm import SwarmClient
+from cogen.protocols import CheckpointSource
 from cogen.protocols.hashing import sha256_file
-from cogen.protocols.keys import group_prefix, state_prefix
-from cogen.protocols.manifest import MANIFEST_FILE, Manifest, read_manifest
+from cogen.protocols.manifest import MANIFEST_FILE, Manifest, ManifestError, verify_manifest
 
 logger = logging.getLogger(__name__)
-
-_LORA = (".lora_A.", ".lora_B.")
-
-
-class CollectError(RuntimeError):
-    """A group's state could not be loaded or does not describe a LoRA expert (one line)."""
-
-
-def collect_expert(
-    client: SwarmClient, expert: str, generation: int, base_model: str, out_dir: Path, timeout_s: float
-) -> Path:
-    """Load ``expert``'s group state from its members and save it as an expert checkpoint."""
-    prefix = state_prefix(group_prefix(client.cfg.swarm, expert, generation))
-    averager = GroupStateAverager(
-        [torch.zeros(1)], client.dht, prefix=prefix, target_group_size=2, min_matchmaking_time=1.0,
-        client_mode=True, allow_state_sharing=False, start=True,
-    )  # fmt: skip
-    try:
-        loaded = averager.load_state_from_peers(timeout=timeout_s)
-    finally:
-        averager.shutdown()
-    if loaded is None:
-        raise CollectError(f"no member of {expert!r} shared its state within {timeout_s:.0f} s")
-    return save_group_state(expert, generation, base_model, loaded[0], list(loaded[1]), out_dir)
-
-
-def save_group_state(
-    expert: str, generation: int, base_model: str, metadata: Any, tensors: list[torch.Tensor], out_dir: Path
-) -> Path:
-    """Save a group's downloaded state (its :class:`GroupStateInfo` metadata and tensors) as the expert
-    checkpoint ``out_dir/<expert>``; raises :class:`CollectError` (one line) on a state that is not a
-    valid one of ``expert``'s group on ``generation``."""
-    try:
-        info = parse_group_state(metadata)
-    except GroupStateRejected as e:
-        raise CollectError(f"{expert}: refused its group state: {e}") from None
-    if (info.expert, info.generation) != (expert, generation):
-        raise CollectError(
-            f"{expert}: the group state says it is {info.expert!r} on generation {info.generation}, "
-            f"not generation {generation}"
-        )
-    tensors_by_name = _adapter_tensors(expert, info, tensors)
-    if info.outer_step == 0:  # the group state is still its initial adapter: nothing to merge
-        raise CollectError(f"{expert!r} has not applied its first outer step yet")
-    meta = AdapterMetadata(
-        expert=expert, base_model=base_model, precision=info.precision,
-        steps=info.steps, samples=info.samples, tokens=info.tokens,
-        train_loss=info.train_loss, first_loss=info.first_loss, outer_step=info.outer_step,
-    )  # fmt: skip
-    config = {**info.adapter_config, "base_model_name_or_path": base_model}
-    return save_adapter_tensors(tensors_by_name, config, out_dir / expert, meta)
-
-
-def _adapter_tensors(
-    expert: str, info: GroupStateInfo, tensors: list[torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """The anchor half of the state, keyed by PEFT's saved names; refuses anything that is not that."""
-    names = info.names
-    if len(tensors) != 2 * len(names):  # anchors, then the outer momenta
-        raise CollectError(f"{expert}: {len(tensors)} tensors for {len(names)} parameters")
-    out = {}
-    for name, tensor in zip(names, tensors[: len(names)], strict=True):
-        if not any(tag in name for tag in _LORA):
-            raise CollectError(f"{expert}: {name} is not a LoRA parameter")
-        if not torch.isfinite(tensor).all():
-            raise CollectError(f"{expert}: {name} holds NaN or Inf")
-        out[name.replace(".default.", ".")] = tensor.detach().float().contiguous()
-    return out
 
 
 def summarize(manifest: Manifest, manifest_sha256: str) -> GenerationSummary:
@@ -182,17 +106,21 @@ class GenerationLoop:
         self.api_url = api_url.rstrip("/")
         self.out_dir = Path(cfg.out_dir)
         self.identity = Identity.load_or_create(
-            cfg.identity or models.cache_root(cfg.cache_dir) / IDENTITY_FILE
+            cfg.keys.identity or models.cache_root(cfg.cache.cache_dir) / IDENTITY_FILE
         )
-        self.base = models.resolve_model(cfg.model, cfg.cache_dir)
-        self.generation = 0
-        self.started = time.monotonic()
+        self.base = models.resolve_model(cfg.model, cfg.cache.cache_dir)
+        self.schedule = GenerationSchedule(client, cfg.schedule)
         self.published: list[tuple[Manifest, str, Path]] = []
         self._merging: threading.Thread | None = None
         self._merged: Path | None = None
         self._backoff = Backoff(self.RETRY_BASE_S, self.RETRY_CAP_S)
         self._retry_at = 0.0  # after a failed collection or merge, when to try again
         self._restore()
+
+    @property
+    def generation(self) -> int:
+        """The generation of the current base (what the experts train on now)."""
+        return self.schedule.generation
 
     def _restore(self) -> None:
         """Continue from what ``out_dir`` holds: its newest verifying generation is the current base."""
@@ -202,9 +130,11 @@ class GenerationLoop:
         if not self.published:
             return
         manifest, _, final = self.published[-1]
-        self.base, self.generation = str(final), manifest.generation
+        self.base = str(final)
         # the generation's clock started when it was published, not when this process did
-        self.started = time.monotonic() - min(max(0.0, time.time() - manifest.created_at), 10 * 86400.0)
+        self.schedule.begin(
+            manifest.generation, min(max(0.0, time.time() - manifest.created_at), 10 * 86400.0)
+        )
         self.monitor.set_generations([summarize(m, s) for m, s, _ in self.published])
         logger.info(
             "resuming from %s: %d published generations verify, generation %d is the current base (%s)",
@@ -223,13 +153,13 @@ class GenerationLoop:
             self._merging = None
             if self._merged is not None:
                 self._published(self._merged)
-        limit = self.cfg.max_generations
-        if (limit is not None and self.generation >= limit) or not self._due():
+        limit = self.cfg.schedule.max_generations
+        if (limit is not None and self.generation >= limit) or time.monotonic() < self._retry_at:
             return
-        if time.monotonic() < self._retry_at:
+        due = self.schedule.due()
+        if due is None:
             return
-        experts = self._experts()
-        paths = self._collect(experts) if experts else []
+        paths = self._collect(due)
         if not paths:
             delay = self._failed()
             logger.warning(
@@ -239,7 +169,7 @@ class GenerationLoop:
         else:
             self._merged = None
             self._merging = threading.Thread(
-                target=self._merge, args=(paths, experts), name="merge", daemon=True
+                target=self._merge, args=(paths, due.experts), name="merge", daemon=True
             )
             self._merging.start()
 
@@ -252,41 +182,28 @@ class GenerationLoop:
         if self._merging is not None:
             self._merging.join(timeout_s)
 
-    def _due(self) -> bool:
-        cfg = self.cfg
-        if cfg.generation_s is not None and time.monotonic() - self.started >= cfg.generation_s:
-            return True
-        if cfg.generation_outer_steps is None:
-            return False
-        experts = self._experts()
-        steps: dict[str, int] = {}
-        for entry in self.client.fetch(GroupProgress):
-            r = entry.record
-            if isinstance(r, GroupProgress) and r.generation == self.generation and r.expert in experts:
-                steps[r.expert] = max(steps.get(r.expert, 0), r.outer_step)
-        return bool(experts) and all(steps.get(e, 0) >= cfg.generation_outer_steps for e in experts)
-
-    def _experts(self) -> list[str]:
-        """Experts with a node on the current generation's base."""
-        return sorted({
-            e.record.expert for e in self.client.fetch(NodeInfo)
-            if isinstance(e.record, NodeInfo) and e.record.generation == self.generation
-            and e.record.state != "stopping"
-        })  # fmt: skip
-
-    def _collect(self, experts: list[str]) -> list[Path]:
+    def _collect(self, due: Due) -> list[Path]:
+        """Each due expert's checkpoint; none at all when a collected state falls short of its claims."""
         nxt = self.generation + 1
-        logger.info("generation %d ends: collecting %s", self.generation, ", ".join(experts))
+        logger.info("generation %d ends: collecting %s", self.generation, ", ".join(due.experts))
         collected = self.out_dir / "collected" / f"gen-{nxt:06d}"
         shutil.rmtree(collected, ignore_errors=True)  # an earlier try's experts (or a killed one's temps)
         paths: list[Path] = []
-        for expert in experts:
+        for expert in due.experts:
             try:
-                paths.append(collect_expert(
-                    self.client, expert, self.generation, self.base, collected, self.cfg.collect_timeout_s
-                ))  # fmt: skip
-                logger.info("collected expert %r from its group", expert)
-            except Exception as e:  # one group's failure must not stop the generation
+                info, tensors = download_state(
+                    self.client, expert, self.generation, self.cfg.schedule.collect_timeout_s
+                )
+                if due.short_of(info):
+                    logger.warning(
+                        "%r's state is at outer step %d, not the %d its group claimed: nothing is merged",
+                        expert, info.outer_step, due.outer_steps,
+                    )  # fmt: skip
+                    shutil.rmtree(collected, ignore_errors=True)
+                    return []
+                paths.append(save_state(info, tensors, self.base, collected))
+                logger.info("collected expert %r from its group (outer step %d)", expert, info.outer_step)
+            except Exception as e:  # one group's failure must not stop the rest
                 logger.warning("could not collect expert %r: %s", expert, e)
         return paths
 
@@ -296,18 +213,19 @@ class GenerationLoop:
         self._retry_at = time.monotonic() + delay
         return delay
 
+    def merge_config(self, paths: list[Path], experts: list[str]) -> MergeConfig:
+        """The merge of the next generation: the coordinator's own merge, eval, mixture, key and cache."""
+        cfg = self.cfg
+        return MergeConfig(
+            experts=tuple(paths), merge=cfg.merge, model=self.base, out=self.out_dir,
+            generation=self.generation + 1, eval_domains=tuple(e for e in experts if e in known_domains()),
+            eval=cfg.eval, moe=cfg.moe, keys=cfg.keys, cache=cfg.cache,
+        )  # fmt: skip
+
     def _merge(self, paths: list[Path], experts: list[str]) -> None:
         nxt = self.generation + 1
-        merge_cfg = MergeConfig(
-            experts=tuple(paths), method=self.cfg.merge_method, density=self.cfg.merge_density,
-            model=self.base, out=self.out_dir, generation=nxt,
-            eval_domains=tuple(e for e in experts if e in known_domains()),
-            eval_blocks=self.cfg.eval_blocks, eval_block_size=self.cfg.eval_block_size,
-            mixture=self.cfg.mixture, router_blocks=self.cfg.router_blocks,
-            identity=self.cfg.identity, cache_dir=self.cfg.cache_dir,
-        )  # fmt: skip
         try:
-            self._merged = merge_experts(merge_cfg)
+            self._merged = merge_experts(self.merge_config(paths, experts))
         except Exception as e:  # MergeError: e.g. no expert is better than the base yet; try again later
             delay = self._failed()
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -320,12 +238,21 @@ class GenerationLoop:
             )  # fmt: skip
 
     def _published(self, final: Path) -> None:
+        """Take a finished merge: announced only if it verifies under this coordinator's key."""
         nxt = self.generation + 1
-        manifest = read_manifest(final)
+        try:
+            manifest = verify_manifest(final, self.identity.public_key)
+        except ManifestError as e:
+            delay = self._failed()
+            logger.warning(
+                "generation %d does not verify, not announced: %s; next try in %.0f s", nxt, e, delay
+            )
+            return
         sha = sha256_file(final / MANIFEST_FILE)
         self.published.append((manifest, sha, final))
         self.monitor.set_generations([summarize(m, s) for m, s, _ in self.published])
-        self.base, self.generation, self.started = str(final), nxt, time.monotonic()
+        self.base = str(final)
+        self.schedule.begin(nxt)
         self._backoff.succeeded()
         self.announce()
         logger.info("generation %d published (%s): %s", nxt, manifest.method, final)

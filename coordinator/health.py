@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from cogen.coordinator.config import CoordinatorConfig
 from cogen.coordinator.generations import GenerationLoop
 from cogen.coordinator.view import SwarmMonitor
-from cogen.core.config import CoordinatorConfig
 from cogen.core.health import Check, dht_check
 from cogen.core.periodic import PeriodicService
 from cogen.core.swarm import SwarmClient
@@ -69,7 +69,7 @@ class CoordinatorHealth:
                 if loop is not None
                 else Check("generations", False, "reading back its published generations")
             )  # fmt: skip
-        if not c.cfg.observer:
+        if not c.cfg.view.observer:
             announcing = c.announcer is not None and c.announcer.is_running()
             checks.append(
                 Check("announcing", announcing, "announcing the swarm" if announcing else "not yet")

@@ -24,6 +24,7 @@ from typing import Any
 import uvicorn
 
 from cogen.coordinator.api import create_app
+from cogen.coordinator.config import CoordinatorConfig
 from cogen.coordinator.generations import GenerationLoop
 from cogen.coordinator.health import CoordinatorHealth
 from cogen.coordinator.history import History
@@ -32,7 +33,6 @@ from cogen.coordinator.metrics import NodeScraper, make_registry
 from cogen.coordinator.view import SwarmMonitor
 from cogen.core.addresses import http_url, is_unspecified
 from cogen.core.atomic import write_json_atomic
-from cogen.core.config import CoordinatorConfig
 from cogen.core.http_service import ServerThread
 from cogen.core.models import cache_root
 from cogen.core.periodic import PeriodicService
@@ -132,10 +132,11 @@ class Coordinator:
 
     @property
     def name(self) -> str:
-        return "cogen dashboard" if self.cfg.observer else "cogen-coordinator"
+        return "cogen dashboard" if self.cfg.view.observer else "cogen-coordinator"
 
     def history_path(self) -> Path:
-        return self.cfg.history_path or cache_root() / f"history-{self.cfg.network.swarm}.sqlite3"
+        history, swarm = self.cfg.history, self.cfg.network.swarm
+        return history.history_path or cache_root(self.cfg.cache.cache_dir) / f"history-{swarm}.sqlite3"
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -144,16 +145,14 @@ class Coordinator:
         return self.api is not None and self.api.is_running()
 
     def merges(self) -> bool:
-        return (
-            not self.cfg.observer and (self.cfg.generation_s or self.cfg.generation_outer_steps) is not None
-        )
+        return not self.cfg.view.observer and self.cfg.schedule.ends_generations
 
     def p2p_identity(self) -> Path | None:
         """The key file that fixes this coordinator's peer id (observers need none)."""
-        if self.cfg.observer:
+        if self.cfg.view.observer:
             return None
-        if self.cfg.p2p_identity is not None:
-            return self.cfg.p2p_identity
+        if self.cfg.keys.p2p_identity is not None:
+            return self.cfg.keys.p2p_identity
         return Path(self.cfg.out_dir) / P2P_IDENTITY_FILE if self.merges() else None
 
     def known_peers_path(self) -> Path | None:
@@ -186,37 +185,41 @@ class Coordinator:
         if rejoin:
             logger.info("dialling %d peers known from before the restart", len(rejoin))
         self.client = client = SwarmClient(
-            cfg.network, client_mode=cfg.observer, identity_path=self.p2p_identity(), rejoin=rejoin
+            cfg.network, client_mode=cfg.view.observer, identity_path=self.p2p_identity(), rejoin=rejoin
         )
         try:
             check_compatible(client)
-            if cfg.keep_history:
-                self.history = History(self.history_path(), cfg.history_max_points, cfg.history_retention_s)
-            self.monitor = SwarmMonitor(client, cfg.poll_interval_s, cfg.stale_after_s, history=self.history)
+            if cfg.history.keep_history:
+                self.history = History(
+                    self.history_path(), cfg.history.history_max_points, cfg.history.history_retention_s
+                )
+            self.monitor = SwarmMonitor(
+                client, cfg.view.poll_interval_s, cfg.view.stale_after_s, history=self.history
+            )
             self.monitor.start()
-            self.scraper = NodeScraper(self.monitor, interval_s=max(cfg.poll_interval_s, 2.0))
+            self.scraper = NodeScraper(self.monitor, interval_s=max(cfg.view.poll_interval_s, 2.0))
             self.scraper.start()
             merging = self.merges()
             checkpoints = Path(cfg.out_dir) / GENERATIONS if merging else None
             registry = make_registry(self.monitor, self.scraper)
             app = create_app(
-                self.monitor, registry, observer=cfg.observer, checkpoints_dir=checkpoints,
+                self.monitor, registry, observer=cfg.view.observer, checkpoints_dir=checkpoints,
                 served=lambda: self.generations.served() if self.generations is not None else set(),
                 health=CoordinatorHealth(self),
             )  # fmt: skip
-            self.api = ApiServer(app, cfg.api_host, cfg.api_port)
+            self.api = ApiServer(app, cfg.api.api_host, cfg.api.api_port)
             self.api.start()
-            if not cfg.observer:  # what the swarm is told: reachable from other machines, never 0.0.0.0
+            if not cfg.view.observer:  # what the swarm is told: reachable from other machines, never 0.0.0.0
                 self.public_api_url = client.announce_url(
                     "the coordinator's API and checkpoints",
-                    cfg.api_host,
+                    cfg.api.api_host,
                     self.api.port,
-                    public_url=cfg.public_url,
+                    public_url=cfg.api.public_url,
                 )
             if merging:
                 self.generations = GenerationLoop(client, cfg, self.monitor, self.public_api_url)
             maddrs = client.visible_maddrs()
-            if cfg.observer:
+            if cfg.view.observer:
                 print(f"cogen dashboard: watching swarm {cfg.network.swarm!r} (read-only)", flush=True)
             else:
                 self._announce()
@@ -228,9 +231,9 @@ class Coordinator:
                 f"  dashboard: {self.api.url}/  (API: {self.api.url}/api/swarm, {self.api.url}/metrics)",
                 flush=True,
             )
-            if cfg.ready_file is not None:
+            if cfg.api.ready_file is not None:
                 write_json_atomic(
-                    cfg.ready_file,
+                    cfg.api.ready_file,
                     {
                         "initial_peers": maddrs,
                         "api_url": self.api.url,
@@ -278,7 +281,7 @@ class Coordinator:
             if self.generations is not None:
                 self.generations.poll()  # collecting needs the main thread; merging runs in the background
             now = time.monotonic()
-            if now - last_log >= self.cfg.log_interval_s:
+            if now - last_log >= self.cfg.view.log_interval_s:
                 snap = self.monitor.snapshot()
                 experts = ", ".join(f"{e.expert}:{e.members}" for e in snap.experts) or "none"
                 logger.info(

@@ -3,11 +3,13 @@
 CLI flags, ``COGEN_*`` environment variables and config files (JSON or TOML) all fill these same
 models (see :mod:`cogen.core.settings`); nothing is declared twice. Field names are unique across the
 concerns so that each has exactly one flag (``lora_rank`` -> ``--lora-rank`` / ``COGEN_LORA_RANK``).
+
+This module holds the node's models (:class:`NodeConfig` and its concerns) and what both sides share
+(:class:`NetworkConfig`, :class:`CacheConfig`); the coordinator's live in :mod:`cogen.coordinator.config`.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Literal
 
@@ -21,6 +23,15 @@ Precision = Literal["int8", "bf16", "fp32"]
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class CacheConfig(_Frozen):
+    """Where converted models (and, by default, keys and fetched bases) are kept on this machine."""
+
+    cache_dir: Path | None = Field(
+        default=None,
+        description="where converted models are cached (default: $COGEN_CACHE_DIR or ~/.cache/cogen)",
+    )
 
 
 class ModelConfig(_Frozen):
@@ -44,10 +55,7 @@ class ModelConfig(_Frozen):
     gradient_checkpointing: bool = Field(
         default=False, description="recompute activations in the backward pass to save memory"
     )
-    cache_dir: Path | None = Field(
-        default=None,
-        description="where converted models are cached (default: $COGEN_CACHE_DIR or ~/.cache/cogen)",
-    )
+    cache: CacheConfig = CacheConfig()
 
 
 class DataConfig(_Frozen):
@@ -249,178 +257,4 @@ class NodeConfig(_Frozen):
 
         if not is_name(value.expert) and not Path(value.expert).is_dir():
             raise ValueError(f"expert {value.expert!r} is neither a domain name nor an existing directory")
-        return value
-
-
-class CoordinatorConfig(_Frozen):
-    """Everything ``cogen-coordinator`` needs."""
-
-    network: NetworkConfig = NetworkConfig()
-    api_host: str = Field(
-        default="127.0.0.1",
-        description="address the HTTP API (dashboard, checkpoints) listens on; nodes on other machines fetch "
-        "bases from it, so bind a reachable address (0.0.0.0) in a swarm across machines",
-    )
-    public_url: str | None = Field(
-        default=None,
-        description="the URL other machines reach the HTTP API at, where a proxy stands in front of it "
-        "(default: http://<announce host or API host>:<API port>)",
-    )
-    api_port: int = Field(
-        default=8765,
-        ge=0,
-        le=65535,
-        description="HTTP port of the dashboard, API, /metrics, /healthz and /readyz (0: any free port)",
-    )
-    poll_interval_s: float = Field(default=2.0, gt=0, le=600, description="seconds between DHT reads")
-    stale_after_s: float = Field(
-        default=90.0, gt=0, description="a peer not heard from for this long is shown as stale"
-    )
-    log_interval_s: float = Field(default=30.0, gt=0, description="seconds between summary lines")
-    ready_file: Path | None = Field(
-        default=None, description="write the DHT multiaddrs and API URL here as JSON once serving"
-    )
-    observer: bool = Field(
-        default=False,
-        description="join as a read-only observer (a DHT client that announces nothing); `cogen dashboard`",
-    )
-    keep_history: bool = Field(
-        default=True, description="keep loss and averaging history in SQLite so it survives a restart"
-    )
-    history_path: Path | None = Field(
-        default=None,
-        description="SQLite file of the dashboard's history (default: <cache dir>/history-<swarm>.sqlite3)",
-    )
-    history_max_points: int = Field(
-        default=2000, ge=10, le=1_000_000, description="loss points kept per peer; older ones are pruned"
-    )
-    history_retention_s: float = Field(
-        default=7 * 86400.0, gt=0, description="history of peers not heard from for this long is dropped"
-    )
-    model: str = Field(default="smollm2-135m", description="the base of generation 0 (the nodes' --model)")
-    cache_dir: Path | None = Field(
-        default=None,
-        description="where converted models are cached (default: $COGEN_CACHE_DIR or ~/.cache/cogen)",
-    )
-    generation_s: float | None = Field(
-        default=None,
-        gt=0,
-        description="end a generation after this many seconds (unset: by outer steps only)",
-    )
-    generation_outer_steps: int | None = Field(
-        default=None, ge=1, description="end a generation once every expert group made this many outer steps"
-    )
-    max_generations: int | None = Field(default=None, ge=1, description="stop merging after this many")
-    merge_method: str = Field(
-        default="linear",
-        description="how experts are merged into the next base (linear: best dense merge in "
-        "bench/merging/quality.py on SmolLM2)",
-    )
-    merge_density: float = Field(
-        default=0.5, gt=0, le=1, description="fraction of each delta ties / dare keep"
-    )
-    eval_blocks: int = Field(default=8, ge=1, le=100_000, description="validation blocks per domain")
-    eval_block_size: int = Field(default=128, ge=8, le=32768, description="tokens per validation block")
-    mixture: bool = Field(
-        default=True, description="also build and publish the routed mixture of the experts (moe)"
-    )
-    router_blocks: int = Field(
-        default=16, ge=1, le=10_000, description="training blocks per domain the mixture's router learns from"
-    )
-    collect_timeout_s: float = Field(
-        default=60.0, gt=0, description="how long to wait for a group to share its state"
-    )
-    out_dir: Path = Field(
-        default=Path("runs/coordinator"), description="generations are published under OUT/generations/"
-    )
-    identity: Path | None = Field(
-        default=None,
-        description="the PEM key that signs manifests, created on first use "
-        "(default: <cache dir>/coordinator-identity.pem)",
-    )
-    p2p_identity: Path | None = Field(
-        default=None,
-        description="the libp2p key (mode 0600, created on first use) that keeps the coordinator's peer id, "
-        "and so the --initial-peers multiaddr nodes join with, the same across restarts (default: "
-        "OUT/p2p-identity.key when the coordinator merges generations, else a new id at each start)",
-    )
-
-    @field_validator("public_url")
-    @classmethod
-    def _http_url(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", value):
-            raise ValueError(f"public_url must be an http(s) URL without query, got {value!r}")
-        return value
-
-
-class MergeConfig(_Frozen):
-    """``cogen-coordinator merge``: fuse expert checkpoints on disk into a new base, offline."""
-
-    experts: tuple[Path, ...] = Field(
-        default=(),
-        validate_default=True,
-        description="expert checkpoints: a node's output directory (with `latest`) or a checkpoint directory",
-    )
-    method: str = Field(default="linear", description="merge method: dare, dare_ties, linear, ties")
-    density: float = Field(
-        default=0.5, gt=0, le=1, description="fraction of each delta kept by ties / dare (1: keep all)"
-    )
-    seed: int = Field(default=0, ge=0, description="seed of DARE's random drops (per module, order-free)")
-    majority_sign: Literal["total", "frequency"] = Field(
-        default="total", description="how ties / dare_ties elect each parameter's sign"
-    )
-    weights: tuple[float, ...] = Field(
-        default=(),
-        description="one weight per expert, in --experts order (default: from the evaluation, else equal)",
-    )
-    out: Path = Field(
-        default=Path("runs/merged"), description="publish under OUT/generations/gen-N, with OUT/latest"
-    )
-    generation: int | None = Field(
-        default=None,
-        ge=1,
-        description="generation number to publish (default: one above the parent's and OUT's newest)",
-    )
-    model: str | None = Field(
-        default=None, description="base model the experts are merged into (default: the experts' own)"
-    )
-    eval_domains: tuple[str, ...] = Field(
-        default=(), description="evaluate base, experts and merge on these domains' validation splits"
-    )
-    eval_blocks: int = Field(default=8, ge=1, le=100_000, description="validation blocks per domain")
-    eval_block_size: int = Field(default=128, ge=8, le=32768, description="tokens per validation block")
-    mixture: bool = Field(
-        default=True,
-        description="with --eval-domains, also build the routed mixture of the experts (moe), publish it "
-        "beside the dense base and record the better of the two in the manifest",
-    )
-    router_blocks: int = Field(
-        default=16, ge=1, le=10_000, description="training blocks per domain the mixture's router learns from"
-    )
-    rank_bootstrap: int = Field(
-        default=200, ge=0, le=100_000, description="bootstrap resamples behind the ranking's confidence"
-    )
-    identity: Path | None = Field(
-        default=None,
-        description="the coordinator's PEM private key, created on first use "
-        "(default: <cache dir>/coordinator-identity.pem)",
-    )
-    device: str = Field(default="cpu", description="torch device for merging and evaluation: cpu, cuda, auto")
-    cache_dir: Path | None = Field(
-        default=None,
-        description="where converted models are cached (default: $COGEN_CACHE_DIR or ~/.cache/cogen)",
-    )
-
-    @field_validator("experts")
-    @classmethod
-    def _some_experts(cls, value: tuple[Path, ...]) -> tuple[Path, ...]:
-        if not value:
-            raise ValueError("give at least one expert checkpoint directory")
-        return value
-
-    @field_validator("weights")
-    @classmethod
-    def _non_negative(cls, value: tuple[float, ...]) -> tuple[float, ...]:
-        if not all(0 <= w < float("inf") for w in value):  # NaN fails every comparison
-            raise ValueError("weights must be finite and non-negative")
         return value

@@ -92,7 +92,7 @@ class ExpertNode(TrainingLoop):
         cfg = self.cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        model_path = models.resolve_model(cfg.model.model, cfg.model.cache_dir)
+        model_path = models.resolve_model(cfg.model.model, cfg.model.cache.cache_dir)
         device = models.resolve_device(cfg.model.device)
         try:
             corpus = get_corpus(cfg.data.expert)

@@ -48,7 +48,9 @@ class BaseSwitching(NodeAnnouncing):
         if not cfg.follow:
             return None
         assert self.client is not None
-        bases_dir = cfg.bases_dir or models.cache_root(cfg.model.cache_dir) / "bases" / cfg.network.swarm
+        bases_dir = (
+            cfg.bases_dir or models.cache_root(cfg.model.cache.cache_dir) / "bases" / cfg.network.swarm
+        )
         mirror = None
         if cfg.serve_bases and not self.client.client_mode:  # behind NAT nobody could fetch from it
             host = cfg.serve_host or cfg.network.host

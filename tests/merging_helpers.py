@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from cogen.coordinator.config import MergeConfig
 from cogen.core import models
 from cogen.core.checkpoint import AdapterMetadata, save_adapter
 from cogen.core.config import ModelConfig
+from cogen.core.settings import build_config
 
 CPU = torch.device("cpu")
+
+
+def merge_config(**settings: Any) -> MergeConfig:
+    """An offline merge's config from flat settings, by flag name (``method="ties"``, ``identity=...``)."""
+    return build_config(MergeConfig, environ={}, **settings)
 
 
 def make_expert(

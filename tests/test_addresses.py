@@ -6,9 +6,10 @@ import logging
 
 import pytest
 
+from cogen.coordinator.config import ApiConfig
 from cogen.core import addresses
 from cogen.core.addresses import announced_host, http_url, maddr_host, peers_elsewhere, public_host
-from cogen.core.config import CoordinatorConfig, NetworkConfig
+from cogen.core.config import NetworkConfig
 from cogen.core.swarm import SwarmClient
 
 REMOTE = "/ip4/203.0.113.5/tcp/31337/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"
@@ -54,7 +55,7 @@ def test_announce_host_applies_to_the_dht_and_http_urls() -> None:
 
 
 def test_public_url_must_be_a_plain_http_url() -> None:
-    assert CoordinatorConfig(public_url="https://lab.example:8443/cogen").public_url
+    assert ApiConfig(public_url="https://lab.example:8443/cogen").public_url
     for bad in ("ftp://x", "http://x/?q=1", "lab.example"):
         with pytest.raises(ValueError, match="public_url"):
-            CoordinatorConfig(public_url=bad)
+            ApiConfig(public_url=bad)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Peers, get_json
-from merging_helpers import make_expert
+from merging_helpers import make_expert, merge_config
 from starlette.applications import Starlette
 from starlette.routing import Mount
 from starlette.testclient import TestClient
@@ -33,7 +33,7 @@ from cogen.coordinator.merging.publish import (
     remove_stale_temps,
 )
 from cogen.core.backoff import Backoff
-from cogen.core.config import MergeConfig, NetworkConfig
+from cogen.core.config import NetworkConfig
 from cogen.core.procs import ChildFailed, kill_group, read_json, tail, wait_for
 from cogen.core.swarm import NetworkError, SwarmClient, ensure_p2p_identity
 from cogen.protocols.hashing import sha256_file
@@ -78,8 +78,8 @@ def two_generations(tiny_path: str, tmp_path_factory: pytest.TempPathFactory) ->
     root = tmp_path_factory.mktemp("restore")
     experts = (make_expert(tiny_path, root / "a", 1), make_expert(tiny_path, root / "b", 2, expert="code"))
     common = dict(experts=experts, method="linear", out=root / "out", identity=root / "id.pem", device="cpu")
-    first = merge_experts(MergeConfig(**common))  # type: ignore[arg-type]
-    merge_experts(MergeConfig(**common, model=str(first)))  # type: ignore[arg-type]
+    first = merge_experts(merge_config(**common))
+    merge_experts(merge_config(**common, model=str(first)))
     return root / "out", root / "id.pem"
 
 

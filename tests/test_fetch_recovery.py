@@ -23,12 +23,12 @@ from typing import Any
 
 import pytest
 from hivemind.utils import get_dht_time
-from merging_helpers import make_expert
+from merging_helpers import make_expert, merge_config
 
 from cogen.coordinator.merging import Identity, merge_experts
 from cogen.coordinator.merging.manifest import sign_manifest
 from cogen.core.atomic import remove_stale_staging, staging_dir
-from cogen.core.config import FetchConfig, MergeConfig, NetworkConfig
+from cogen.core.config import FetchConfig, NetworkConfig
 from cogen.core.procs import wait_for
 from cogen.core.swarm import SwarmClient
 from cogen.node.fetch import FetchError
@@ -49,7 +49,7 @@ def served(tiny_path: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pa
     root = tmp_path_factory.mktemp("published")
     experts = (make_expert(tiny_path, root / "a", 1), make_expert(tiny_path, root / "b", 2, expert="code"))
     final = merge_experts(
-        MergeConfig(experts=experts, method="ties", out=root / "out", identity=root / "id.pem")
+        merge_config(experts=experts, method="ties", out=root / "out", identity=root / "id.pem")
     )
     return final, Identity.load_or_create(root / "id.pem").public_key
 

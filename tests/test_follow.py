@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 from hivemind.utils import get_dht_time
-from merging_helpers import make_expert
+from merging_helpers import make_expert, merge_config
 
 from cogen.coordinator.merging import Identity, merge_experts
-from cogen.core.config import MergeConfig
 from cogen.node.follow import MirrorServer, fetch_base
 from cogen.protocols import CheckpointSource
 from cogen.protocols.hashing import sha256_file
@@ -24,7 +23,7 @@ def served(tiny_path: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pa
     """A published generation under a served root, and the public key that signed it."""
     root = tmp_path_factory.mktemp("served")
     experts = (make_expert(tiny_path, root / "a", 1), make_expert(tiny_path, root / "b", 2, expert="code"))
-    cfg = MergeConfig(experts=experts, method="ties", out=root / "out", identity=root / "id.pem")
+    cfg = merge_config(experts=experts, method="ties", out=root / "out", identity=root / "id.pem")
     final = merge_experts(cfg)
     return final, Identity.load_or_create(root / "id.pem").public_key
 

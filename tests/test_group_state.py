@@ -12,7 +12,7 @@ import pytest
 import torch
 from hivemind.utils import MSGPackSerializer
 
-from cogen.coordinator.generations import CollectError, collect_expert, save_group_state
+from cogen.coordinator.collect import CollectError, collect_expert, save_group_state
 from cogen.core import models
 from cogen.core.checkpoint import latest_checkpoint, load_adapter, read_metadata
 from cogen.core.config import DataConfig, GroupConfig, ModelConfig, NetworkConfig, NodeConfig
@@ -127,6 +127,8 @@ def test_a_good_group_state_becomes_an_expert_checkpoint(tmp_path: Path) -> None
     assert (meta.expert, meta.base_model, meta.precision) == ("medical", "/bases/gen-000001", "int8")
     assert (meta.outer_step, meta.steps, meta.samples, meta.tokens) == (2, 6, 12, 384)
     assert (meta.first_loss, meta.train_loss) == (5.5, 4.25)
+    # the expert is recorded on the generation it trained on (the group state's), not generation 0
+    assert meta.generation == 1 and path.name.startswith("gen-000001-step-")
 
 
 def test_a_real_nodes_group_state_is_collected_by_the_coordinator(tmp_path: Path, tiny_path: str) -> None:

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 from hivemind.utils.crypto import RSAPublicKey
-from merging_helpers import make_expert
+from merging_helpers import make_expert, merge_config
 
 from cogen.coordinator.merging import Identity, ManifestError, merge_experts, verify_manifest
-from cogen.core.config import MergeConfig
 from cogen.protocols.manifest import MANIFEST_FILE, read_manifest
 
 
@@ -20,7 +19,7 @@ from cogen.protocols.manifest import MANIFEST_FILE, read_manifest
 def published(tiny_path: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("published")
     experts = (make_expert(tiny_path, root / "a", 1), make_expert(tiny_path, root / "b", 2, expert="code"))
-    cfg = MergeConfig(
+    cfg = merge_config(
         experts=experts, method="linear", out=root / "out", identity=root / "id.pem", device="cpu"
     )
     return merge_experts(cfg)

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from merging_helpers import CPU, make_expert
+from merging_helpers import CPU, make_expert, merge_config
 from peft.utils import merge_utils
 
+from cogen.coordinator.config import MergeConfig
 from cogen.coordinator.merging import EvalMatrix, MergeError, ranking_weights, registry, verify_manifest
 from cogen.coordinator.merging.dare import module_seed
 from cogen.coordinator.merging.experts import dense_delta, iter_deltas, load_experts
@@ -20,7 +21,6 @@ from cogen.coordinator.merging.publish import generation_dir
 from cogen.coordinator.merging.weights import ranking
 from cogen.core import models
 from cogen.core.checkpoint import load_adapter
-from cogen.core.config import MergeConfig
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +37,8 @@ def first_module(paths: list[Path]) -> tuple[str, list[torch.Tensor]]:
 
 
 def cfg(tmp_path: Path, experts: list[Path], **kw: object) -> MergeConfig:
-    return MergeConfig.model_validate(
-        {"experts": experts, "out": tmp_path / "out", "identity": tmp_path / "id.pem", "device": "cpu", **kw}
-    )
+    settings = {"experts": experts, "out": tmp_path / "out", "identity": tmp_path / "id.pem", "device": "cpu"}
+    return merge_config(**{**settings, **kw})
 
 
 def test_registry_names_and_errors() -> None:

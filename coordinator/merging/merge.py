@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from cogen.coordinator.config import MergeConfig
 from cogen.coordinator.merging import (  # noqa: F401 - register the built-in methods
     dare,
     linear,
@@ -40,7 +41,6 @@ from cogen.coordinator.merging.registry import MergeError, MergeMethod, MergePar
 from cogen.coordinator.merging.reproduce import reproduction
 from cogen.coordinator.merging.weights import confident_weights, format_matrix, format_ranking, ranking
 from cogen.core import models
-from cogen.core.config import MergeConfig
 from cogen.core.corpora import known_domains
 from cogen.protocols.manifest import BestModel, EvalMatrix, ExpertEntry, Manifest, ParentInfo
 from cogen.protocols.ranking import Ranking
@@ -83,7 +83,9 @@ def choose_weights(
 
 def rank(cfg: MergeConfig, experts: list[Expert], losses: BlockLosses) -> Ranking:
     """The full ranking from the evaluation, with the cheap one (training losses, delta statistics)."""
-    ranked = rank_experts(losses.base, losses.experts, bootstrap=cfg.rank_bootstrap, seed=cfg.seed)
+    ranked = rank_experts(
+        losses.base, losses.experts, bootstrap=cfg.merge.rank_bootstrap, seed=cfg.merge.seed
+    )
     training = {
         e.label: (e.metadata.first_loss, e.metadata.train_loss)
         if e.metadata.first_loss is not None and e.metadata.train_loss is not None
@@ -144,7 +146,9 @@ def build_routed(
     if len(chosen) < 2:
         logger.info("no routed mixture: it needs experts of two or more known domains")
         return base, None
-    examples = moe.training_blocks(list(by_domain), tokenizer, cfg.eval_block_size, cfg.router_blocks)
+    examples = moe.training_blocks(
+        list(by_domain), tokenizer, cfg.eval.eval_block_size, cfg.moe.router_blocks
+    )
     router = moe.train_router(base, {e.label: examples[e.metadata.expert] for e in chosen})
     mixture = moe.build_mixture(base, chosen, router)
     mixture_losses = losses(mixture, blocks)
@@ -171,10 +175,12 @@ def _best(mixture: Routed, matrix: EvalMatrix) -> BestModel:
 
 
 def merge_experts(cfg: MergeConfig) -> Path:
-    """Merge ``cfg.experts`` into their base with ``cfg.method`` and publish it; returns its directory."""
+    """Merge ``cfg.experts`` into their base with ``cfg.merge.method``, publish it; returns its directory."""
     started = time.monotonic()
+    options = cfg.merge
     method = create(
-        cfg.method, MergeParams(density=cfg.density, seed=cfg.seed, majority_sign=cfg.majority_sign)
+        options.method,
+        MergeParams(density=options.density, seed=options.seed, majority_sign=options.majority_sign),
     )
     experts = load_experts(cfg.experts)
     base_name = cfg.model or experts[0].metadata.base_model
@@ -182,14 +188,16 @@ def merge_experts(cfg: MergeConfig) -> Path:
         logger.warning(
             "merging into %s; the experts were trained on %s", cfg.model, experts[0].metadata.base_model
         )
-    identity = Identity.load_or_create(cfg.identity or models.cache_root(cfg.cache_dir) / IDENTITY_FILE)
-    path = models.resolve_model(base_name, cfg.cache_dir)
+    identity = Identity.load_or_create(
+        cfg.keys.identity or models.cache_root(cfg.cache.cache_dir) / IDENTITY_FILE
+    )
+    path = models.resolve_model(base_name, cfg.cache.cache_dir)
     parent_generation, parent_files, parent_manifest = parent_info(path)
     generation = cfg.generation or max(parent_generation, newest_generation(cfg.out)) + 1
     device = models.resolve_device(cfg.device)
     logger.info(
         "merging %d experts (%s) into %s with %s", len(experts), ", ".join(e.label for e in experts),
-        base_name, cfg.method,
+        base_name, options.method,
     )  # fmt: skip
     model = load_base_fp32(path, device)
     tokenizer = models.load_tokenizer(path)
@@ -197,7 +205,7 @@ def merge_experts(cfg: MergeConfig) -> Path:
     ranked: Ranking | None = None
     blocks: dict[str, torch.Tensor] = {}
     if cfg.eval_domains:
-        blocks = domain_blocks(cfg.eval_domains, tokenizer, cfg.eval_block_size, cfg.eval_blocks)
+        blocks = domain_blocks(cfg.eval_domains, tokenizer, cfg.eval.eval_block_size, cfg.eval.eval_blocks)
         model, matrix, per_block = evaluate_blocks(model, experts, blocks)
         ranked = rank(cfg, experts, per_block)
     weights, source = choose_weights(cfg, experts, ranked)
@@ -208,7 +216,7 @@ def merge_experts(cfg: MergeConfig) -> Path:
     if not kept:
         raise MergeError(f"every expert has weight 0 (from {source}); nothing to merge")
     mixture = None
-    if cfg.mixture and blocks:
+    if cfg.moe.mixture and blocks:
         model, mixture = build_routed(cfg, model, tokenizer, [e for e, _ in kept], blocks)
     merge_into(model, [e for e, _ in kept], [w for _, w in kept], method)
     best = None
@@ -223,7 +231,7 @@ def merge_experts(cfg: MergeConfig) -> Path:
             model=base_name, generation=parent_generation, files=parent_files, manifest_sha256=parent_manifest
         ),
         experts=[_entry(e, w) for e, w in zip(experts, weights, strict=True)],
-        method=cfg.method,
+        method=options.method,
         params=method.describe(),
         weight_source=source,
         evaluation=matrix,
@@ -242,7 +250,7 @@ def merge_experts(cfg: MergeConfig) -> Path:
     final = publish(model, tokenizer, cfg.out, manifest, identity, extra=extra)
     logger.info(
         "published generation %d (%s, %d of %d experts) at %s in %.1f s",
-        generation, cfg.method, len(kept), len(experts), final, time.monotonic() - started,
+        generation, options.method, len(kept), len(experts), final, time.monotonic() - started,
     )  # fmt: skip
     return final
 
