@@ -9,14 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from merging_helpers import make_expert
+from merging_helpers import make_expert, merge_config
 from safetensors.torch import load_file, save_file
 
 from cogen.coordinator.merging import Identity, merge_experts
 from cogen.coordinator.merging.manifest import sign_manifest
 from cogen.coordinator.merging.recompute import RecomputeError, recompute
 from cogen.coordinator.merging.reproduce import TOLERANCE
-from cogen.core.config import MergeConfig
 from cogen.protocols.manifest import (
     MANIFEST_FILE,
     Manifest,
@@ -36,9 +35,9 @@ def setup(tiny_path: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pat
         make_expert(tiny_path, root / "medical", 1, expert="medical"),
         make_expert(tiny_path, root / "legal", 2, expert="legal"),
     ]
-    cfg = MergeConfig.model_validate(
-        {"experts": experts, "out": root / "out", "identity": root / "id.pem", "device": "cpu",
-         "method": "dare_ties", "density": 0.6, "seed": 3, "weights": (1.0, 2.0)}
+    cfg = merge_config(
+        experts=experts, out=root / "out", identity=root / "id.pem", device="cpu", method="dare_ties",
+        density=0.6, seed=3, weights=(1.0, 2.0),
     )  # fmt: skip
     return merge_experts(cfg), experts, root / "id.pem"
 
