@@ -50,7 +50,6 @@ from cogen.coordinator.merging.ranking_votes import (
     vote,
     worst_if_not_finite,
 )
-from cogen.protocols.manifest import EvalMatrix
 from cogen.protocols.ranking import (
     CheapEntry,
     CheapRanking,
@@ -148,18 +147,6 @@ def rank_experts(
         domains=domains, per_domain=per_domain, overall=overall, bootstrap=bootstrap, level=level,
         seed=seed, alpha=alpha,
     )  # fmt: skip
-
-
-def rank_matrix(matrix: EvalMatrix, *, alpha: float = 0.1) -> Ranking:
-    """The full ranking from an :class:`EvalMatrix` alone (one value per domain: no bootstrap)."""
-
-    def one_block(losses: Mapping[str, float | None], domain: str) -> list[float]:
-        value = losses.get(domain)
-        return [math.nan if value is None else value]
-
-    base = {d: one_block(matrix.base, d) for d in matrix.domains}
-    experts = {e: {d: one_block(losses, d) for d in matrix.domains} for e, losses in matrix.experts.items()}
-    return rank_experts(base, experts, bootstrap=0, alpha=alpha)
 
 
 @dataclass(frozen=True)
