@@ -164,7 +164,3 @@ class History:
         if removed:
             logger.debug("history: pruned %d rows", removed)
         return removed
-
-    def count_points(self) -> int:
-        with self._lock:
-            return int(self._db.execute("SELECT COUNT(*) FROM loss_points").fetchone()[0])

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 from cogen.coordinator.history import History, RoundRow
 from cogen.coordinator.schemas import RoundSummary
 from cogen.core.swarm import Entry
+from cogen.protocols.records import GroupProgress, RoundReport
 
 ROUNDS_KEPT = 50  #: rounds per expert kept in memory (the last one is the group's current state)
 
@@ -36,38 +38,22 @@ class RoundBook:
             fields = {k: v for k, v in row.__dict__.items() if k != "expert"}
             self.add(row.expert, RoundSummary(**fields), persist=False)
 
-    def unseen(self, entries: Iterable[Entry]) -> Iterator[tuple[str, RoundSummary]]:
+    def unseen(self, entries: Iterable[Entry[Any]]) -> Iterator[tuple[str, RoundSummary]]:
         """(expert, round) of each round in ``groups`` records not seen before, marked seen as yielded.
 
-        Read defensively (by attribute) so the view works with and without group averaging."""
+        Reads the typed :class:`~cogen.protocols.records.GroupProgress` fields; a record of another kind
+        is skipped explicitly, as is a group record with no round yet (a node without averaging has
+        no ``groups`` record at all)."""
         for entry in entries:
-            rec, last = entry.record, getattr(entry.record, "last_round", None)
-            expert = getattr(rec, "expert", None)
-            if last is None or not isinstance(expert, str):
+            rec = entry.record
+            if not isinstance(rec, GroupProgress) or rec.last_round is None:
                 continue
-            generation = getattr(rec, "generation", 0)
-            key = (
-                expert,
-                generation if isinstance(generation, int) else 0,
-                int(last.outer_step),
-                bool(last.ok),
-            )
+            last = rec.last_round
+            key = (rec.expert, rec.generation, last.outer_step, last.ok)
             if key in self._seen:
                 continue
             self._seen.add(key)
-            yield (
-                expert,
-                RoundSummary(
-                    outer_step=key[2],
-                    generation=key[1],
-                    finished_at=float(last.time),
-                    group_size=int(last.group_size),
-                    duration_s=float(last.duration_s),
-                    bytes_sent=int(last.bytes_sent),
-                    ok=key[3],
-                    error=str(getattr(last, "reason", "")) or None,
-                ),
-            )
+            yield rec.expert, _summary(rec.generation, last)
 
     def add(self, expert: str, summary: RoundSummary, persist: bool) -> None:
         self._rounds.setdefault(expert, deque(maxlen=ROUNDS_KEPT)).append(summary)
@@ -80,3 +66,17 @@ class RoundBook:
     def copy(self) -> tuple[dict[str, list[RoundSummary]], dict[str, list[int]]]:
         """The last rounds and the totals ([ok, failed, bytes sent]) of each expert, as copies."""
         return {e: list(r) for e, r in self._rounds.items()}, {e: list(t) for e, t in self._totals.items()}
+
+
+def _summary(generation: int, last: RoundReport) -> RoundSummary:
+    """What the monitor shows of a group's round (the report of its first reporting member)."""
+    return RoundSummary(
+        outer_step=last.outer_step,
+        generation=generation,
+        finished_at=last.time,
+        group_size=last.group_size,
+        duration_s=last.duration_s,
+        bytes_sent=last.bytes_sent,
+        ok=last.ok,
+        error=last.reason or None,
+    )

@@ -2,7 +2,9 @@
 
 - ``config.py``     — one frozen config model per concern; ``settings.py`` fills them from flags/env/files
 - ``models.py``     — model names -> weights (SmolLM2 from GGUF, tiny), 8-bit loading, LoRA, 8-bit optimizer
-- ``corpora.py``    — the domain registry (medical, legal, code, literature, or a directory)
+- ``corpora.py``    — the domain registry (medical, legal, code, literature, or a directory);
+  ``documents.py`` — what a corpus and its documents are; ``builtin_corpora.py`` — the built-in
+  domains, read from installed packages; ``directory_corpus.py`` — a local directory as a corpus
 - ``data.py``       — deterministic split, sharding, tokenising and packing into blocks
 - ``checkpoint.py`` — adapter checkpoints: safetensors + JSON metadata, atomic
 - ``atomic.py``     — atomic writes: a directory (staged, fsynced, renamed; leftovers of a kill removed),

@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 from transformers import GPT2Tokenizer, PreTrainedTokenizerBase
 
-from cogen.core.corpora import Corpus, Document
+from cogen.core.documents import Corpus, Document
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,8 @@
 - ``group_state.py`` — :class:`GroupState`: the group's shared state: joining, resuming, copies, exact sync
 - ``wire.py``     — wire compression of pseudo-gradients and the check of each averaging round
 - ``trainer.py``  — :class:`ExpertTrainer`: inner steps on the expert's adapters
-- ``resume.py``   — the node's full training state on disk: saved every few outer steps, resumed on restart
+- ``training_state.py`` — the node's full training state on disk (schema, atomic save, verified read)
+- ``resume.py``   — which saved state a restarted node resumes from, and putting it back
 - ``shards.py``   — :func:`claim_shard`: a data shard no other group member reads, renewed while training
 - ``follow.py``   — :class:`BaseFollower`: newer generations found, fetched and verified; the base mirror
 - ``fetch.py``    — :func:`fetch_base`: one base from one source, bounded by its signed sizes, all or nothing

@@ -23,8 +23,9 @@ from cogen.core import models
 from cogen.node.announcing import NodeAnnouncing
 from cogen.node.follow import Base, BaseFollower, MirrorServer, read_key
 from cogen.node.group import GroupAverager
-from cogen.node.resume import SavedState, base_identity, find_state, restore
+from cogen.node.resume import base_identity, find_state, restore
 from cogen.node.trainer import ExpertTrainer
+from cogen.node.training_state import SavedState
 from cogen.protocols import GroupStateInfo
 from cogen.protocols.keys import group_prefix
 

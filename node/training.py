@@ -18,9 +18,9 @@ import torch
 
 from cogen.core.checkpoint import AdapterMetadata, save_adapter
 from cogen.core.telemetry import format_bytes, peak_memory_bytes
-from cogen.node.resume import TrainingState, save_state
 from cogen.node.switching import BaseSwitching
 from cogen.node.trainer import ExpertTrainer
+from cogen.node.training_state import TrainingState, save_state
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class TrainingLoop(BaseSwitching):
         return True
 
     def _save_state(self, trainer: ExpertTrainer, lock_timeout_s: float | None = None) -> Path:
-        """Save the full training state (see :mod:`cogen.node.resume`)."""
+        """Save the full training state (see :mod:`cogen.node.training_state`)."""
         assert self.client is not None
         cfg, group = self.cfg, self.group
         meta = TrainingState(

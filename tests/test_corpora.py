@@ -10,16 +10,10 @@ from pathlib import Path
 import pytest
 
 from cogen.core import corpora
-from cogen.core.corpora import (
-    Corpus,
-    CorpusPackageMissingError,
-    DirectoryCorpus,
-    Document,
-    ICD10Corpus,
-    get_corpus,
-    known_domains,
-    register_domain,
-)
+from cogen.core.builtin_corpora import CorpusPackageMissingError, ICD10Corpus
+from cogen.core.corpora import get_corpus, known_domains, register_domain
+from cogen.core.directory_corpus import DirectoryCorpus
+from cogen.core.documents import Corpus, Document
 
 BUILTIN = ["medical", "legal", "code", "literature"]
 ID_PREFIX = {"medical": "icd10:", "legal": "license:", "code": "stdlib:", "literature": "kjv:"}

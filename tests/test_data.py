@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from cogen.core.corpora import DirectoryCorpus, get_corpus
+from cogen.core.corpora import get_corpus
 from cogen.core.data import (
     TrainStream,
     gpt2_tokenizer,
@@ -21,6 +21,7 @@ from cogen.core.data import (
     train_batches,
     validation_blocks,
 )
+from cogen.core.directory_corpus import DirectoryCorpus
 
 BUILTIN = ["medical", "legal", "code", "literature"]
 MARKER = re.compile(r"\bzxq(\d{3})\b")

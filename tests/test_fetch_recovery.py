@@ -1,12 +1,12 @@
 """Base downloads that recover: real HTTP donors that die, trickle or lie, real DHT records, real kills.
 
-A donor is a real ``ThreadingHTTPServer`` over a copy of a published tiny-model generation that misbehaves
-on its weight file; nothing in the download path is mocked.
+A donor (``fetch_donors.py``) is a real ``ThreadingHTTPServer`` over a copy of a published tiny-model
+generation that misbehaves on its weight file; nothing in the download path is mocked. The order in
+which a follower tries sources is ``test_sources.py``.
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
 import json
 import os
@@ -14,18 +14,15 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hivemind.utils import get_dht_time
-from merging_helpers import make_expert, merge_config
+from fetch_donors import WEIGHTS, Donor, empty_but, publish_generation
 
-from cogen.coordinator.merging import Identity, merge_experts
+from cogen.coordinator.merging import Identity
 from cogen.coordinator.merging.manifest import sign_manifest
 from cogen.core.atomic import remove_stale_staging, staging_dir
 from cogen.core.config import FetchConfig, NetworkConfig
@@ -33,119 +30,17 @@ from cogen.core.procs import wait_for
 from cogen.core.swarm import SwarmClient
 from cogen.node.fetch import FetchError
 from cogen.node.follow import BaseFollower, fetch_base
-from cogen.node.sources import SourceBook
 from cogen.protocols import CheckpointSource, SwarmInfo
 from cogen.protocols.hashing import sha256_file
 from cogen.protocols.manifest import MANIFEST_FILE, Manifest, ManifestError, verify_manifest
 
-PEER = "12D3KooWSb9uUfn3yQrD2xTJmUFr4PbYBb7oYbP2pCSs3rGqCwTq"
-WEIGHTS = "model.safetensors"
 FAST = FetchConfig(fetch_timeout_s=20, fetch_backoff_s=0.5, fetch_backoff_max_s=1.0)
 
 
 @pytest.fixture(scope="module")
 def served(tiny_path: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """A published generation, and the public key that signed it."""
-    root = tmp_path_factory.mktemp("published")
-    experts = (make_expert(tiny_path, root / "a", 1), make_expert(tiny_path, root / "b", 2, expert="code"))
-    final = merge_experts(
-        merge_config(experts=experts, method="ties", out=root / "out", identity=root / "id.pem")
-    )
-    return final, Identity.load_or_create(root / "id.pem").public_key
-
-
-class Donor:
-    """A real HTTP server over ``root`` that serves ``WEIGHTS`` ``how``: ``serve`` (properly), ``die``
-    (half of it, then the server closes the connection and stops listening), ``trickle`` (2 kB/s),
-    ``endless`` (no length, zeros until the client hangs up) or ``liar`` (a longer Content-Length, then
-    nothing). The first ``fail_first`` requests get 503."""
-
-    def __init__(self, root: Path, how: str = "serve", fail_first: int = 0):
-        self.root, self.how, self.fail_first = root, how, fail_first
-        self.requests: list[tuple[float, str]] = []
-        self.sent = 0
-        self.release = threading.Event()
-        self.done = threading.Event()  # a misbehaving response ended
-        self.server = ThreadingHTTPServer(
-            ("127.0.0.1", 0), functools.partial(_Handler, self, directory=str(root))
-        )
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
-
-    def source(self, generation: int = 1) -> CheckpointSource:
-        sha = sha256_file(self.root / MANIFEST_FILE)
-        return CheckpointSource(
-            peer_id=PEER, generation=generation, manifest_sha256=sha, url=self.url, time=get_dht_time()
-        )
-
-    def asked(self, name: str) -> list[float]:
-        return [t for t, n in self.requests if n == name]
-
-    def stop(self) -> None:
-        self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
-
-
-class _Handler(SimpleHTTPRequestHandler):
-    def __init__(self, donor: Donor, *args: Any, **kwargs: Any):
-        self.donor = donor
-        super().__init__(*args, **kwargs)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def do_GET(self) -> None:
-        donor, name = self.donor, self.path.rsplit("/", 1)[-1]
-        donor.requests.append((time.monotonic(), name))
-        if donor.fail_first > 0:
-            donor.fail_first -= 1
-            self.send_error(503)
-            return
-        if name != WEIGHTS or donor.how == "serve":
-            super().do_GET()
-            return
-        data = (donor.root / WEIGHTS).read_bytes()
-        self.send_response(200)
-        if donor.how != "endless":
-            self.send_header("Content-Length", str(len(data) + (donor.how == "liar")))
-        self.end_headers()
-        try:
-            getattr(self, f"_{donor.how}")(data)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client gave up
-        finally:
-            donor.done.set()
-
-    def _send(self, block: bytes) -> None:
-        self.wfile.write(block)
-        self.wfile.flush()
-        self.donor.sent += len(block)
-
-    def _die(self, data: bytes) -> None:
-        self._send(data[: len(data) // 2])
-        self.close_connection = True
-
-        def stop_listening() -> None:
-            self.donor.server.shutdown()
-            self.donor.server.server_close()
-
-        threading.Thread(target=stop_listening, daemon=True).start()
-
-    def _trickle(self, data: bytes) -> None:
-        for i in range(0, len(data), 100):
-            if self.donor.release.wait(0.05):
-                return
-            self._send(data[i : i + 100])
-
-    def _endless(self, data: bytes) -> None:
-        zeros = bytes(1 << 20)
-        for _ in range(1024):  # 1 GiB, unless the client stops reading
-            self._send(zeros)
-
-    def _liar(self, data: bytes) -> None:
-        self.donor.release.wait(60)
+    return publish_generation(tiny_path, tmp_path_factory.mktemp("published"))
 
 
 @pytest.fixture
@@ -163,11 +58,6 @@ def donors(served: tuple[Path, str], tmp_path: Path) -> Iterator[Callable[..., D
         donor.release.set()
         if donor.server.socket.fileno() != -1:
             donor.stop()
-
-
-def _empty_but(bases: Path, *keep: Path) -> bool:
-    """Nothing in the cache but the fully verified directories ``keep``: no staging dir, no partial file."""
-    return sorted(bases.iterdir()) == sorted(keep) if bases.is_dir() else not keep
 
 
 @pytest.fixture
@@ -228,7 +118,7 @@ def test_a_donor_that_dies_half_way_is_left_for_another_source(
     assert dying.asked(WEIGHTS) and 0 < dying.sent < (served[0] / WEIGHTS).stat().st_size  # it did die
     assert mirror.asked(WEIGHTS)  # the weights came from the mirror
     verify_manifest(base.path, served[1])
-    assert _empty_but(bases, base.path)  # no partial file, no staging directory
+    assert empty_but(bases, base.path)  # no partial file, no staging directory
     assert follower.sources.failures(dying.source()) >= 1  # a transfer failure: retried after backoff
     assert not follower.sources.is_distrusted(dying.source())
 
@@ -252,7 +142,7 @@ def test_a_failed_source_is_retried_after_its_backoff_while_a_wrong_one_is_skipp
     finally:
         follower.stop()
     base = follower.take()
-    assert base is not None and _empty_but(tmp_path / "bases", base.path)
+    assert base is not None and empty_but(tmp_path / "bases", base.path)
     tries = flaky.asked(MANIFEST_FILE)
     assert len(tries) == 3 and flaky.asked(WEIGHTS)  # two refusals, then the whole generation
     assert min(b - a for a, b in itertools.pairwise(tries)) >= 0.5 * FAST.fetch_backoff_s
@@ -272,7 +162,7 @@ def test_a_trickling_donor_is_abandoned_by_its_deadline(
     elapsed = time.monotonic() - started
     deadline = cfg.fetch_grace_s + size / cfg.fetch_min_rate
     assert deadline <= elapsed < deadline + 5  # the deadline, not the socket timeout, nor the whole trickle
-    assert _empty_but(tmp_path / "bases")
+    assert empty_but(tmp_path / "bases")
 
 
 def test_a_file_longer_than_declared_is_refused_without_reading_it_all(
@@ -289,7 +179,7 @@ def test_a_file_longer_than_declared_is_refused_without_reading_it_all(
     with pytest.raises(ManifestError, match=rf"is {size + 1} bytes, more than its declared {size} bytes"):
         fetch_base(liar.source(), tmp_path / "bases", served[1], FAST)
     assert time.monotonic() - started < FAST.fetch_timeout_s / 2  # refused on its header, before any body
-    assert _empty_but(tmp_path / "bases")
+    assert empty_but(tmp_path / "bases")
 
 
 def test_an_interrupted_download_leaves_nothing_in_the_cache(
@@ -298,7 +188,7 @@ def test_an_interrupted_download_leaves_nothing_in_the_cache(
     bases = tmp_path / "bases"
     with pytest.raises(FetchError, match=r"ended after \d+ of \d+ bytes"):  # the donor died half-way
         fetch_base(donors("die").source(), bases, served[1], FAST)
-    assert _empty_but(bases)
+    assert empty_but(bases)
 
     def interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
@@ -311,7 +201,7 @@ def test_an_interrupted_download_leaves_nothing_in_the_cache(
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
-    assert _empty_but(bases)
+    assert empty_but(bases)
 
 
 def test_a_killed_download_is_cleaned_when_the_follower_starts(
@@ -343,7 +233,7 @@ def test_a_killed_download_is_cleaned_when_the_follower_starts(
         follower.start()
         follower.stop()
         assert not staging.exists() and live.is_dir()
-    assert _empty_but(bases)
+    assert empty_but(bases)
     assert remove_stale_staging(bases) == []
 
 
@@ -372,47 +262,7 @@ def test_an_old_manifest_without_sizes_still_verifies_and_is_fetched_under_the_c
     small = FetchConfig(max_unsized_file_bytes=(old / WEIGHTS).stat().st_size - 1)
     with pytest.raises(ManifestError, match="cap of unsized files"):
         fetch_base(donor.source(), tmp_path / "other", key, small)
-    assert _empty_but(tmp_path / "other")
-
-
-def test_sources_are_ordered_by_what_the_coordinator_and_the_majority_announce() -> None:
-    now = [0.0]
-    book = SourceBook(
-        FetchConfig(fetch_backoff_s=2, fetch_backoff_max_s=10, distrust_s=100), clock=lambda: now[0]
-    )
-    good, forged = "a" * 64, "b" * 64
-
-    def source(url: str, generation: int, sha: str, time: float = 1.0) -> CheckpointSource:
-        return CheckpointSource(peer_id=PEER, generation=generation, manifest_sha256=sha, url=url, time=time)
-
-    coordinator = source("http://c/", 3, good)
-    mirror = source("http://m/", 3, good)
-    loud = source("http://x/", 3, forged, time=1e9)  # claims to be the freshest
-    newer = source("http://y/", 9, forged)  # claims a generation the coordinator does not announce
-    announced = [(b"c", coordinator), (b"m", mirror), (b"x", loud), (b"y", newer)]
-    order = book.order(announced, endorsed={(3, good)})
-    assert {s.url for s in order[:2]} == {"http://c/", "http://m/"} and order[2:] == [newer, loud]
-    without = book.order(announced, endorsed=set())  # no coordinator: newest first, then the majority
-    assert without[0] == newer and {s.url for s in without[1:3]} == {"http://c/", "http://m/"}
-    # backoff: jittered within [50 %, 100 %] of a doubling delay, capped
-    delays = [book.transfer_failed(coordinator) for _ in range(5)]
-    assert [2 * 2**i * 0.5 <= d <= 2 * 2**i for i, d in enumerate(delays[:3])] == [True] * 3
-    assert all(5 <= d <= 10 for d in delays[3:])
-    assert not book.usable(coordinator) and book.order(announced, {(3, good)})[0] == mirror
-    now[0] += 10.0
-    assert book.usable(coordinator) and book.failures(coordinator) == 5
-    assert book.order(announced, {(3, good)})[0] == mirror  # fewer past failures first
-    # distrust: long but expiring, and only for that (url, sha)
-    book.distrust(loud)
-    assert book.is_distrusted(loud) and loud not in book.order(announced, set())
-    assert book.usable(source("http://x/", 3, good))
-    now[0] += 101.0
-    assert not book.is_distrusted(loud) and book.usable(loud)
-    book.succeeded(coordinator)
-    assert book.failures(coordinator) == 0
-    # this host's own failure (disk full) holds every source back
-    book.local_failed()
-    assert book.order(announced, {(3, good)}) == []
+    assert empty_but(tmp_path / "other")
 
 
 def test_a_full_disk_is_this_hosts_failure_and_leaves_nothing(
@@ -439,4 +289,4 @@ def test_a_full_disk_is_this_hosts_failure_and_leaves_nothing(
     )  # fmt: skip
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["local"] and "cannot write" in result["error"] and WEIGHTS in result["error"]
-    assert _empty_but(bases)
+    assert empty_but(bases)

@@ -1,47 +1,33 @@
-"""Outer steps between real hivemind averagers (each with its own DHT process) on 127.0.0.1."""
+"""Outer steps between real hivemind averagers (each with its own DHT process) on 127.0.0.1.
+
+The members and the retried rounds among them are ``group_members.py``.
+"""
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import hivemind
 import pytest
 import torch
+from group_members import (
+    SHAPES,
+    Member,
+    complete,
+    expected_anchor,
+    retrying,
+    seeded_deltas,
+    start_members,
+    step_all,
+)
 from hivemind.compression import CompressionInfo, deserialize_torch_tensor
 
 from cogen.core.config import GroupConfig
-from cogen.node.group import GroupAverager
 from cogen.node.wire import SAMPLE_MAX, RoundVerifier, all_finite, estimate_bytes_sent, wire_compression
 from cogen.protocols import RoundReport
-
-SHAPES = [(64, 512), (300,), (16, 64)]  # one 8-bit tensor, two small fp16 ones
-
-
-class Member:
-    def __init__(self, dht: hivemind.DHT, cfg: GroupConfig, prefix: str):
-        self.dht = dht
-        self.params = [torch.nn.Parameter(torch.ones(shape), requires_grad=False) for shape in SHAPES]
-        self.group = GroupAverager(dht, prefix, self.params, cfg)
-
-    def train(self, delta: list[torch.Tensor]) -> None:
-        """Pretend to have trained: weights = anchor - delta."""
-        with torch.no_grad():
-            for p, a, d in zip(self.params, self.group.anchor_state(), delta, strict=True):
-                p.copy_(a - d)
-
-
-def _members(n: int, cfg: GroupConfig, prefix: str) -> list[Member]:
-    first = hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
-    dhts = [first] + [
-        hivemind.DHT(
-            host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=first.get_visible_maddrs(), start=True
-        )
-        for _ in range(n - 1)
-    ]
-    return [Member(dht, cfg, prefix) for dht in dhts]
 
 
 @pytest.fixture
@@ -56,7 +42,7 @@ def make_group() -> Iterator:
             "sync_every": 1000,
         }
         cfg = GroupConfig.model_validate({**settings, **overrides})
-        members = _members(n, cfg, prefix)
+        members = start_members(n, cfg, prefix)
         made.extend(members)
         return members
 
@@ -66,94 +52,16 @@ def make_group() -> Iterator:
         member.dht.shutdown()
 
 
-Snapshot = tuple[list[torch.Tensor], list[torch.Tensor], int, int, list[torch.Tensor]]
-
-
-def _snapshot(member: Member) -> Snapshot:
-    g = member.group
-    return (
-        g.anchor_state(),
-        g.momentum_state(),
-        g.outer_step,
-        g.samples_at_anchor,
-        [p.detach().clone() for p in member.params],
-    )
-
-
-def _rewind(member: Member, snap: Snapshot) -> None:
-    anchor, momentum, step, samples, params = snap
-    member.group.restore(anchor, momentum, step, samples)
-    with torch.no_grad():
-        for p, saved in zip(member.params, params, strict=True):
-            p.copy_(saved)
-
-
-def _retrying(
-    members: list[Member],
-    attempt: Callable[[], list[RoundReport]],
-    accept: Callable[[list[RoundReport]], bool],
-) -> list[RoundReport]:
-    """Run one round on all members until ``accept`` holds, within a deadline. On a loaded machine
-    hivemind sometimes returns a partial round ("received 3.9% results"), which cogen refuses; in a swarm
-    the next round covers it. Here every member is rewound to the state before the round and the same
-    round is tried again, so that what the tests assert about a round holds for a complete one."""
-    snaps = [_snapshot(m) for m in members]
-    deadline = time.monotonic() + 120
-    while True:
-        reports = attempt()
-        if accept(reports) or time.monotonic() > deadline:
-            return reports
-        for member, snap in zip(members, snaps, strict=True):
-            _rewind(member, snap)
-
-
-def _complete(reports: list[RoundReport]) -> bool:
-    return all(r.ok and r.group_size == len(reports) for r in reports)
-
-
-def _step_all(
-    members: list[Member], weights: list[float], accept: Callable[[list[RoundReport]], bool] = _complete
-) -> list[RoundReport]:
-    """One blocking outer step on every member at once; ``weights`` = samples since the last one.
-    Retried (see :func:`_retrying`) until ``accept``: by default, every member applied it in one group."""
-
-    def attempt() -> list[RoundReport]:
-        totals = [m.group.samples_at_anchor + int(w) for m, w in zip(members, weights, strict=True)]
-        with ThreadPoolExecutor(len(members)) as pool:
-            return list(
-                pool.map(lambda mt: mt[0].group.outer_step_now(mt[1]), zip(members, totals, strict=True))
-            )
-
-    return _retrying(members, attempt, accept)
-
-
-def _deltas(seed: int) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(shape, generator=g) * 0.01 for shape in SHAPES]
-
-
-def _expected_anchor(
-    deltas: list[list[torch.Tensor]], weights: list[float], cfg: GroupConfig
-) -> list[torch.Tensor]:
-    """First outer step from anchor = 1: momentum = avg, update = avg + mu * momentum."""
-    total = sum(weights)
-    out = []
-    for i in range(len(SHAPES)):
-        avg = sum(w * d[i] for w, d in zip(weights, deltas, strict=True)) / total
-        out.append(torch.ones(SHAPES[i]) - cfg.outer_lr * (1 + cfg.outer_momentum) * avg)
-    return out
-
-
 @pytest.mark.parametrize(("compression", "tolerance"), [("none", 1e-5), ("8bit", 2e-3)])
 def test_members_apply_the_weighted_mean(make_group, compression: str, tolerance: float) -> None:
     members = make_group(3, f"mean{compression}", compression=compression)
-    deltas = [_deltas(seed) for seed in range(3)]
+    deltas = [seeded_deltas(seed) for seed in range(3)]
     weights = [1.0, 2.0, 5.0]  # samples since the last outer step: a fast node counts more
     for member, delta in zip(members, deltas, strict=True):
         member.train(delta)
-    reports = _step_all(members, weights)
+    reports = step_all(members, weights)
     assert all(r.ok and r.group_size == 3 for r in reports), reports
-    expected = _expected_anchor(deltas, weights, members[0].group.cfg)
+    expected = expected_anchor(deltas, weights, members[0].group.cfg)
     for member in members:
         assert member.group.outer_step == 1
         for got, want, p in zip(member.group.anchor_state(), expected, member.params, strict=True):
@@ -172,18 +80,18 @@ def test_members_apply_the_weighted_mean(make_group, compression: str, tolerance
 
 def test_a_member_with_nan_is_left_out_and_does_not_poison_the_group(make_group) -> None:
     members = make_group(3, "poison", compression="none")
-    deltas = [_deltas(seed) for seed in range(3)]
+    deltas = [seeded_deltas(seed) for seed in range(3)]
     deltas[1][0][0, 0] = float("nan")
     for member, delta in zip(members, deltas, strict=True):
         member.train(delta)
-    reports = _step_all(  # the round the test is about: the two finite members average, the third is left out
+    reports = step_all(  # the round the test is about: the two finite members average, the third is left out
         members,
         [1.0, 1.0, 1.0],
         lambda r: not r[1].ok and all(r[i].ok and r[i].group_size == 2 for i in (0, 2)),
     )
     assert not reports[1].ok and "non-finite" in reports[1].reason
     assert reports[0].ok and reports[2].ok and reports[0].group_size == 2
-    expected = _expected_anchor([deltas[0], deltas[2]], [1.0, 1.0], members[0].group.cfg)
+    expected = expected_anchor([deltas[0], deltas[2]], [1.0, 1.0], members[0].group.cfg)
     for member in (members[0], members[2]):
         for got, want in zip(member.group.anchor_state(), expected, strict=True):
             assert torch.isfinite(got).all() and torch.allclose(got, want, atol=1e-5)
@@ -194,7 +102,7 @@ def test_a_member_with_nan_is_left_out_and_does_not_poison_the_group(make_group)
 def test_an_incomplete_average_is_detected_and_not_applied(make_group) -> None:
     (member,) = make_group(1, "verify", compression="8bit")
     group = member.group
-    mine, theirs = _deltas(1), _deltas(2)
+    mine, theirs = seeded_deltas(1), seeded_deltas(2)
     mean = [(a + b) / 2 for a, b in zip(mine, theirs, strict=True)]
     gathered = [{"step": 0, "weight": 1.0, "proj": c.projections, "sq": c.sq_norms}
                 for c in (group.verifier.checks(mine), group.verifier.checks(theirs))]  # fmt: skip
@@ -242,8 +150,8 @@ def test_sampled_checks_catch_a_part_left_local_and_any_nan() -> None:
 def test_a_late_joiner_loads_the_group_state(make_group) -> None:
     members = make_group(2, "join", compression="none")
     for member, seed in zip(members, (1, 2), strict=True):
-        member.train(_deltas(seed))
-    assert all(r.ok for r in _step_all(members, [1.0, 1.0]))
+        member.train(seeded_deltas(seed))
+    assert all(r.ok for r in step_all(members, [1.0, 1.0]))
     joiner = Member(
         hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=members[0].dht.get_visible_maddrs(),
                      start=True),
@@ -271,10 +179,10 @@ def test_byte_estimate_reflects_the_wire_format() -> None:
 
 def test_overlapped_rounds_keep_the_progress_made_while_averaging(make_group) -> None:
     members = make_group(2, "overlap", compression="none")
-    deltas = [_deltas(seed) for seed in (1, 2)]
+    deltas = [seeded_deltas(seed) for seed in (1, 2)]
     for member, delta in zip(members, deltas, strict=True):
         member.train(delta)
-    progress = [_deltas(seed + 10) for seed in (1, 2)]
+    progress = [seeded_deltas(seed + 10) for seed in (1, 2)]
 
     def attempt() -> list[RoundReport]:
         with ThreadPoolExecutor(2) as pool:
@@ -287,9 +195,9 @@ def test_overlapped_rounds_keep_the_progress_made_while_averaging(make_group) ->
         with ThreadPoolExecutor(2) as pool:
             return [r for r in pool.map(lambda m: m.group.finish_round(), members) if r is not None]
 
-    reports = _retrying(members, attempt, lambda r: len(r) == 2 and _complete(r))
+    reports = retrying(members, attempt, lambda r: len(r) == 2 and complete(r))
     assert all(r is not None and r.ok and r.group_size == 2 for r in reports), reports
-    anchor = _expected_anchor(deltas, [10.0, 10.0], members[0].group.cfg)
+    anchor = expected_anchor(deltas, [10.0, 10.0], members[0].group.cfg)
     for member, extra in zip(members, progress, strict=True):
         for got, want in zip(member.group.anchor_state(), anchor, strict=True):
             assert torch.allclose(got, want, atol=1e-5)
@@ -309,12 +217,12 @@ def test_drift_between_lossy_members_is_reported_and_stays_bounded(make_group) -
     spreads: list[float] = []  # between syncs: the largest difference between two members' anchors
     for step in range(1, steps + 1):
         for i, member in enumerate(members):
-            member.train(_deltas(100 * step + i))  # weights ~1 (the anchor), deltas ~0.01
+            member.train(seeded_deltas(100 * step + i))  # weights ~1 (the anchor), deltas ~0.01
         synced_round = step % sync_every == 0  # also needs the exact sync of anchors to go through
-        reports = _step_all(
+        reports = step_all(
             members,
             [1.0, 2.0, 3.0],
-            lambda r, s=synced_round: _complete(r) and (not s or all(x.drift is not None for x in r)),
+            lambda r, s=synced_round: complete(r) and (not s or all(x.drift is not None for x in r)),
         )
         assert all(r.ok and r.group_size == 3 for r in reports), reports
         assert all(r is m.group.last_round for r, m in zip(reports, members, strict=True))

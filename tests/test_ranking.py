@@ -21,7 +21,6 @@ from cogen.coordinator.merging.ranking import (
     delta_statistics,
     kendall_tau,
     rank_experts,
-    rank_matrix,
 )
 from cogen.coordinator.merging.weights import confident_weights, format_ranking, ranking_weights
 from cogen.core import models
@@ -141,14 +140,19 @@ def test_confident_weights_ignore_an_improvement_within_the_noise() -> None:
     assert weights["lucky"] == 0.0 and 0 < weights["real"] < ranking_weights(matrix)["real"]
 
 
-def test_rank_matrix_from_aggregates_alone() -> None:
+def test_aggregates_alone_rank_as_single_blocks() -> None:
     matrix = EvalMatrix(
         domains=["medical", "legal"],
         tokens_per_domain={"medical": 64, "legal": 64},
         base={"medical": 3.0, "legal": 3.0},
         experts={"x": {"medical": 2.0, "legal": None}, "y": {"medical": 2.5, "legal": 2.9}},
     )
-    ranking = rank_matrix(matrix)
+
+    def one_block(losses: dict[str, float | None]) -> dict[str, list[float]]:  # a missing loss is NaN
+        return {d: [math.nan if (v := losses.get(d)) is None else v] for d in matrix.domains}
+
+    experts = {e: one_block(row) for e, row in matrix.experts.items()}
+    ranking = rank_experts(one_block(matrix.base), experts, bootstrap=0)
     assert ranking.bootstrap == 0 and ranking.per_domain["legal"].experts[-1].expert == "x"
     assert confident_weights(ranking) == pytest.approx(ranking_weights(matrix))
 

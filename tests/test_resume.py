@@ -15,10 +15,11 @@ from cogen.core.config import DataConfig, ModelConfig, NetworkConfig, NodeConfig
 from cogen.core.swarm import SwarmClient
 from cogen.node.hardware import detect_hardware
 from cogen.node.reporting import LossWindow, NodeReporter
-from cogen.node.resume import TrainingState, find_state, read_state, restore, save_state
+from cogen.node.resume import find_state, restore
 from cogen.node.service import ExpertNode
 from cogen.node.shards import claim_shard
 from cogen.node.trainer import ExpertTrainer
+from cogen.node.training_state import TrainingState, read_state, save_state
 from cogen.protocols import NodeInfo, ShardClaim
 
 CPU = torch.device("cpu")

@@ -13,8 +13,8 @@ path (``--worker floor-recv`` / ``floor-send``). Paths: (a) network namespaces, 
 own 1 Gbit/s ``tbf`` link to a bridge (``cogen.core.netns``; needs root), and (b) plain loopback.
 
 Run ``python -m bench.averaging --help``; ``bench/README.md`` explains the figures. This module is the
-measurement; ``report.py`` its figures, targets and table; ``procs.py`` starts the workers and times
-rounds among them; ``workers.py`` is what runs inside each worker.
+measurement; ``report.py`` its figures, targets and table; ``children.py`` starts the worker processes
+and ``rounds.py`` times rounds among them; ``workers.py`` is what runs inside each worker.
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ from ..harness import (
     targets_json,
     write_report,
 )
-from .procs import Route, measure_floor, run_configs, threads_per_peer
+from .children import Route
 from .report import TARGETS, cell, config_figures, figures, format_table, format_targets
+from .rounds import measure_floor, run_configs, threads_per_peer
 from .workers import MB, run_worker, shapes_for
 
 logger = logging.getLogger("cogen.bench.averaging")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..harness import Targets, ratio_line, table_lines
-from .procs import Rounds, median
+from .rounds import Rounds, median
 
 TARGETS: Targets = {"floor_ratio_2": (">=", 0.8), "floor_ratio_2_8bit": (">=", 1.5)}  # floor s / cogen s
 

@@ -12,106 +12,38 @@ Targets (from issue 5): with the best method, on every domain the merged loss is
 domain's expert and below the base, and its mean over domains is at most the centralised model's;
 ``kendall_tau`` (the cheap ranking's agreement with the full evaluation) is at least 0.8.
 
-Run ``python -m bench.merging.quality --help``; ``bench/README.md`` explains the figures.
+Run ``python -m bench.merging.quality --help``; ``bench/README.md`` explains the figures. The models are
+trained in ``quality_train.py``, merged in ``quality_merges.py``; this module ranks, judges and reports.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import logging
 import math
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from cogen.coordinator.merging import moe, registry
 from cogen.coordinator.merging.evaluate import domain_blocks, evaluate_experts, losses
 from cogen.coordinator.merging.experts import load_experts
-from cogen.coordinator.merging.merge import load_base_fp32, merge_into
-from cogen.coordinator.merging.weights import format_matrix, ranking_weights
+from cogen.coordinator.merging.merge import load_base_fp32
+from cogen.coordinator.merging.weights import format_matrix
 from cogen.core import models
-from cogen.core.checkpoint import (
-    AdapterMetadata,
-    latest_checkpoint,
-    load_adapter,
-    save_adapter,
-)
-from cogen.core.config import ModelConfig, OptimConfig
-from cogen.core.corpora import get_corpus
-from cogen.core.data import train_batches
-from cogen.node.trainer import ExpertTrainer
+from cogen.core.checkpoint import load_adapter
 from cogen.protocols.manifest import EvalMatrix
 
 from ..harness import new_parser, parse, run_main, write_report
+from .quality_merges import finite, merged_losses
+from .quality_train import CPU, train
 
 logger = logging.getLogger("cogen.bench.merge_quality")
-CPU = torch.device("cpu")
 WITHIN = 0.05  # the best merge's loss may be at most 5% above the domain's expert
 TAU_TARGET = 0.8
-
-
-# ----------------------------------------------------------------------------- training
-
-
-def _round_robin(streams: list[Iterator[torch.Tensor]]) -> Iterator[torch.Tensor]:
-    """One batch from each domain in turn: the centralised model sees the union in equal parts."""
-    for stream in itertools.cycle(streams):
-        yield next(stream)
-
-
-def train(
-    args: argparse.Namespace, path: str, tokenizer: Any, name: str, domains: list[str], steps: int, out: Path
-) -> tuple[Path, float]:
-    """Train one LoRA on ``domains`` for ``steps`` trainer steps; its checkpoint and relative loss drop."""
-    model = models.add_lora(
-        models.load_base(path, args.precision, CPU), ModelConfig(lora_rank=args.lora_rank), seed=args.seed
-    )
-    ocfg = OptimConfig(optimizer="adamw8bit", lr=args.lr, warmup_steps=args.warmup_steps)
-    optimizer = models.build_optimizer(models.trainable_parameters(model), ocfg)
-    streams = [
-        train_batches(
-            get_corpus(d),
-            tokenizer,
-            block_size=args.block_size,
-            batch_size=args.batch_size,
-            shard=0,
-            num_shards=1,
-            seed=args.seed,
-        )
-        for d in domains
-    ]
-    trainer = ExpertTrainer(
-        model, optimizer, models.warmup_schedule(optimizer, ocfg.warmup_steps), _round_robin(streams)
-    )
-    history, started = [], time.monotonic()
-    for step in range(1, steps + 1):
-        history.append(trainer.step().loss)
-        if step % max(1, steps // 5) == 0 or step == steps:
-            print(
-                f"  {name}: step {step}/{steps} loss {history[-1]:.3f} ({time.monotonic() - started:.0f} s)",
-                flush=True,
-            )
-    meta = AdapterMetadata(
-        expert=name,
-        base_model=args.model,
-        precision=args.precision,
-        steps=trainer.steps,
-        samples=trainer.samples,
-        tokens=trainer.tokens,
-        train_loss=history[-1],
-    )
-    save_adapter(model, out / name, meta)
-    ckpt = latest_checkpoint(out / name)
-    assert ckpt is not None
-    window = max(1, steps // 5)  # mean of the first and last fifth of the steps: less noisy than one step
-    first, last = sum(history[:window]) / window, sum(history[-window:]) / window
-    return ckpt, (first - last) / first
 
 
 # ----------------------------------------------------------------------------- ranking
@@ -144,54 +76,6 @@ def full_scores(matrix: EvalMatrix) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------- the merges
-
-
-def merged_losses(
-    args: argparse.Namespace,
-    path: str,
-    experts: list[Any],
-    matrix: EvalMatrix,
-    blocks: dict[str, torch.Tensor],
-    tokenizer: Any,
-    work: Path,
-) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
-    """Each method's loss per domain; and what the mixture's router did."""
-    weights = ranking_weights(matrix)
-    kept = [e for e in experts if weights[e.label] > 0] or experts
-    w = [weights[e.label] or 1.0 for e in kept]
-    results: dict[str, dict[str, float]] = {}
-    for name in registry.known():
-        started = time.monotonic()
-        model = load_base_fp32(path, CPU)
-        merge_into(model, kept, w, registry.create(name, registry.MergeParams(density=args.density)))
-        results[name] = _finite(losses(model, blocks))
-        print(f"  {name}: {_fmt(results[name])} ({time.monotonic() - started:.0f} s)", flush=True)
-    started = time.monotonic()
-    base = load_base_fp32(path, CPU)
-    train_blocks = moe.training_blocks(
-        list(blocks), tokenizer, args.block_size, args.router_blocks, args.seed
-    )
-    router = moe.train_router(base, train_blocks, route_tokens=args.route_tokens)
-    mixture = moe.build_mixture(base, experts, router)
-    report = moe.route(mixture, blocks)
-    results[moe.NAME] = _finite(losses(mixture, blocks))
-    saved = moe.save_mixture(work / "mixture", experts, router)
-    print(
-        f"  {moe.NAME}: {_fmt(results[moe.NAME])}, routing accuracy {report.accuracy:.3f} "
-        f"({time.monotonic() - started:.0f} s; saved at {saved})",
-        flush=True,
-    )
-    return results, {"accuracy": report.accuracy, "confusion": report.confusion}
-
-
-def _finite(values: dict[str, float | None]) -> dict[str, float]:
-    return {d: (v if v is not None else math.inf) for d, v in values.items()}
-
-
-def _fmt(values: dict[str, float]) -> str:
-    return ", ".join(f"{d} {v:.4f}" for d, v in values.items())
-
-
 # ----------------------------------------------------------------------------- the run
 
 
@@ -245,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     experts = load_experts(ckpts)
     blocks = domain_blocks(domains, tokenizer, args.block_size, args.eval_blocks)
     base, matrix = evaluate_experts(load_base_fp32(path, CPU), experts, blocks)
-    central_losses = _finite(losses(load_adapter(base, central), blocks))
+    central_losses = finite(losses(load_adapter(base, central), blocks))
     print(format_matrix(matrix), flush=True)
     merged, routing = merged_losses(args, path, experts, matrix, blocks, tokenizer, work)
     methods = list(merged)

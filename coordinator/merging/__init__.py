@@ -4,7 +4,8 @@
 - ``linear.py``, ``ties.py``, ``dare.py`` — the built-in methods (``linear``, ``ties``, ``dare``,
   ``dare_ties``), each a thin wrapper of PEFT's ``peft.utils.merge_utils``
 - ``experts.py`` — find and verify expert checkpoints, stream their dense LoRA deltas module by module
-- ``ranking.py`` — the full ranking (Borda, Bradley–Terry, bootstrap) and the cheap one
+- ``ranking.py`` — the full ranking's records and the cheap ranking (training loss, delta statistics);
+  ``ranking_votes.py`` — domains as voters: Borda points, Bradley–Terry strengths, the bootstrap
 - ``moe/`` — ``moe``: the experts' adapters behind a learned per-sequence router (router, its
   training, the mixture, its on-disk format: one module each)
 - ``weights.py`` — per-expert weights and per-domain ranking from an :class:`EvalMatrix`

@@ -16,6 +16,9 @@ validation set) moves an expert by at most one vote instead of dominating a mean
   block difficulty is shared) with a seeded numpy Generator and redo all of the above; report how
   often each expert holds its rank, and intervals of its rank, strength and per-domain improvement.
 
+The votes, the ranks and the resamples are :mod:`cogen.coordinator.merging.ranking_votes`; this module
+checks the losses and builds the :class:`~cogen.protocols.ranking.Ranking` records.
+
 **Cheap ranking** (:func:`cheap_ranking`), no forward pass: the score is the relative drop of the
 training loss its nodes reported, ``(first − last) / first``. Delta statistics streamed from the
 checkpoints (:func:`delta_statistics`: norm; agreement with the elected TIES sign) break ties and
@@ -32,15 +35,21 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import choix
 import numpy as np
 import numpy.typing as npt
 import torch
-from scipy.stats import kendalltau, rankdata
+from scipy.stats import kendalltau
 from tqdm import tqdm
 
 from cogen.coordinator.merging.experts import Expert, iter_deltas
-from cogen.protocols.manifest import EvalMatrix
+from cogen.coordinator.merging.ranking_votes import (
+    bootstrap_resamples,
+    interval,
+    rank_order,
+    rank_range,
+    vote,
+    worst_if_not_finite,
+)
 from cogen.protocols.ranking import (
     CheapEntry,
     CheapRanking,
@@ -54,42 +63,10 @@ logger = logging.getLogger(__name__)
 
 BlockValues = Sequence[float] | npt.NDArray[np.float64]  #: one model's loss on each block of a domain
 
-_STRENGTH_DECIMALS = 6  # closer strengths tie: ILSR converges to ~1e-8; symmetric experts differ in last bits
-
-
-def _aggregate(losses: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
-    """Borda points and BT strengths of the experts (columns) from losses ``[domains, experts]``."""
-    n = losses.shape[1]
-    borda = sum((n - rankdata(row, method="average") for row in losses), np.zeros(n))
-    if n == 1:
-        return borda, np.zeros(1)
-    wins = np.argwhere(losses[:, :, None] < losses[:, None, :])  # (domain, winner, loser)
-    comparisons = [(int(w), int(loser)) for w, loser in wins[:, 1:]]
-    return borda, np.asarray(choix.ilsr_pairwise(n, comparisons, alpha=alpha), dtype=np.float64)
-
-
-def _ranks(borda: np.ndarray, strength: np.ndarray, tiebreak: np.ndarray) -> np.ndarray:
-    """1-based rank of each expert: by strength, then Borda points, then ``tiebreak`` (ascending)."""
-    order = np.lexsort((tiebreak, -borda, -np.round(strength, _STRENGTH_DECIMALS)))
-    ranks = np.empty(len(order), dtype=np.int64)
-    ranks[order] = np.arange(1, len(order) + 1)
-    return ranks
-
-
-def _worst_if_not_finite(values: np.ndarray) -> np.ndarray:
-    return np.where(np.isfinite(values), values, np.inf)
-
 
 def _improvement(base: float, loss: float) -> float | None:
     value = (base - loss) / base if base > 0 else math.nan
     return value if math.isfinite(value) else None
-
-
-def _interval(samples: np.ndarray, level: float) -> tuple[float, float] | None:
-    if samples.size == 0 or not np.isfinite(samples).all():
-        return None
-    tail = (1 - level) / 2
-    return float(np.quantile(samples, tail)), float(np.quantile(samples, 1 - tail))
 
 
 def _check(base: Mapping[str, BlockValues], experts: Mapping[str, Mapping[str, BlockValues]]) -> None:
@@ -110,32 +87,6 @@ def _check(base: Mapping[str, BlockValues], experts: Mapping[str, Mapping[str, B
                 )
 
 
-def _bootstrap(
-    base_blocks: dict[str, np.ndarray],
-    blocks: dict[str, np.ndarray],
-    rng: np.random.Generator,
-    count: int,
-    alpha: float,
-) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-    """Ranks ``[B, E]``, strengths ``[B, E]`` and per-domain improvements ``{d: [B, E]}`` of ``count``
-    resamples; each resamples every domain's blocks, the same blocks for the base and all experts."""
-    experts = next(iter(blocks.values())).shape[0]
-    ranks = np.zeros((count, experts), dtype=np.int64)
-    strength = np.zeros((count, experts))
-    improvement: dict[str, np.ndarray] = {}
-    loss = np.zeros((count, len(blocks), experts))
-    for i, (d, per_block) in enumerate(blocks.items()):
-        picks = rng.integers(0, per_block.shape[1], size=(count, per_block.shape[1]))
-        loss[:, i, :] = per_block[:, picks].mean(axis=2).T
-        base = base_blocks[d][picks].mean(axis=1)[:, None]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            improvement[d] = (base - loss[:, i, :]) / base
-    for b in range(count):
-        borda, strength[b] = _aggregate(_worst_if_not_finite(loss[b]), alpha)
-        ranks[b] = _ranks(borda, strength[b], rng.permutation(experts))  # exact ties: a coin flip
-    return ranks, strength, improvement
-
-
 def rank_experts(
     base: Mapping[str, BlockValues],
     experts: Mapping[str, Mapping[str, BlockValues]],
@@ -154,10 +105,10 @@ def rank_experts(
     blocks = {d: np.asarray([experts[e][d] for e in names], dtype=np.float64) for d in domains}  # [E, n]
     base_loss = {d: float(base_blocks[d].mean()) for d in domains}
     loss = np.stack([blocks[d].mean(axis=1) for d in domains])  # [D, E]
-    borda, strength = _aggregate(_worst_if_not_finite(loss), alpha)
-    ranks = _ranks(borda, strength, np.arange(len(names)))
+    borda, strength = vote(worst_if_not_finite(loss), alpha)
+    ranks = rank_order(borda, strength, np.arange(len(names)))
 
-    boot_ranks, boot_strength, boot_improvement = _bootstrap(
+    boot_ranks, boot_strength, boot_improvement = bootstrap_resamples(
         base_blocks, blocks, np.random.default_rng(seed), bootstrap, alpha
     )
     if bootstrap:
@@ -173,7 +124,7 @@ def rank_experts(
                 expert=names[e],
                 loss=float(loss[i, e]) if math.isfinite(loss[i, e]) else None,
                 improvement=_improvement(base_loss[d], float(loss[i, e])),
-                improvement_interval=_interval(boot_improvement[d][:, e], level) if bootstrap else None,
+                improvement_interval=interval(boot_improvement[d][:, e], level) if bootstrap else None,
             )
             for e in order
         ]
@@ -187,8 +138,8 @@ def rank_experts(
             borda=float(borda[e]),
             strength=float(strength[e]),
             rank_confidence=float(np.mean(boot_ranks[:, e] == ranks[e])) if bootstrap else None,
-            rank_interval=_rank_interval(boot_ranks[:, e], level) if bootstrap else None,
-            strength_interval=_interval(boot_strength[:, e], level) if bootstrap else None,
+            rank_interval=rank_range(boot_ranks[:, e], level) if bootstrap else None,
+            strength_interval=interval(boot_strength[:, e], level) if bootstrap else None,
         )
         for e in np.argsort(ranks)
     ]
@@ -196,25 +147,6 @@ def rank_experts(
         domains=domains, per_domain=per_domain, overall=overall, bootstrap=bootstrap, level=level,
         seed=seed, alpha=alpha,
     )  # fmt: skip
-
-
-def _rank_interval(samples: np.ndarray, level: float) -> tuple[int, int]:
-    tail = (1 - level) / 2
-    low = np.quantile(samples, tail, method="lower")
-    high = np.quantile(samples, 1 - tail, method="higher")
-    return int(low), int(high)
-
-
-def rank_matrix(matrix: EvalMatrix, *, alpha: float = 0.1) -> Ranking:
-    """The full ranking from an :class:`EvalMatrix` alone (one value per domain: no bootstrap)."""
-
-    def one_block(losses: Mapping[str, float | None], domain: str) -> list[float]:
-        value = losses.get(domain)
-        return [math.nan if value is None else value]
-
-    base = {d: one_block(matrix.base, d) for d in matrix.domains}
-    experts = {e: {d: one_block(losses, d) for d in matrix.domains} for e, losses in matrix.experts.items()}
-    return rank_experts(base, experts, bootstrap=0, alpha=alpha)
 
 
 @dataclass(frozen=True)

@@ -75,11 +75,6 @@ def register(name: str, cls: type[MergeMethod]) -> None:
     _REGISTRY[name] = cls
 
 
-def unregister(name: str) -> None:
-    """Remove a method (tests that register their own)."""
-    _REGISTRY.pop(name, None)
-
-
 def known() -> list[str]:
     """The registered method names, sorted."""
     return sorted(_REGISTRY)

@@ -85,9 +85,6 @@ class RoutingReport:
         total = sum(sum(row.values()) for row in self.confusion.values())
         return right / total if total else 0.0
 
-    def per_label(self) -> dict[str, float]:
-        return {label: row.get(label, 0) / max(1, sum(row.values())) for label, row in self.confusion.items()}
-
 
 def route(mixture: RoutedMixture, blocks: Mapping[str, torch.Tensor]) -> RoutingReport:
     """Route each label's ``[n, T]`` blocks and count where they went (the label is the right answer)."""
