@@ -6,7 +6,6 @@ on its weight file; nothing in the download path is mocked.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import json
 import os
@@ -14,15 +13,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hivemind.utils import get_dht_time
+from donors import WEIGHTS, Donor, announce_swarm
 from merging_helpers import make_expert
 
 from cogen.coordinator.merging import Identity, merge_experts
@@ -39,117 +36,24 @@ from cogen.protocols.hashing import sha256_file
 from cogen.protocols.manifest import MANIFEST_FILE, Manifest, ManifestError, verify_manifest
 
 PEER = "12D3KooWSb9uUfn3yQrD2xTJmUFr4PbYBb7oYbP2pCSs3rGqCwTq"
-WEIGHTS = "model.safetensors"
+Served = tuple[Path, str, Identity]
 FAST = FetchConfig(fetch_timeout_s=20, fetch_backoff_s=0.5, fetch_backoff_max_s=1.0)
 
 
 @pytest.fixture(scope="module")
-def served(tiny_path: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """A published generation, and the public key that signed it."""
+def served(tiny_path: str, tmp_path_factory: pytest.TempPathFactory) -> Served:
+    """A published generation, the public key that signed it, and that key (the coordinator's)."""
     root = tmp_path_factory.mktemp("published")
     experts = (make_expert(tiny_path, root / "a", 1), make_expert(tiny_path, root / "b", 2, expert="code"))
     final = merge_experts(
         MergeConfig(experts=experts, method="ties", out=root / "out", identity=root / "id.pem")
     )
-    return final, Identity.load_or_create(root / "id.pem").public_key
-
-
-class Donor:
-    """A real HTTP server over ``root`` that serves ``WEIGHTS`` ``how``: ``serve`` (properly), ``die``
-    (half of it, then the server closes the connection and stops listening), ``trickle`` (2 kB/s),
-    ``endless`` (no length, zeros until the client hangs up) or ``liar`` (a longer Content-Length, then
-    nothing). The first ``fail_first`` requests get 503."""
-
-    def __init__(self, root: Path, how: str = "serve", fail_first: int = 0):
-        self.root, self.how, self.fail_first = root, how, fail_first
-        self.requests: list[tuple[float, str]] = []
-        self.sent = 0
-        self.release = threading.Event()
-        self.done = threading.Event()  # a misbehaving response ended
-        self.server = ThreadingHTTPServer(
-            ("127.0.0.1", 0), functools.partial(_Handler, self, directory=str(root))
-        )
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
-
-    def source(self, generation: int = 1) -> CheckpointSource:
-        sha = sha256_file(self.root / MANIFEST_FILE)
-        return CheckpointSource(
-            peer_id=PEER, generation=generation, manifest_sha256=sha, url=self.url, time=get_dht_time()
-        )
-
-    def asked(self, name: str) -> list[float]:
-        return [t for t, n in self.requests if n == name]
-
-    def stop(self) -> None:
-        self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
-
-
-class _Handler(SimpleHTTPRequestHandler):
-    def __init__(self, donor: Donor, *args: Any, **kwargs: Any):
-        self.donor = donor
-        super().__init__(*args, **kwargs)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def do_GET(self) -> None:
-        donor, name = self.donor, self.path.rsplit("/", 1)[-1]
-        donor.requests.append((time.monotonic(), name))
-        if donor.fail_first > 0:
-            donor.fail_first -= 1
-            self.send_error(503)
-            return
-        if name != WEIGHTS or donor.how == "serve":
-            super().do_GET()
-            return
-        data = (donor.root / WEIGHTS).read_bytes()
-        self.send_response(200)
-        if donor.how != "endless":
-            self.send_header("Content-Length", str(len(data) + (donor.how == "liar")))
-        self.end_headers()
-        try:
-            getattr(self, f"_{donor.how}")(data)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client gave up
-        finally:
-            donor.done.set()
-
-    def _send(self, block: bytes) -> None:
-        self.wfile.write(block)
-        self.wfile.flush()
-        self.donor.sent += len(block)
-
-    def _die(self, data: bytes) -> None:
-        self._send(data[: len(data) // 2])
-        self.close_connection = True
-
-        def stop_listening() -> None:
-            self.donor.server.shutdown()
-            self.donor.server.server_close()
-
-        threading.Thread(target=stop_listening, daemon=True).start()
-
-    def _trickle(self, data: bytes) -> None:
-        for i in range(0, len(data), 100):
-            if self.donor.release.wait(0.05):
-                return
-            self._send(data[i : i + 100])
-
-    def _endless(self, data: bytes) -> None:
-        zeros = bytes(1 << 20)
-        for _ in range(1024):  # 1 GiB, unless the client stops reading
-            self._send(zeros)
-
-    def _liar(self, data: bytes) -> None:
-        self.donor.release.wait(60)
+    identity = Identity.load_or_create(root / "id.pem")
+    return final, identity.public_key, identity
 
 
 @pytest.fixture
-def donors(served: tuple[Path, str], tmp_path: Path) -> Iterator[Callable[..., Donor]]:
+def donors(served: Served, tmp_path: Path) -> Iterator[Callable[..., Donor]]:
     started: list[Donor] = []
 
     def start(how: str = "serve", fail_first: int = 0, root: Path | None = None) -> Donor:
@@ -187,13 +91,9 @@ def swarm(request: pytest.FixtureRequest) -> Iterator[tuple[SwarmClient, Callabl
         client.shutdown()
 
 
-def _announce(client: SwarmClient, source: CheckpointSource, manifest_key: str | None = None) -> None:
-    if manifest_key is not None:  # this peer is the swarm's coordinator
-        info = SwarmInfo(
-            swarm=client.cfg.swarm, coordinator_peer_id=client.peer_id, manifest_key=manifest_key,
-            software_version="test", started_at=time.time(), updated_at=time.time(),
-        )  # fmt: skip
-        client.publish(info).result()
+def _announce(client: SwarmClient, source: CheckpointSource, coordinator: Identity | None = None) -> None:
+    if coordinator is not None:  # this peer is the swarm's coordinator
+        announce_swarm(client, coordinator)
     client.publish(source.model_copy(update={"peer_id": client.peer_id})).result()
 
 
@@ -207,12 +107,12 @@ def _visible(host: SwarmClient, sources: int) -> None:
 
 
 def test_a_donor_that_dies_half_way_is_left_for_another_source(
-    served: tuple[Path, str], donors: Callable[..., Donor], swarm: Any, tmp_path: Path
+    served: Served, donors: Callable[..., Donor], swarm: Any, tmp_path: Path
 ) -> None:
     host, join = swarm
     dying, mirror = donors("die"), donors("serve")
     coordinator, node = join(), join()
-    _announce(coordinator, dying.source(), manifest_key=served[1])  # it dies mid-transfer
+    _announce(coordinator, dying.source(), coordinator=served[2])  # it dies mid-transfer
     _visible(host, 1)
     bases = tmp_path / "bases"
     follower = BaseFollower(host, bases, generation=0, trusted_key=None, interval_s=0.2, fetch=FAST)
@@ -234,7 +134,7 @@ def test_a_donor_that_dies_half_way_is_left_for_another_source(
 
 
 def test_a_failed_source_is_retried_after_its_backoff_while_a_wrong_one_is_skipped(
-    served: tuple[Path, str], donors: Callable[..., Donor], swarm: Any, tmp_path: Path
+    served: Served, donors: Callable[..., Donor], swarm: Any, tmp_path: Path
 ) -> None:
     host, join = swarm
     flaky = donors("serve", fail_first=2)  # refuses twice, then serves
@@ -242,7 +142,7 @@ def test_a_failed_source_is_retried_after_its_backoff_while_a_wrong_one_is_skipp
     data = bytearray((tampered.root / WEIGHTS).read_bytes())
     data[-1] ^= 1
     (tampered.root / WEIGHTS).write_bytes(bytes(data))  # same size, wrong sha256
-    _announce(join(), flaky.source(), manifest_key=served[1])
+    _announce(join(), flaky.source(), coordinator=served[2])
     _announce(join(), tampered.source())
     _visible(host, 2)
     follower = BaseFollower(host, tmp_path / "bases", 0, served[1], interval_s=0.05, fetch=FAST)
@@ -261,7 +161,7 @@ def test_a_failed_source_is_retried_after_its_backoff_while_a_wrong_one_is_skipp
 
 
 def test_a_trickling_donor_is_abandoned_by_its_deadline(
-    served: tuple[Path, str], donors: Callable[..., Donor], tmp_path: Path
+    served: Served, donors: Callable[..., Donor], tmp_path: Path
 ) -> None:
     donor = donors("trickle")
     cfg = FetchConfig(fetch_timeout_s=30, fetch_min_rate=1e7, fetch_grace_s=1.0)
@@ -276,7 +176,7 @@ def test_a_trickling_donor_is_abandoned_by_its_deadline(
 
 
 def test_a_file_longer_than_declared_is_refused_without_reading_it_all(
-    served: tuple[Path, str], donors: Callable[..., Donor], tmp_path: Path
+    served: Served, donors: Callable[..., Donor], tmp_path: Path
 ) -> None:
     size = (served[0] / WEIGHTS).stat().st_size
     endless = donors("endless")
@@ -292,8 +192,20 @@ def test_a_file_longer_than_declared_is_refused_without_reading_it_all(
     assert _empty_but(tmp_path / "bases")
 
 
+def test_a_redirecting_source_is_a_failed_transfer_and_its_target_is_never_asked(
+    served: Served, donors: Callable[..., Donor], tmp_path: Path
+) -> None:
+    target = donors("serve")  # a real copy elsewhere: following the redirect would fetch and verify it
+    redirecting = donors("redirect", root=target.root)
+    redirecting.redirect_to = target.url
+    with pytest.raises(FetchError, match=r"manifest\.json: HTTP Error 302: redirect to .* refused"):
+        fetch_base(redirecting.source(), tmp_path / "bases", served[1], FAST)
+    assert redirecting.asked(MANIFEST_FILE) and not target.requests
+    assert _empty_but(tmp_path / "bases")
+
+
 def test_an_interrupted_download_leaves_nothing_in_the_cache(
-    served: tuple[Path, str], donors: Callable[..., Donor], tmp_path: Path
+    served: Served, donors: Callable[..., Donor], tmp_path: Path
 ) -> None:
     bases = tmp_path / "bases"
     with pytest.raises(FetchError, match=r"ended after \d+ of \d+ bytes"):  # the donor died half-way
@@ -315,7 +227,7 @@ def test_an_interrupted_download_leaves_nothing_in_the_cache(
 
 
 def test_a_killed_download_is_cleaned_when_the_follower_starts(
-    served: tuple[Path, str], donors: Callable[..., Donor], swarm: Any, tmp_path: Path
+    served: Served, donors: Callable[..., Donor], swarm: Any, tmp_path: Path
 ) -> None:
     bases = tmp_path / "bases"
     code = (
@@ -348,9 +260,9 @@ def test_a_killed_download_is_cleaned_when_the_follower_starts(
 
 
 def test_an_old_manifest_without_sizes_still_verifies_and_is_fetched_under_the_cap(
-    served: tuple[Path, str], donors: Callable[..., Donor], tmp_path: Path
+    served: Served, donors: Callable[..., Donor], tmp_path: Path
 ) -> None:
-    published, key = served
+    published, key, _ = served
     old = Path(shutil.copytree(published, tmp_path / "v1"))
     raw = json.loads((old / MANIFEST_FILE).read_text())
     assert raw["manifest_version"] == 2 and raw["sizes"][WEIGHTS] == (old / WEIGHTS).stat().st_size
@@ -416,7 +328,7 @@ def test_sources_are_ordered_by_what_the_coordinator_and_the_majority_announce()
 
 
 def test_a_full_disk_is_this_hosts_failure_and_leaves_nothing(
-    served: tuple[Path, str], donors: Callable[..., Donor], tmp_path: Path
+    served: Served, donors: Callable[..., Donor], tmp_path: Path
 ) -> None:
     """The kernel refuses writes past RLIMIT_FSIZE (EFBIG), as it would a full disk (ENOSPC)."""
     code = """if True:
