@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import time
@@ -89,7 +90,8 @@ class _Handler(SimpleHTTPRequestHandler):
             self.end_headers()
             return
         if name != WEIGHTS or donor.how == "serve":
-            super().do_GET()
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client gave up
+                super().do_GET()
             return
         data = (donor.root / WEIGHTS).read_bytes()
         self.send_response(200)

@@ -107,8 +107,9 @@ class Swarm:
         self.monitor = SwarmMonitor(self.coordinator)
         self.nodes: list[SwarmClient] = []
 
-    def node(self, metrics_url: str) -> str:
-        """A node peer that announces ``metrics_url``; returns its fingerprint."""
+    def node(self, metrics_url: str | None, time_ahead_s: float = 0.0) -> str:
+        """A node peer that announces ``metrics_url`` (its clock ``time_ahead_s`` ahead); returns its
+        fingerprint."""
         peers = tuple(self.coordinator.visible_maddrs())
         client = SwarmClient(NetworkConfig(swarm=self.name, host="127.0.0.1", initial_peers=peers))
         self.nodes.append(client)
@@ -117,7 +118,7 @@ class Swarm:
         client.publish(NodeInfo(
             peer_id=client.peer_id, expert="code", hardware=hw, software_version=software_version(),
             model="tiny", precision="int8", shard=0, num_shards=1, state="training", started_at=time.time(),
-            updated_at=time.time(), metrics_url=metrics_url,
+            updated_at=time.time() + time_ahead_s, metrics_url=metrics_url,
         )).result()  # fmt: skip
         return owner_fingerprint(client.owner)
 
@@ -216,6 +217,16 @@ def test_hostile_metrics_urls_are_refused_or_cut_off_and_a_slow_one_stalls_no_ot
     logged = [r for r in caplog.records if r.name == "cogen.coordinator.scraping"]
     assert [r.getMessage() for r in logged] == [line]  # one line for the interval, not one per failure
     assert MAX_BODY_BYTES < HUGE
+
+
+def test_a_record_from_the_future_is_left_out_of_the_view(swarm: Swarm) -> None:
+    """A node whose record claims a time an hour ahead would stay "online" for ever: it is not shown."""
+    honest = swarm.node("http://127.0.0.1:9/metrics")
+    ahead = swarm.node("http://127.0.0.1:9/metrics", time_ahead_s=3600)
+    wait_for(lambda: swarm.monitor.poll() or len(swarm.coordinator.fetch(NodeInfo)) == 2, 60, "both records")
+    swarm.monitor.poll()
+    assert [p.id for p in swarm.monitor.view().snapshot.peers] == [honest]
+    assert set(swarm.monitor.metrics_urls()) == {honest} and ahead not in swarm.monitor.metrics_urls()
 
 
 def test_the_address_rule() -> None:
