@@ -118,6 +118,7 @@ class BaseFollower(PeriodicService):
         #: KeyTrust that pins it in its output dir)
         self.trust = trusted_key if isinstance(trusted_key, KeyTrust) else KeyTrust(read_key(trusted_key))
         self._refused: set[tuple[bytes, int, str]] = set()
+        self._said_untrusted = False
         self.mirror = mirror
         self.fetch_cfg = fetch or FetchConfig()
         self.sources = SourceBook(self.fetch_cfg)
@@ -161,9 +162,12 @@ class BaseFollower(PeriodicService):
         coordinators = self.trust.coordinators(self.client.cfg.swarm, self.client.fetch(SwarmInfo))
         key = self.trust.key
         if key is None:
-            logger.warning(
-                "a generation above %d is announced but no manifest key is trusted yet", self.generation
-            )
+            if not self._said_untrusted:  # once: the coordinator may take a while to announce itself
+                self._said_untrusted = True
+                logger.warning(
+                    "a generation above %d is announced but no manifest key is trusted yet (no coordinator "
+                    "announces one, or several do: pass --trusted-key)", self.generation,
+                )  # fmt: skip
             return
         announced = self._bounded(records, coordinators)
         endorsed = {(s.generation, s.manifest_sha256) for owner, s in announced if owner in coordinators}
