@@ -9,7 +9,8 @@
 - ``schemas.py``   — API response models: swarm snapshot, peers, groups, averaging rounds, generations
 - ``api.py``       — the FastAPI app (``/api/*``, ``/metrics``, OpenAPI at ``/openapi.json``)
 - ``health.py``    — the checks behind ``/healthz`` and ``/readyz``
-- ``metrics.py``   — Prometheus collector of the swarm and scraper of nodes' own ``/metrics``
+- ``metrics.py``   — Prometheus collector of the swarm, re-exposing nodes' own metrics
+- ``scraping.py``  — :class:`NodeScraper`: nodes' ``/metrics``, only at their own address, concurrent, bounded
 - ``dashboard.py`` — the page (``static/``) and plotly.js from the installed ``plotly`` package
 - ``config.py``    — the coordinator's and the offline merge's config models, one per concern
 - ``schedule.py``  — :class:`GenerationSchedule`: when a generation is due, from claims it can check

@@ -2,66 +2,22 @@
 
 :class:`SwarmCollector` reads the monitor's latest :class:`~cogen.coordinator.view.SwarmView` at
 scrape time (no state of its own), so several apps in one process never clash. Nodes started with
-``--metrics-port`` serve their own ``/metrics``; :class:`NodeScraper` fetches those in a background
-thread (only ``cogen_node_*`` families, bounded size and time) and the collector re-exposes them with
-``peer`` and ``expert`` labels.
+``--metrics-port`` serve their own ``/metrics``; :class:`cogen.coordinator.scraping.NodeScraper` fetches
+those (only ``cogen_node_*`` families, only at the node's own address, bounded) and the collector
+re-exposes them with ``peer`` and ``expert`` labels.
 """
 
 from __future__ import annotations
 
-import logging
-import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
+from cogen.coordinator.scraping import NodeScraper
 from cogen.coordinator.view import SwarmMonitor
-from cogen.core.periodic import PeriodicService
-
-logger = logging.getLogger(__name__)
-
-NODE_PREFIX = "cogen_node_"
-_MAX_BODY = 256 * 1024
-
-
-class NodeScraper(PeriodicService):
-    """Fetches each online node's ``/metrics`` every ``interval_s``; ``start`` / ``stop`` / ``is_running``."""
-
-    def __init__(self, monitor: SwarmMonitor, interval_s: float = 5.0, timeout_s: float = 1.0):
-        self.monitor = monitor
-        self.interval_s = interval_s
-        self.timeout_s = timeout_s
-        self.families: dict[str, list[Metric]] = {}  # peer id -> its cogen_node_* families
-        super().__init__("node-scraper", interval_s, run_first=False)
-
-    def tick(self) -> None:
-        self.scrape_once()
-
-    def scrape_once(self) -> None:
-        found: dict[str, list[Metric]] = {}
-        for peer_id, url in self.monitor.metrics_urls().items():
-            if self.stopping:
-                return
-            try:
-                found[peer_id] = scrape(url, self.timeout_s)
-            except Exception as e:  # an unreachable or misbehaving node is skipped, quietly
-                logger.debug("cannot scrape %s: %s", url, e)
-        self.families = found
-
-
-def scrape(url: str, timeout_s: float = 1.0) -> list[Metric]:
-    """The ``cogen_node_*`` metric families at ``url`` (plain http only, at most 256 KiB)."""
-    if not url.startswith("http://"):
-        raise ValueError(f"not an http URL: {url!r}")
-    with urllib.request.urlopen(url, timeout=timeout_s) as response:
-        body = response.read(_MAX_BODY + 1)
-    if len(body) > _MAX_BODY:
-        raise ValueError(f"{url} sent more than {_MAX_BODY} bytes")
-    return [f for f in text_string_to_metric_families(body.decode()) if f.name.startswith(NODE_PREFIX)]
 
 
 class SwarmCollector(Collector):

@@ -29,7 +29,8 @@ from cogen.coordinator.generations import GenerationLoop
 from cogen.coordinator.health import CoordinatorHealth
 from cogen.coordinator.history import History
 from cogen.coordinator.merging.publish import GENERATIONS
-from cogen.coordinator.metrics import NodeScraper, make_registry
+from cogen.coordinator.metrics import make_registry
+from cogen.coordinator.scraping import NodeScraper
 from cogen.coordinator.view import SwarmMonitor
 from cogen.core.addresses import http_url, is_unspecified
 from cogen.core.atomic import write_json_atomic
@@ -268,6 +269,11 @@ class Coordinator:
                 coordinator_peer_id=self.client.peer_id,
                 api_url=self.public_api_url,
                 manifest_key=self.generations.manifest_key if self.generations is not None else None,
+                owner_signature=self.generations.identity.sign_owner(
+                    self.cfg.network.swarm, self.client.owner
+                )
+                if self.generations is not None
+                else None,
                 software_version=software_version(),
                 started_at=self.started_at,
                 updated_at=time.time(),

@@ -36,6 +36,7 @@ from cogen.coordinator.schemas import (
 from cogen.core.periodic import PeriodicService
 from cogen.core.swarm import SwarmClient, owner_fingerprint
 from cogen.protocols import PROTOCOL_VERSION, GroupProgress, NodeInfo, TrainingProgress, software_version
+from cogen.protocols.records import from_the_future
 
 logger = logging.getLogger(__name__)
 
@@ -96,9 +97,10 @@ class SwarmMonitor(PeriodicService):
 
     def poll(self) -> None:
         """Read the swarm's records once, update the view and rebuild what the API serves."""
-        nodes = self.client.fetch(NodeInfo)
-        progress = self.client.fetch(TrainingProgress)
         now = time.time()
+        # a record from the future would keep its peer "online" for ever: such records are left out
+        nodes = [e for e in self.client.fetch(NodeInfo) if not from_the_future(e.record.updated_at, now)]
+        progress = [e for e in self.client.fetch(TrainingProgress) if not from_the_future(e.record.time, now)]
         new_points: list[LossPoint] = []
         with self._lock:
             for state in self._peers.values():
@@ -138,15 +140,29 @@ class SwarmMonitor(PeriodicService):
     def _read_group_records(self) -> None:
         """Averaging rounds from the nodes' ``groups`` records, where this protocol version has them
         (each round once: see :mod:`cogen.coordinator.rounds`)."""
-        for expert, summary in self._rounds.unseen(self.client.fetch(GroupProgress)):
+        now = time.time()
+        groups = [
+            e
+            for e in self.client.fetch(GroupProgress)
+            if e.record.last_round is None or not from_the_future(e.record.last_round.time, now)
+        ]
+        for expert, summary in self._rounds.unseen(groups):
             self.record_round(expert, summary)
 
-    def metrics_urls(self) -> dict[str, str]:
-        """Peer id -> the ``/metrics`` URL an online node announces (nodes run with ``--metrics-port``)."""
+    def metrics_urls(self) -> dict[str, tuple[str, str]]:
+        """Fingerprint -> (peer id, ``/metrics`` URL) of each online node that announces one (nodes run
+        with ``--metrics-port``); where several owners claim one peer id, none of them (a record's peer id
+        is its owner's word, and the scraper trusts a URL only at its peer id's address)."""
         with self._lock:
-            infos = {fp: s.info for fp, s in self._peers.items() if s.online and s.info is not None}
-        urls = {fp: getattr(info, "metrics_url", None) for fp, info in infos.items()}
-        return {fp: url for fp, url in urls.items() if isinstance(url, str) and url}
+            infos = [(fp, s.info) for fp, s in self._peers.items() if s.online and s.info is not None]
+        claims: dict[str, int] = {}
+        for _, info in infos:
+            claims[info.peer_id] = claims.get(info.peer_id, 0) + 1
+        return {
+            fp: (info.peer_id, info.metrics_url)
+            for fp, info in infos
+            if info.metrics_url and claims[info.peer_id] == 1
+        }
 
     def record_round(self, expert: str, summary: RoundSummary) -> None:
         """Note an averaging round of ``expert``'s group (kept in memory and in the history file)."""

@@ -15,6 +15,7 @@
 - ``addresses.py``  — which host and URL a peer announces (never a wildcard, loopback only locally)
 - ``periodic.py``   — a background service that repeats a task (start/stop/is_running)
 - ``http_service.py`` — an HTTP server in a thread (start/stop/is_running), stdlib or uvicorn
+- ``http_client.py`` — fetching a URL a peer announced: http only, no redirects, bounded time and size
 - ``backoff.py``    — the one retry schedule: exponential, capped, jittered
 - ``lazy.py``       — lazy re-exports, so a package's heavy modules load on first use, not on ``--help``
 - ``procs.py``      — starting ``python -m cogen...`` children, waiting on conditions with deadlines

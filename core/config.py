@@ -227,7 +227,8 @@ class NodeConfig(_Frozen):
     trusted_key: str | None = Field(
         default=None,
         description="public key (OpenSSH text, or a file holding it) that must sign the manifests "
-        "(default: the key the swarm's coordinator announces)",
+        "(default: the first key the swarm's coordinator announces, pinned in "
+        "<output dir>/trusted-key-<swarm>.pub and never replaced silently)",
     )
     bases_dir: Path | None = Field(
         default=None, description="where fetched bases are kept (default: <cache dir>/bases/<swarm>)"

@@ -15,6 +15,7 @@
 - ``follow.py``   — :class:`BaseFollower`: newer generations found, fetched and verified; the base mirror
 - ``fetch.py``    — :func:`fetch_base`: one base from one source, bounded by its signed sizes, all or nothing
 - ``sources.py``  — :class:`SourceBook`: which source to try next; backoff and distrust of failed ones
+- ``trust.py``    — :class:`KeyTrust`: the one manifest key it follows (given, or pinned on first use)
 - ``reporting.py`` — :class:`NodeReporter`: the node's records, renewed in the background; summaries
 - ``metrics.py``  — :class:`NodeMetrics`: the node's /metrics, /healthz and /readyz in one HTTP thread
 - ``health.py``   — :class:`NodeHealth`: the checks behind /healthz and /readyz

@@ -9,7 +9,9 @@ into the cache only once it verifies as a whole. Every file is bounded:
   at once and a shorter one is a failed transfer (a manifest of version 1, without sizes, is bounded by
   ``max_unsized_file_bytes``);
 - by a deadline of ``fetch_grace_s`` + size / ``fetch_min_rate`` (a donor that trickles bytes), on top of
-  the socket timeout ``fetch_timeout_s`` (a donor that sends nothing).
+  the socket timeout ``fetch_timeout_s`` (a donor that sends nothing);
+- and never redirected (:func:`cogen.core.http_client.open_url`): a 3xx is a failed transfer, so a
+  source cannot point the node at another host. The manifest is bounded by ``MAX_MANIFEST_BYTES``.
 
 Two kinds of failure, because the caller treats them differently (:mod:`cogen.node.sources`):
 :class:`ManifestError` — the source served what the trusted manifest contradicts (wrong sha256, wrong
@@ -27,13 +29,13 @@ import logging
 import shutil
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO
 
 from cogen.core.atomic import commit_dir, staging_dir
 from cogen.core.config import FetchConfig
+from cogen.core.http_client import open_url
 from cogen.protocols import CheckpointSource
 from cogen.protocols.hashing import sha256_file
 from cogen.protocols.manifest import (
@@ -99,11 +101,9 @@ def _safe_name(name: str) -> bool:
 
 def _open(url: str, cfg: FetchConfig) -> http.client.HTTPResponse:
     try:
-        response = urllib.request.urlopen(url, timeout=cfg.fetch_timeout_s)
+        return open_url(url, cfg.fetch_timeout_s)  # no redirects: a source's URL leads nowhere else
     except (OSError, ValueError, http.client.HTTPException) as e:  # URLError, HTTPError, timeouts
         raise FetchError(f"cannot download {url}: {e}") from None
-    assert isinstance(response, http.client.HTTPResponse)
-    return response
 
 
 def _stream(url: str, dest: Path, size: int | None, cap: int, transfer: _Transfer) -> str:

@@ -5,13 +5,15 @@ The coordinator publishes every generation as a directory (a Hugging Face checkp
 that fetched it announce their own copy the same way, so a base can come from any peer that has it.
 Trust never comes from a source: :class:`BaseFollower`, in a background thread,
 
-1. reads the CheckpointSource records of generations above the node's own and orders them
-   (:class:`cogen.node.sources.SourceBook`: the coordinator's manifests first, newest generation first,
-   sources backing off or distrusted left out);
+1. reads the CheckpointSource records of generations above the node's own, drops the implausible ones
+   (a generation more than one above the newest the coordinator announces, a time more than
+   ``MAX_CLOCK_SKEW_S`` ahead) and orders the rest (:class:`cogen.node.sources.SourceBook`: the
+   coordinator's manifests first, newest generation first, sources backing off or distrusted left out);
 2. tries them in that order with :func:`cogen.node.fetch.fetch_base`: the manifest's sha256 must be the
-   announced one and its signature the trusted key's (``--trusted-key``, else the key the coordinator
-   announces in its SwarmInfo record) before anything else is downloaded; every file is bounded by its
-   signed size and a deadline, hashed as it streams, and the directory is checked as a whole;
+   announced one and its signature the trusted key's (``--trusted-key``, else the coordinator's key
+   pinned on first use: :mod:`cogen.node.trust`, which also says which SwarmInfo records are the
+   coordinator's) before anything else is downloaded; every file is bounded by its signed size and a
+   deadline, hashed as it streams, and the directory is checked as a whole;
 3. a source whose transfer failed is tried again after an exponential, jittered backoff; one that served
    content its signed manifest contradicts is skipped for ``--distrust-s``; the next source is tried;
 4. the verified directory is renamed into ``<bases dir>/gen-N-<manifest sha>`` (nothing partial is ever
@@ -42,8 +44,10 @@ from cogen.core.periodic import PeriodicService
 from cogen.core.swarm import SwarmClient
 from cogen.node.fetch import MAX_MANIFEST_BYTES, Base, FetchError, fetch_base
 from cogen.node.sources import SourceBook
+from cogen.node.trust import KeyTrust, read_trusted_key
 from cogen.protocols import CheckpointSource, SwarmInfo
 from cogen.protocols.manifest import MANIFEST_FILE, ManifestError, read_manifest
+from cogen.protocols.records import from_the_future
 
 __all__ = [
     "MAX_MANIFEST_BYTES",
@@ -57,6 +61,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+_MAX_REFUSALS_LOGGED = 1024  # refused announcements remembered (so each is logged once) at most
 
 
 class _QuietHandler(SimpleHTTPRequestHandler):
@@ -100,7 +105,7 @@ class BaseFollower(PeriodicService):
         client: SwarmClient,
         bases_dir: Path,
         generation: int,
-        trusted_key: str | None,
+        trusted_key: KeyTrust | str | None,
         interval_s: float = 5.0,
         mirror: MirrorServer | None = None,
         fetch: FetchConfig | None = None,
@@ -109,12 +114,17 @@ class BaseFollower(PeriodicService):
         self.client = client
         self.bases_dir = Path(bases_dir)
         self.generation = generation  # the newest generation fetched (or trained on)
-        self.pinned_key = trusted_key
+        #: a key (given), or None: the first coordinator key seen, pinned in memory (the node passes a
+        #: KeyTrust that pins it in its output dir)
+        self.trust = trusted_key if isinstance(trusted_key, KeyTrust) else KeyTrust(read_key(trusted_key))
+        self._refused: set[tuple[bytes, int, str]] = set()
+        self._said_untrusted = False
         self.mirror = mirror
         self.fetch_cfg = fetch or FetchConfig()
         self.sources = SourceBook(self.fetch_cfg)
         self._ready: Base | None = None
         self.looked = threading.Event()  # set once the first look at the swarm's generations is done
+        self.looks = 0  #: looks done so far
         self._served: list[Base] = []
         self._lock = threading.Lock()
 
@@ -134,57 +144,66 @@ class BaseFollower(PeriodicService):
             return ready
 
     def trusted_key(self) -> str | None:
-        """The pinned key, else the one key the swarm's coordinator announces (none if ambiguous)."""
-        return self._trust()[0]
-
-    def _trust(self) -> tuple[str | None, set[bytes]]:
-        """The trusted key and the owners of the SwarmInfo records that announce it (the coordinator)."""
-        infos = [e for e in self.client.fetch(SwarmInfo) if e.record.manifest_key]
-        key = self.pinned_key
-        if not key:
-            keys = {e.record.manifest_key for e in infos if isinstance(e.record, SwarmInfo)}
-            if len(keys) > 1:
-                logger.warning(
-                    "several coordinators announce different manifest keys; pin one with --trusted-key"
-                )
-                return None, set()
-            key = next(iter(keys), None)
-        owners = {
-            e.owner
-            for e in infos
-            if isinstance(e.record, SwarmInfo)
-            and key
-            and (e.record.manifest_key or "").strip() == key.strip()
-        }
-        return key, owners
+        """The key manifests must be signed by: given, pinned, or none known yet."""
+        return self.trust.key
 
     def tick(self) -> None:
         try:
             self._look()
         finally:
+            self.looks += 1
             self.looked.set()
 
     def _look(self) -> None:
         self._announce_served()
-        announced = [
-            (e.owner, e.record)
-            for e in self.client.fetch(CheckpointSource)
-            if isinstance(e.record, CheckpointSource) and e.record.generation > self.generation
-        ]
-        if not announced:
+        records = [(e.owner, e.record) for e in self.client.fetch(CheckpointSource)]
+        if not any(s.generation > self.generation for _, s in records):
             return
-        key, coordinators = self._trust()
+        coordinators = self.trust.coordinators(self.client.cfg.swarm, self.client.fetch(SwarmInfo))
+        key = self.trust.key
         if key is None:
-            logger.warning(
-                "generation %d is announced but no manifest key is trusted yet", announced[0][1].generation
-            )
+            if not self._said_untrusted:  # once: the coordinator may take a while to announce itself
+                self._said_untrusted = True
+                logger.warning(
+                    "a generation above %d is announced but no manifest key is trusted yet (no coordinator "
+                    "announces one, or several do: pass --trusted-key)", self.generation,
+                )  # fmt: skip
             return
+        announced = self._bounded(records, coordinators)
         endorsed = {(s.generation, s.manifest_sha256) for owner, s in announced if owner in coordinators}
         for source in self.sources.order(announced, endorsed):
             if self.stopping:
                 return
             if self._try(source, key):
                 return
+
+    def _bounded(
+        self, records: list[tuple[bytes, CheckpointSource]], coordinators: set[bytes]
+    ) -> list[tuple[bytes, CheckpointSource]]:
+        """The records above this node's generation that are plausible: at most one generation above the
+        newest the coordinator announces (or this node's, before it does), and not from the future."""
+        newest = max((s.generation for owner, s in records if owner in coordinators), default=0)
+        limit, now = max(newest, self.generation) + 1, get_dht_time()
+        kept = []
+        for owner, source in records:
+            if source.generation <= self.generation:
+                continue
+            if source.generation > limit:
+                self._refuse(owner, source, f"generation {source.generation} is above {limit}")
+            elif from_the_future(source.time, now):
+                self._refuse(owner, source, f"its time is {source.time - now:.0f} s in the future")
+            else:
+                kept.append((owner, source))
+        return kept
+
+    def _refuse(self, owner: bytes, source: CheckpointSource, why: str) -> None:
+        """Log a refused announcement once (per owner, generation and url)."""
+        tag = (owner, source.generation, source.url)
+        if tag in self._refused or len(self._refused) >= _MAX_REFUSALS_LOGGED:
+            return
+        self._refused.add(tag)
+        logger.warning("ignoring the announced source %s of generation %d: %s", source.url,
+                       source.generation, why)  # fmt: skip
 
     def _try(self, source: CheckpointSource, key: str) -> bool:
         """One attempt at ``source``; True once its base is fetched, verified and ready."""
@@ -259,7 +278,5 @@ def generation_of(model_path: str) -> int:
 
 
 def read_key(value: str | None) -> str | None:
-    """``--trusted-key``: the key itself, or a file holding it."""
-    if value and not value.startswith("ssh-") and Path(value).is_file():
-        return Path(value).read_text().strip()
-    return value
+    """``--trusted-key``: the key itself, or a file holding it (:func:`cogen.node.trust.read_trusted_key`)."""
+    return read_trusted_key(value) if value else None

@@ -39,6 +39,7 @@ from cogen.node.resume import batches_to_skip, data_fingerprint, find_state
 from cogen.node.shards import claim_shard
 from cogen.node.trainer import ExpertTrainer
 from cogen.node.training import NodeResult, TrainingLoop
+from cogen.node.trust import KeyTrust
 from cogen.protocols.names import is_name, slug
 
 logger = logging.getLogger(__name__)
@@ -90,6 +91,9 @@ class ExpertNode(TrainingLoop):
 
     def run(self) -> NodeResult:
         cfg = self.cfg
+        self.trust = KeyTrust.from_config(
+            cfg.trusted_key, cfg.output_dir, cfg.network.swarm
+        )  # a bad key: exit 2 at once
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         model_path = models.resolve_model(cfg.model.model, cfg.model.cache.cache_dir)

@@ -14,8 +14,9 @@ A :class:`SourceBook` remembers each source (its URL and the manifest sha256 it 
 
 :meth:`SourceBook.order` sorts what may be tried now. What a source claims about itself (its generation,
 its time) never lets it jump the queue: first the manifests the coordinator announces (the owners of the
-SwarmInfo records carrying the trusted key), then newer generations, then the manifest sha announced by
-more distinct record owners, then fewer past failures; ties are shuffled to spread the load over donors.
+SwarmInfo records that speak for the trusted key: :mod:`cogen.node.trust`), then newer generations, then
+the manifest sha announced by more distinct record owners, then fewer past failures; ties are shuffled to
+spread the load over donors.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from cogen.node.group import GroupAverager
     from cogen.node.metrics import NodeMetrics
     from cogen.node.reporting import NodeReporter
+    from cogen.node.trust import KeyTrust
     from cogen.protocols import Hardware
 
 
@@ -40,6 +41,7 @@ class NodeState:
     metrics: NodeMetrics | None
     metrics_url: str | None
     follower: BaseFollower | None
+    trust: KeyTrust  # the manifest key it follows (given, pinned on first use, or not known yet)
     generation: int
     base_name: str  # the base's path (or ``--model``)
     base_id: str  # its identity, for resuming

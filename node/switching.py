@@ -21,7 +21,7 @@ import torch
 
 from cogen.core import models
 from cogen.node.announcing import NodeAnnouncing
-from cogen.node.follow import Base, BaseFollower, MirrorServer, read_key
+from cogen.node.follow import Base, BaseFollower, MirrorServer
 from cogen.node.group import GroupAverager
 from cogen.node.resume import base_identity, find_state, restore
 from cogen.node.trainer import ExpertTrainer
@@ -62,7 +62,7 @@ class BaseSwitching(NodeAnnouncing):
                 mirror.stop()
                 mirror = None
         follower = BaseFollower(
-            self.client, bases_dir, self.generation, read_key(cfg.trusted_key),
+            self.client, bases_dir, self.generation, self.trust,
             interval_s=min(10.0, cfg.log_interval_s), mirror=mirror, fetch=cfg.fetch,
         )  # fmt: skip
         follower.start()

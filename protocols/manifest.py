@@ -240,3 +240,34 @@ def verify_manifest(directory: Path, trusted_key: str | None = None) -> Manifest
         if actual[name] != digest:
             raise ManifestError(f"{directory / name} does not match its sha256 in the manifest")
     return manifest
+
+
+def owner_statement(swarm: str, owner: bytes) -> bytes:
+    """What the manifest key signs to name the DHT key (a record owner, which changes on every restart
+    of the coordinator) that speaks for it in ``swarm``: the ``owner_signature`` of a SwarmInfo record."""
+    return b"cogen swarm owner\0" + swarm.encode() + b"\0" + owner
+
+
+def signs_owner(manifest_key: str, signature: str | None, swarm: str, owner: bytes) -> bool:
+    """Whether ``signature`` is ``manifest_key``'s over :func:`owner_statement` (a malformed key or
+    signature is simply False: this reads what peers announce)."""
+    if not signature:
+        return False
+    try:
+        public = RSAPublicKey.from_bytes(manifest_key.encode())
+        return bool(public.verify(owner_statement(swarm, owner), signature.encode()))
+    except (ValueError, TypeError):
+        return False
+
+
+def parse_public_key(text: str) -> str:
+    """``text`` stripped, if it is an RSA public key in OpenSSH form (what signs manifests); else
+    :class:`ValueError` in one line."""
+    key = text.strip()
+    if not key.startswith("ssh-rsa "):
+        raise ValueError("not an OpenSSH RSA public key (ssh-rsa AAAA...)")
+    try:
+        RSAPublicKey.from_bytes(key.encode())
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"not a valid RSA public key: {str(e).splitlines()[0] if str(e) else e}") from None
+    return key

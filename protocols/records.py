@@ -27,11 +27,29 @@ def _finite(value: float) -> float:
     return value
 
 
+#: the latest clock time a record may carry (the year 2286): a time beyond is garbage, not a clock skew
+MAX_TIME = 1e10
+#: how far in the future a record's time may be (relative to the reader's DHT time) before it is refused
+MAX_CLOCK_SKEW_S = 300.0
+#: counters (steps, samples, tokens, rounds) stay exact integers in every JSON reader
+MAX_COUNT = 2**53
+#: generations a swarm can reach (one a day for 2700 years)
+MAX_GENERATION = 10**6
+
 Finite = Annotated[float, AfterValidator(_finite)]
 NonNegativeFinite = Annotated[Finite, Field(ge=0.0)]
+Time = Annotated[Finite, Field(ge=0.0, le=MAX_TIME)]
+Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
+Generation = Annotated[int, Field(ge=0, le=MAX_GENERATION)]
 PeerId = Annotated[str, Field(pattern=PEER_ID_PATTERN)]
 ExpertName = Annotated[str, Field(pattern=NAME_PATTERN)]
 Precision = Literal["int8", "bf16", "fp32"]
+
+
+def from_the_future(t: float, now: float, skew_s: float = MAX_CLOCK_SKEW_S) -> bool:
+    """Whether a record's time ``t`` is further ahead of ``now`` (the reader's DHT time) than clocks
+    drift: such a record is refused (it would otherwise look fresh for ever, or jump a queue)."""
+    return t > now + skew_s
 
 
 class Record(BaseModel):
@@ -83,9 +101,9 @@ class NodeInfo(Record):
         pattern=r"^http://",
         description="the node's own Prometheus /metrics, if served",
     )
-    generation: int = Field(default=0, ge=0, description="the generation of the base it trains on")
-    started_at: NonNegativeFinite
-    updated_at: NonNegativeFinite
+    generation: Generation = Field(default=0, description="the generation of the base it trains on")
+    started_at: Time
+    updated_at: Time
 
 
 class TrainingProgress(Record):
@@ -95,9 +113,9 @@ class TrainingProgress(Record):
 
     peer_id: PeerId
     expert: ExpertName
-    step: int = Field(ge=0, description="inner steps done")
-    samples: int = Field(ge=0, description="sequences trained on")
-    tokens: int = Field(ge=0, description="tokens trained on")
+    step: Count = Field(description="inner steps done")
+    samples: Count = Field(description="sequences trained on")
+    tokens: Count = Field(description="tokens trained on")
     loss: float = Field(description="mean training loss over the last interval (NaN is reported, not hidden)")
     samples_per_second: NonNegativeFinite
     peak_memory_bytes: int = Field(
@@ -108,7 +126,7 @@ class TrainingProgress(Record):
     gpu_memory_bytes: int | None = Field(
         default=None, ge=0, description="CUDA memory the node process holds now (null without a GPU)"
     )
-    time: NonNegativeFinite = Field(description="DHT time of the report")
+    time: Time = Field(description="DHT time of the report")
 
 
 class SwarmInfo(Record):
@@ -122,9 +140,15 @@ class SwarmInfo(Record):
     manifest_key: str | None = Field(
         default=None, max_length=1024, description="the public key (OpenSSH) that signs the swarm's manifests"
     )
+    owner_signature: str | None = Field(
+        default=None,
+        max_length=1024,
+        description="manifest_key's signature over the swarm name and this record's owner key "
+        "(:func:`cogen.protocols.manifest.owner_statement`): without it the record steers no node",
+    )
     software_version: str = Field(max_length=64)
-    started_at: NonNegativeFinite
-    updated_at: NonNegativeFinite
+    started_at: Time
+    updated_at: Time
 
 
 class ShardClaim(Record):
@@ -143,14 +167,14 @@ class RoundReport(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
 
-    outer_step: int = Field(ge=0, description="the outer step this round produced (or tried to)")
+    outer_step: Count = Field(description="the outer step this round produced (or tried to)")
     ok: bool
     reason: str = Field(max_length=200, description="why a round failed; empty when it succeeded")
-    group_size: int = Field(ge=0)
+    group_size: int = Field(ge=0, le=1 << 20)
     duration_s: NonNegativeFinite
-    bytes_sent: int = Field(ge=0, description="bytes this member sent (estimated from the wire format)")
+    bytes_sent: Count = Field(description="bytes this member sent (estimated from the wire format)")
     weight: NonNegativeFinite = Field(description="this member's weight: samples since its last outer step")
-    time: NonNegativeFinite
+    time: Time
     drift: NonNegativeFinite | None = Field(
         default=None,
         description="on a round followed by an exact state sync: the largest absolute difference between "
@@ -168,12 +192,12 @@ class GroupProgress(Record):
 
     peer_id: PeerId
     expert: ExpertName
-    outer_step: int = Field(ge=0)
-    generation: int = Field(default=0, ge=0, description="the generation of the base the group trains on")
-    inner_steps: int = Field(ge=1, description="H: inner steps per outer step")
+    outer_step: Count
+    generation: Generation = Field(default=0, description="the generation of the base the group trains on")
+    inner_steps: int = Field(ge=1, le=MAX_COUNT, description="H: inner steps per outer step")
     compression: Literal["8bit", "fp16", "none"]
-    rounds_ok: int = Field(ge=0)
-    rounds_failed: int = Field(ge=0)
+    rounds_ok: Count
+    rounds_failed: Count
     last_round: RoundReport | None = None
 
 
@@ -186,10 +210,10 @@ class CheckpointSource(Record):
     KIND: ClassVar[str] = "checkpoints"
 
     peer_id: PeerId
-    generation: int = Field(ge=1)
+    generation: int = Field(ge=1, le=MAX_GENERATION)
     manifest_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     url: str = Field(max_length=256, pattern=r"^http://", description="directory URL holding manifest.json")
-    time: NonNegativeFinite
+    time: Time
 
 
 #: every record class by its kind (see :mod:`cogen.protocols.keys`)

@@ -1,8 +1,7 @@
 """Base downloads that recover: real HTTP donors that die, trickle or lie, real DHT records, real kills.
 
-A donor (``fetch_donors.py``) is a real ``ThreadingHTTPServer`` over a copy of a published tiny-model
-generation that misbehaves on its weight file; nothing in the download path is mocked. The order in
-which a follower tries sources is ``test_sources.py``.
+A donor is a real ``ThreadingHTTPServer`` over a copy of a published tiny-model generation that misbehaves
+on its weight file; nothing in the download path is mocked.
 """
 
 from __future__ import annotations
@@ -20,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fetch_donors import WEIGHTS, Donor, empty_but, publish_generation
+from donors import WEIGHTS, Donor, announce_swarm
+from merging_helpers import make_expert, merge_config
 
-from cogen.coordinator.merging import Identity
+from cogen.coordinator.merging import Identity, merge_experts
 from cogen.coordinator.merging.manifest import sign_manifest
 from cogen.core.atomic import remove_stale_staging, staging_dir
 from cogen.core.config import FetchConfig, NetworkConfig
@@ -34,17 +34,25 @@ from cogen.protocols import CheckpointSource, SwarmInfo
 from cogen.protocols.hashing import sha256_file
 from cogen.protocols.manifest import MANIFEST_FILE, Manifest, ManifestError, verify_manifest
 
+PEER = "12D3KooWSb9uUfn3yQrD2xTJmUFr4PbYBb7oYbP2pCSs3rGqCwTq"
+Served = tuple[Path, str, Identity]
 FAST = FetchConfig(fetch_timeout_s=20, fetch_backoff_s=0.5, fetch_backoff_max_s=1.0)
 
 
 @pytest.fixture(scope="module")
-def served(tiny_path: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """A published generation, and the public key that signed it."""
-    return publish_generation(tiny_path, tmp_path_factory.mktemp("published"))
+def served(tiny_path: str, tmp_path_factory: pytest.TempPathFactory) -> Served:
+    """A published generation, the public key that signed it, and that key (the coordinator's)."""
+    root = tmp_path_factory.mktemp("published")
+    experts = (make_expert(tiny_path, root / "a", 1), make_expert(tiny_path, root / "b", 2, expert="code"))
+    final = merge_experts(
+        merge_config(experts=experts, method="ties", out=root / "out", identity=root / "id.pem")
+    )
+    identity = Identity.load_or_create(root / "id.pem")
+    return final, identity.public_key, identity
 
 
 @pytest.fixture
-def donors(served: tuple[Path, str], tmp_path: Path) -> Iterator[Callable[..., Donor]]:
+def donors(served: Served, tmp_path: Path) -> Iterator[Callable[..., Donor]]:
     started: list[Donor] = []
 
     def start(how: str = "serve", fail_first: int = 0, root: Path | None = None) -> Donor:
@@ -58,6 +66,11 @@ def donors(served: tuple[Path, str], tmp_path: Path) -> Iterator[Callable[..., D
         donor.release.set()
         if donor.server.socket.fileno() != -1:
             donor.stop()
+
+
+def _empty_but(bases: Path, *keep: Path) -> bool:
+    """Nothing in the cache but the fully verified directories ``keep``: no staging dir, no partial file."""
+    return sorted(bases.iterdir()) == sorted(keep) if bases.is_dir() else not keep
 
 
 @pytest.fixture
@@ -77,13 +90,9 @@ def swarm(request: pytest.FixtureRequest) -> Iterator[tuple[SwarmClient, Callabl
         client.shutdown()
 
 
-def _announce(client: SwarmClient, source: CheckpointSource, manifest_key: str | None = None) -> None:
-    if manifest_key is not None:  # this peer is the swarm's coordinator
-        info = SwarmInfo(
-            swarm=client.cfg.swarm, coordinator_peer_id=client.peer_id, manifest_key=manifest_key,
-            software_version="test", started_at=time.time(), updated_at=time.time(),
-        )  # fmt: skip
-        client.publish(info).result()
+def _announce(client: SwarmClient, source: CheckpointSource, coordinator: Identity | None = None) -> None:
+    if coordinator is not None:  # this peer is the swarm's coordinator
+        announce_swarm(client, coordinator)
     client.publish(source.model_copy(update={"peer_id": client.peer_id})).result()
 
 
@@ -97,12 +106,12 @@ def _visible(host: SwarmClient, sources: int) -> None:
 
 
 def test_a_donor_that_dies_half_way_is_left_for_another_source(
-    served: tuple[Path, str], donors: Callable[..., Donor], swarm: Any, tmp_path: Path
+    served: Served, donors: Callable[..., Donor], swarm: Any, tmp_path: Path
 ) -> None:
     host, join = swarm
     dying, mirror = donors("die"), donors("serve")
     coordinator, node = join(), join()
-    _announce(coordinator, dying.source(), manifest_key=served[1])  # it dies mid-transfer
+    _announce(coordinator, dying.source(), coordinator=served[2])  # it dies mid-transfer
     _visible(host, 1)
     bases = tmp_path / "bases"
     follower = BaseFollower(host, bases, generation=0, trusted_key=None, interval_s=0.2, fetch=FAST)
@@ -118,13 +127,13 @@ def test_a_donor_that_dies_half_way_is_left_for_another_source(
     assert dying.asked(WEIGHTS) and 0 < dying.sent < (served[0] / WEIGHTS).stat().st_size  # it did die
     assert mirror.asked(WEIGHTS)  # the weights came from the mirror
     verify_manifest(base.path, served[1])
-    assert empty_but(bases, base.path)  # no partial file, no staging directory
+    assert _empty_but(bases, base.path)  # no partial file, no staging directory
     assert follower.sources.failures(dying.source()) >= 1  # a transfer failure: retried after backoff
     assert not follower.sources.is_distrusted(dying.source())
 
 
 def test_a_failed_source_is_retried_after_its_backoff_while_a_wrong_one_is_skipped(
-    served: tuple[Path, str], donors: Callable[..., Donor], swarm: Any, tmp_path: Path
+    served: Served, donors: Callable[..., Donor], swarm: Any, tmp_path: Path
 ) -> None:
     host, join = swarm
     flaky = donors("serve", fail_first=2)  # refuses twice, then serves
@@ -132,7 +141,7 @@ def test_a_failed_source_is_retried_after_its_backoff_while_a_wrong_one_is_skipp
     data = bytearray((tampered.root / WEIGHTS).read_bytes())
     data[-1] ^= 1
     (tampered.root / WEIGHTS).write_bytes(bytes(data))  # same size, wrong sha256
-    _announce(join(), flaky.source(), manifest_key=served[1])
+    _announce(join(), flaky.source(), coordinator=served[2])
     _announce(join(), tampered.source())
     _visible(host, 2)
     follower = BaseFollower(host, tmp_path / "bases", 0, served[1], interval_s=0.05, fetch=FAST)
@@ -142,7 +151,7 @@ def test_a_failed_source_is_retried_after_its_backoff_while_a_wrong_one_is_skipp
     finally:
         follower.stop()
     base = follower.take()
-    assert base is not None and empty_but(tmp_path / "bases", base.path)
+    assert base is not None and _empty_but(tmp_path / "bases", base.path)
     tries = flaky.asked(MANIFEST_FILE)
     assert len(tries) == 3 and flaky.asked(WEIGHTS)  # two refusals, then the whole generation
     assert min(b - a for a, b in itertools.pairwise(tries)) >= 0.5 * FAST.fetch_backoff_s
@@ -151,7 +160,7 @@ def test_a_failed_source_is_retried_after_its_backoff_while_a_wrong_one_is_skipp
 
 
 def test_a_trickling_donor_is_abandoned_by_its_deadline(
-    served: tuple[Path, str], donors: Callable[..., Donor], tmp_path: Path
+    served: Served, donors: Callable[..., Donor], tmp_path: Path
 ) -> None:
     donor = donors("trickle")
     cfg = FetchConfig(fetch_timeout_s=30, fetch_min_rate=1e7, fetch_grace_s=1.0)
@@ -162,11 +171,11 @@ def test_a_trickling_donor_is_abandoned_by_its_deadline(
     elapsed = time.monotonic() - started
     deadline = cfg.fetch_grace_s + size / cfg.fetch_min_rate
     assert deadline <= elapsed < deadline + 5  # the deadline, not the socket timeout, nor the whole trickle
-    assert empty_but(tmp_path / "bases")
+    assert _empty_but(tmp_path / "bases")
 
 
 def test_a_file_longer_than_declared_is_refused_without_reading_it_all(
-    served: tuple[Path, str], donors: Callable[..., Donor], tmp_path: Path
+    served: Served, donors: Callable[..., Donor], tmp_path: Path
 ) -> None:
     size = (served[0] / WEIGHTS).stat().st_size
     endless = donors("endless")
@@ -179,16 +188,28 @@ def test_a_file_longer_than_declared_is_refused_without_reading_it_all(
     with pytest.raises(ManifestError, match=rf"is {size + 1} bytes, more than its declared {size} bytes"):
         fetch_base(liar.source(), tmp_path / "bases", served[1], FAST)
     assert time.monotonic() - started < FAST.fetch_timeout_s / 2  # refused on its header, before any body
-    assert empty_but(tmp_path / "bases")
+    assert _empty_but(tmp_path / "bases")
+
+
+def test_a_redirecting_source_is_a_failed_transfer_and_its_target_is_never_asked(
+    served: Served, donors: Callable[..., Donor], tmp_path: Path
+) -> None:
+    target = donors("serve")  # a real copy elsewhere: following the redirect would fetch and verify it
+    redirecting = donors("redirect", root=target.root)
+    redirecting.redirect_to = target.url
+    with pytest.raises(FetchError, match=r"manifest\.json: HTTP Error 302: redirect to .* refused"):
+        fetch_base(redirecting.source(), tmp_path / "bases", served[1], FAST)
+    assert redirecting.asked(MANIFEST_FILE) and not target.requests
+    assert _empty_but(tmp_path / "bases")
 
 
 def test_an_interrupted_download_leaves_nothing_in_the_cache(
-    served: tuple[Path, str], donors: Callable[..., Donor], tmp_path: Path
+    served: Served, donors: Callable[..., Donor], tmp_path: Path
 ) -> None:
     bases = tmp_path / "bases"
     with pytest.raises(FetchError, match=r"ended after \d+ of \d+ bytes"):  # the donor died half-way
         fetch_base(donors("die").source(), bases, served[1], FAST)
-    assert empty_but(bases)
+    assert _empty_but(bases)
 
     def interrupt(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
@@ -201,11 +222,11 @@ def test_an_interrupted_download_leaves_nothing_in_the_cache(
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
-    assert empty_but(bases)
+    assert _empty_but(bases)
 
 
 def test_a_killed_download_is_cleaned_when_the_follower_starts(
-    served: tuple[Path, str], donors: Callable[..., Donor], swarm: Any, tmp_path: Path
+    served: Served, donors: Callable[..., Donor], swarm: Any, tmp_path: Path
 ) -> None:
     bases = tmp_path / "bases"
     code = (
@@ -233,14 +254,14 @@ def test_a_killed_download_is_cleaned_when_the_follower_starts(
         follower.start()
         follower.stop()
         assert not staging.exists() and live.is_dir()
-    assert empty_but(bases)
+    assert _empty_but(bases)
     assert remove_stale_staging(bases) == []
 
 
 def test_an_old_manifest_without_sizes_still_verifies_and_is_fetched_under_the_cap(
-    served: tuple[Path, str], donors: Callable[..., Donor], tmp_path: Path
+    served: Served, donors: Callable[..., Donor], tmp_path: Path
 ) -> None:
-    published, key = served
+    published, key, _ = served
     old = Path(shutil.copytree(published, tmp_path / "v1"))
     raw = json.loads((old / MANIFEST_FILE).read_text())
     assert raw["manifest_version"] == 3 and raw["sizes"][WEIGHTS] == (old / WEIGHTS).stat().st_size
@@ -262,11 +283,11 @@ def test_an_old_manifest_without_sizes_still_verifies_and_is_fetched_under_the_c
     small = FetchConfig(max_unsized_file_bytes=(old / WEIGHTS).stat().st_size - 1)
     with pytest.raises(ManifestError, match="cap of unsized files"):
         fetch_base(donor.source(), tmp_path / "other", key, small)
-    assert empty_but(tmp_path / "other")
+    assert _empty_but(tmp_path / "other")
 
 
 def test_a_full_disk_is_this_hosts_failure_and_leaves_nothing(
-    served: tuple[Path, str], donors: Callable[..., Donor], tmp_path: Path
+    served: Served, donors: Callable[..., Donor], tmp_path: Path
 ) -> None:
     """The kernel refuses writes past RLIMIT_FSIZE (EFBIG), as it would a full disk (ENOSPC)."""
     code = """if True:
@@ -289,4 +310,4 @@ def test_a_full_disk_is_this_hosts_failure_and_leaves_nothing(
     )  # fmt: skip
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["local"] and "cannot write" in result["error"] and WEIGHTS in result["error"]
-    assert empty_but(bases)
+    assert _empty_but(bases)

@@ -13,8 +13,8 @@ from hivemind.utils import get_dht_time
 from prometheus_client.parser import text_string_to_metric_families
 
 from cogen.coordinator.api import create_app
-from cogen.coordinator.metrics import NodeScraper, make_registry, scrape
 from cogen.coordinator.schemas import RoundSummary
+from cogen.coordinator.scraping import scrape
 from cogen.coordinator.view import SwarmMonitor
 from cogen.core.config import NetworkConfig
 from cogen.core.procs import wait_for
@@ -77,7 +77,8 @@ def test_swarm_metrics_parse_and_several_apps_coexist(monitor: SwarmMonitor) -> 
     assert ("cogen_generation", ()) not in got  # no generation yet
 
 
-def test_node_metrics_are_served_scraped_and_relabelled(monitor: SwarmMonitor) -> None:
+def test_node_metrics_are_served_and_parse() -> None:
+    """A node's own /metrics (scraped and relabelled by the coordinator: tests/test_scraping.py)."""
     with NodeMetrics(expert="code") as node, NodeMetrics(expert="other") as other:
         url = node.start("127.0.0.1", 0)
         other.start("127.0.0.1", 0)  # a second one in the same process: its own registry
@@ -94,22 +95,6 @@ def test_node_metrics_are_served_scraped_and_relabelled(monitor: SwarmMonitor) -
         own = {s.name: s.value for s in families["cogen_node_steps"].samples}
         assert own["cogen_node_steps_total"] == 2
         assert math.isnan(families["cogen_node_loss"].samples[0].value)
-
-        peer = monitor.view().snapshot.peers[0].id
-        scraper = NodeScraper(monitor)
-        monitor_urls = monitor.metrics_urls
-        try:
-            monitor.metrics_urls = lambda: {peer: url}  # type: ignore[method-assign]  # NodeInfo has no URL yet
-            scraper.scrape_once()
-        finally:
-            monitor.metrics_urls = monitor_urls  # type: ignore[method-assign]
-        got = samples(TestClient(create_app(monitor, make_registry(monitor, scraper))).get("/metrics").text)
-        labels = (("expert", "code"), ("peer", peer))
-        assert got[("cogen_node_steps_total", labels)] == 2
-        assert got[("cogen_node_samples_total", labels)] == 8
-        assert got[("cogen_node_nan_steps_total", labels)] == 1
-        state = tuple(sorted((*labels, ("cogen_node_state", "training"))))
-        assert got[("cogen_node_state", state)] == 1
     assert not node.is_running()
     with pytest.raises(ValueError, match="not an http URL"):
         scrape("file:///etc/passwd")

@@ -26,7 +26,9 @@ from cogen.protocols import (
     swarm_key,
 )
 from cogen.protocols.keys import delta_prefix, group_prefix, state_prefix
+from cogen.protocols.manifest import signs_owner
 from cogen.protocols.names import is_name, slug
+from cogen.protocols.records import MAX_CLOCK_SKEW_S, MAX_COUNT, MAX_GENERATION, MAX_TIME, from_the_future
 from cogen.protocols.validation import RecordRejected, check_record, parse_record
 
 PEER = "12D3KooWGdMLJpgWr9AtogxkNPTRuP3WN2fdpN7Tmknw3J36TJfd"
@@ -99,6 +101,69 @@ def test_progress_without_memory_fields_is_still_valid() -> None:
     assert isinstance(new, TrainingProgress) and new.rss_bytes == 2**28
     with pytest.raises(RecordRejected, match="rss_bytes"):
         check_record("progress", OWNER, MSGPackSerializer.dumps(progress(rss_bytes=-1)))
+
+
+def checkpoint(**overrides: Any) -> dict[str, Any]:
+    rec = CheckpointSource(
+        peer_id=PEER, generation=3, manifest_sha256="a" * 64, url="http://10.0.0.1:1/g/", time=1.0
+    )
+    return {**rec.to_wire(), **overrides}
+
+
+def swarm_info(**overrides: Any) -> dict[str, Any]:
+    rec = SwarmInfo(
+        swarm="s", coordinator_peer_id=PEER, software_version="0.1.0", started_at=1.0, updated_at=2.0
+    )
+    return {**rec.to_wire(), **overrides}
+
+
+def group(**overrides: Any) -> dict[str, Any]:
+    rec = GroupProgress(
+        peer_id=PEER,
+        expert="code",
+        outer_step=2,
+        inner_steps=1,
+        compression="none",
+        rounds_ok=0,
+        rounds_failed=0,
+    )
+    return {**rec.to_wire(), **overrides}
+
+
+@pytest.mark.parametrize(
+    ("kind", "payload", "complaint"),
+    [
+        ("checkpoints", checkpoint(generation=MAX_GENERATION + 1), "generation"),
+        ("checkpoints", checkpoint(generation=0), "generation"),
+        ("checkpoints", checkpoint(time=MAX_TIME * 10), "time"),  # the year 100000: garbage, not a skew
+        ("checkpoints", checkpoint(url="http://x/" + "a" * 300), "url"),
+        ("checkpoints", checkpoint(url="file:///etc/"), "url"),
+        ("progress", progress(tokens=MAX_COUNT + 1), "tokens"),
+        ("nodes", node_info(updated_at=MAX_TIME + 1), "updated_at"),
+        ("groups", group(outer_step=2**60), "outer_step"),
+        ("swarm", swarm_info(owner_signature="A" * 2000), "owner_signature"),
+    ],
+)
+def test_out_of_bounds_records_are_rejected(kind: str, payload: Any, complaint: str) -> None:
+    with pytest.raises(RecordRejected, match=complaint):
+        check_record(kind, OWNER, MSGPackSerializer.dumps(payload))
+    assert from_the_future(get_dht_time() + MAX_CLOCK_SKEW_S + 1, get_dht_time())
+    assert not from_the_future(get_dht_time() + 1, get_dht_time())
+
+
+def test_only_the_manifest_key_can_name_the_owner_that_speaks_for_it(tmp_path: Any) -> None:
+    from cogen.coordinator.merging import Identity
+
+    key = Identity.load_or_create(tmp_path / "id.pem")
+    other = Identity.load_or_create(tmp_path / "other.pem")
+    signature = key.sign_owner("s", OWNER)
+    assert signs_owner(key.public_key, signature, "s", OWNER)
+    assert not signs_owner(key.public_key, signature, "s", b"[owner:ssh-rsa AAAAB3other]")  # replayed
+    assert not signs_owner(key.public_key, signature, "t", OWNER)  # another swarm
+    assert not signs_owner(other.public_key, signature, "s", OWNER)  # someone else's key copied in
+    assert not signs_owner(key.public_key, None, "s", OWNER)
+    assert not signs_owner(key.public_key, "not base64!", "s", OWNER)
+    assert not signs_owner("ssh-rsa garbage", signature, "s", OWNER)
 
 
 @pytest.mark.parametrize(

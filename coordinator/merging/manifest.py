@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from cogen.core.atomic import create_private_once
-from cogen.protocols.manifest import Manifest, ManifestError
+from cogen.protocols.manifest import Manifest, ManifestError, owner_statement
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,11 @@ class Identity:
 
     def sign(self, data: bytes) -> str:
         return base64.b64encode(self._key.sign(data, _PADDING, hashes.SHA256())).decode()
+
+    def sign_owner(self, swarm: str, owner: bytes) -> str:
+        """The ``owner_signature`` of a SwarmInfo record stored under the DHT key ``owner``: it proves
+        to nodes that the record speaks for this key (:func:`cogen.protocols.manifest.signs_owner`)."""
+        return self.sign(owner_statement(swarm, owner))
 
     @classmethod
     def load_or_create(cls, path: Path) -> Identity:

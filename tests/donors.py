@@ -1,12 +1,8 @@
-"""Checkpoint donors for the download tests: real HTTP servers over a published generation that misbehave.
-
-A :class:`Donor` is a real ``ThreadingHTTPServer`` over a copy of a published tiny-model generation
-(:func:`publish_generation`) that serves its weight file properly, dies half-way, trickles, never ends or
-lies about its length; :func:`empty_but` says whether a base cache holds only verified directories.
-"""
+"""Test helpers for fetching bases: a misbehaving donor (a real HTTP server), a coordinator's announcement."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 import time
@@ -15,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from hivemind.utils import get_dht_time
-from merging_helpers import make_expert, merge_config
 
-from cogen.coordinator.merging import Identity, merge_experts
-from cogen.protocols import CheckpointSource
+from cogen.coordinator.merging import Identity
+from cogen.core.swarm import SwarmClient
+from cogen.protocols import CheckpointSource, SwarmInfo
 from cogen.protocols.hashing import sha256_file
 from cogen.protocols.manifest import MANIFEST_FILE
 
@@ -26,28 +22,27 @@ PEER = "12D3KooWSb9uUfn3yQrD2xTJmUFr4PbYBb7oYbP2pCSs3rGqCwTq"
 WEIGHTS = "model.safetensors"
 
 
-def publish_generation(tiny_path: str, root: Path) -> tuple[Path, str]:
-    """A published generation (two tiny experts merged) under ``root``, and the public key that signed it."""
-    experts = (make_expert(tiny_path, root / "a", 1), make_expert(tiny_path, root / "b", 2, expert="code"))
-    final = merge_experts(
-        merge_config(experts=experts, method="ties", out=root / "out", identity=root / "id.pem")
-    )
-    return final, Identity.load_or_create(root / "id.pem").public_key
-
-
-def empty_but(bases: Path, *keep: Path) -> bool:
-    """Nothing in the cache but the fully verified directories ``keep``: no staging dir, no partial file."""
-    return sorted(bases.iterdir()) == sorted(keep) if bases.is_dir() else not keep
+def announce_swarm(client: SwarmClient, identity: Identity, ttl_s: float | None = None) -> None:
+    """Publish the SwarmInfo record a coordinator with ``identity`` publishes (its key, signing the
+    record's owner)."""
+    info = SwarmInfo(
+        swarm=client.cfg.swarm, coordinator_peer_id=client.peer_id, manifest_key=identity.public_key,
+        owner_signature=identity.sign_owner(client.cfg.swarm, client.owner), software_version="test",
+        started_at=time.time(), updated_at=time.time(),
+    )  # fmt: skip
+    client.publish(info, ttl_s=ttl_s).result()
 
 
 class Donor:
     """A real HTTP server over ``root`` that serves ``WEIGHTS`` ``how``: ``serve`` (properly), ``die``
     (half of it, then the server closes the connection and stops listening), ``trickle`` (2 kB/s),
     ``endless`` (no length, zeros until the client hangs up) or ``liar`` (a longer Content-Length, then
-    nothing). The first ``fail_first`` requests get 503."""
+    nothing); ``redirect`` answers every request with a 302 to the same name under ``redirect_to``. The
+    first ``fail_first`` requests get 503."""
 
     def __init__(self, root: Path, how: str = "serve", fail_first: int = 0):
         self.root, self.how, self.fail_first = root, how, fail_first
+        self.redirect_to = ""
         self.requests: list[tuple[float, str]] = []
         self.sent = 0
         self.release = threading.Event()
@@ -89,8 +84,14 @@ class _Handler(SimpleHTTPRequestHandler):
             donor.fail_first -= 1
             self.send_error(503)
             return
+        if donor.how == "redirect":
+            self.send_response(302)
+            self.send_header("Location", donor.redirect_to + name)
+            self.end_headers()
+            return
         if name != WEIGHTS or donor.how == "serve":
-            super().do_GET()
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client gave up
+                super().do_GET()
             return
         data = (donor.root / WEIGHTS).read_bytes()
         self.send_response(200)
