@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 from donors import WEIGHTS, Donor, announce_swarm
 from hivemind.utils import get_dht_time
-from merging_helpers import make_expert
+from merging_helpers import make_expert, merge_config
 
 from cogen.coordinator.merging import Identity, merge_experts
 from cogen.coordinator.merging.manifest import sign_manifest
 from cogen.core.atomic import write_json_atomic
-from cogen.core.config import FetchConfig, MergeConfig, NetworkConfig
+from cogen.core.config import FetchConfig, NetworkConfig
 from cogen.core.exit_codes import ExitCode
 from cogen.core.procs import wait_for
 from cogen.core.settings import ConfigError
@@ -44,7 +44,7 @@ def published(
     root = tmp_path_factory.mktemp("trust")
     experts = (make_expert(tiny_path, root / "a", 1), make_expert(tiny_path, root / "b", 2, expert="code"))
     first = merge_experts(
-        MergeConfig(experts=experts, method="ties", out=root / "out", identity=root / "a.pem")
+        merge_config(experts=experts, method="ties", out=root / "out", identity=root / "a.pem")
     )
     a, b = Identity.load_or_create(root / "a.pem"), Identity.load_or_create(root / "b.pem")
     second = Path(shutil.copytree(first, root / "gen2"))
