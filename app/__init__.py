@@ -2,6 +2,7 @@
 
 - ``cli.py``  — the umbrella ``cogen`` command (``cogen node``, ``cogen coordinator``, ``cogen demo``,
   ``cogen merge``, ...), dispatching to :mod:`cogen.node` and :mod:`cogen.coordinator`
+- ``swarm.py`` — ``cogen swarm``: a permissioned swarm's owner key, credentials and revocations
 - ``demo.py`` — ``cogen demo``: a coordinator and one node per domain on this machine, two generations
 
 It is the only layer that imports both :mod:`cogen.node` and :mod:`cogen.coordinator`; the shared core
