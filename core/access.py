@@ -208,13 +208,13 @@ class Access:
             if cfg.credential or cfg.revocations or cfg.checkpoint_auth:
                 raise AccessError("--credential, --revocations and --checkpoint-auth need --owner-key")
             return None
-        if cfg.credential is None or cfg.member_key is None:
-            raise AccessError("a permissioned swarm (--owner-key) needs --credential and --member-key")
+        if cfg.credential is None or cfg.credential_key is None:
+            raise AccessError("a permissioned swarm (--owner-key) needs --credential and --credential-key")
         owner_key = load_public_key(cfg.owner_key)
         credential = read_model(cfg.credential, Credential, "credential")
-        key = load_private_key(cfg.member_key)
+        key = load_private_key(cfg.credential_key)
         if public_key_line(key) != credential.member_key:
-            raise AccessError(f"the credential {cfg.credential} names another key than {cfg.member_key}")
+            raise AccessError(f"the credential {cfg.credential} names another key than {cfg.credential_key}")
         reason = credential_refusal(credential, owner_key, swarm, frozenset(), time.time())
         if reason:
             raise AccessError(f"{cfg.credential}: {reason}")

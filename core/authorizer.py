@@ -45,7 +45,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 Getter = Callable[[str], Awaitable[Any]]  #: a DHT key -> its ValueWithExpiration (or None), awaited
-_LOG_EVERY_S = 30.0
+_LOG_EVERY_S = 30.0  #: each distinct refusal is logged at most this often
+_MAX_LOGGED = 1024
 _MISS_REFRESH_S = 1.0  #: an unknown peer id refreshes the directory at most this often
 
 
@@ -85,6 +86,8 @@ class SwarmAuthorizer(TokenAuthorizerBase):
 
     def log_refusal(self, message: str) -> None:
         now = time.monotonic()
+        if len(self._last_logged) > _MAX_LOGGED:  # a stranger cycling peer ids must not grow it forever
+            self._last_logged.clear()
         if now - self._last_logged.get(message, -_LOG_EVERY_S) >= _LOG_EVERY_S:
             self._last_logged[message] = now
             logger.warning("swarm %r refused a %s", self.access.swarm, message)
@@ -179,10 +182,19 @@ class AccessService(PeriodicService):
     def start_for(cls, client: SwarmClient) -> AccessService:
         """Register ``client``'s authorizer for its averagers and start the upkeep."""
         assert client.access is not None and client.authorizer is not None
+        from cogen.core.http_access import register  # it imports this module
+
         register_authorizer(client.dht, client.authorizer)
+        register(client.access, client.authorizer)  # checkpoint downloads over HTTP
         service = cls(client, client.access)
         service.start()
         return service
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        from cogen.core.http_access import unregister
+
+        super().stop(timeout_s)
+        unregister(self.access)
 
     def tick(self) -> None:
         client, access = self.client, self.access
@@ -199,3 +211,5 @@ class AccessService(PeriodicService):
             return
         if newest is not None:
             client.publish(newest)
+            if client.authorizer is not None:  # this process's copy, which checks HTTP downloads
+                client.authorizer.apply_revocations(newest)

@@ -91,9 +91,9 @@ class AccessConfig(_Frozen):
     credential: Path | None = Field(
         default=None, description="this peer's credential file, issued by the owner (cogen swarm issue)"
     )
-    member_key: Path | None = Field(
+    credential_key: Path | None = Field(
         default=None,
-        description="this peer's private key file, whose public key the credential names (cogen swarm key)",
+        description="this peer's private key file, the one its credential names (cogen swarm key)",
     )
     revocations: Path | None = Field(
         default=None,

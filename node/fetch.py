@@ -34,6 +34,7 @@ from typing import IO
 
 from cogen.core.atomic import commit_dir, staging_dir
 from cogen.core.config import FetchConfig
+from cogen.core.http_access import request_for
 from cogen.protocols import CheckpointSource
 from cogen.protocols.hashing import sha256_file
 from cogen.protocols.manifest import (
@@ -99,7 +100,7 @@ def _safe_name(name: str) -> bool:
 
 def _open(url: str, cfg: FetchConfig) -> http.client.HTTPResponse:
     try:
-        response = urllib.request.urlopen(url, timeout=cfg.fetch_timeout_s)
+        response = urllib.request.urlopen(request_for(url), timeout=cfg.fetch_timeout_s)
     except (OSError, ValueError, http.client.HTTPException) as e:  # URLError, HTTPError, timeouts
         raise FetchError(f"cannot download {url}: {e}") from None
     assert isinstance(response, http.client.HTTPResponse)
