@@ -58,13 +58,10 @@ class SwarmAuthorizer(TokenAuthorizerBase):
         self.access = access
         self.refresh_s = ttl_s / 3
         self.revocations: Revocations | None = None
+        self.revoked: frozenset[int] = frozenset()
         self.members: dict[str, Credential] = {}  # peer id -> its credential
         self._directory_at = -float("inf")
         self._last_logged: dict[str, float] = {}
-
-    @property
-    def revoked(self) -> frozenset[int]:
-        return frozenset(self.revocations.serials) if self.revocations else frozenset()
 
     # hivemind's TokenAuthorizerBase hooks
     async def get_token(self) -> AccessToken:
@@ -99,7 +96,7 @@ class SwarmAuthorizer(TokenAuthorizerBase):
         ):
             return
         if self.revocations is None or revocations.issued_at > self.revocations.issued_at:
-            self.revocations = revocations
+            self.revocations, self.revoked = revocations, frozenset(revocations.serials)
 
     async def refresh(self, get: Getter) -> None:
         """Re-read the revocation lists and the member directory from the DHT."""
