@@ -290,8 +290,9 @@ def test_revoked_and_expired_members_are_refused_within_one_ttl(owner: Owner) ->
         assert time.monotonic() - started < 2 * TTL_S
         for _ in range(3):  # and it stays refused, for records and for state downloads
             assert not stored_and_seen(c.dht, a.dht, "test_probe_c")
-        assert averagers[1].load_state_from_peers(timeout=10) is None  # it finds no averager on the DHT
         wait_for(lambda: download_parts(c, a.peer_id) == 0, TTL_S, "the averager's refusal")  # asked directly
+        assert averagers[1].load_state_from_peers(timeout=10) is None  # as hivemind asks
+        assert "refused a state download from peer" in owner.log.read_text()
         assert "refused a DHT request: credential" in owner.log.read_text()
 
         assert d.access is not None
