@@ -116,6 +116,7 @@ def _init(args: argparse.Namespace) -> None:
 def _key(args: argparse.Namespace) -> None:
     from cogen.core.access import create_key, load_private_key, public_key_line
 
+    args.path.parent.mkdir(parents=True, exist_ok=True)
     created = create_key(args.path)
     line = public_key_line(load_private_key(args.path))
     Path(f"{args.path}.pub").write_text(line + "\n")

@@ -179,6 +179,9 @@ def test_bad_key_and_credential_files_are_one_line_errors(
     garbage = tmp_path / "garbage"
     garbage.write_text("not a key\n")
     capsys.readouterr()
+    assert swarm_main(["list", "--owner-dir", str(owner.dir)]) == ExitCode.OK
+    listed = {line.split()[1]: line.split()[-1] for line in capsys.readouterr().out.splitlines()[1:]}
+    assert listed["files"] == "valid"
     issue = ["issue", "--owner-dir", str(owner.dir), "--name", "x", "--expires-in", "1h"]
     assert swarm_main([*issue, "--member-key", str(access.credential_key)]) == ExitCode.CONFIG
     assert swarm_main(["list", "--owner-dir", str(tmp_path)]) == ExitCode.CONFIG
