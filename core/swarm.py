@@ -55,7 +55,8 @@ from cogen.protocols.validation import RecordRejected, make_validators, parse_re
 
 logger = logging.getLogger(__name__)
 R = TypeVar("R", bound=Record)
-__all__ = ["Entry", "GroupStateAverager", "NetworkError", "SwarmClient", "check_compatible"]
+__all__ = ["Entry", "GroupStateAverager", "NetworkError", "SwarmClient", "check_compatible",
+           "ensure_p2p_identity", "owner_fingerprint"]  # fmt: skip
 
 
 class NetworkError(RuntimeError, CommandError):
