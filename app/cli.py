@@ -1,5 +1,5 @@
-"""``cogen``: the umbrella command (``cogen demo``; ``cogen node``, ``cogen coordinator`` and
-``cogen dashboard`` forward)."""
+"""``cogen``: the umbrella command (``cogen demo``; ``cogen node``, ``cogen coordinator``,
+``cogen dashboard`` and ``cogen swarm`` forward)."""
 
 from __future__ import annotations
 
@@ -87,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         from cogen.app.verify import main as verify_main
 
         return verify_main(argv[1:])
+    if argv[:1] == ["swarm"]:
+        from cogen.app.swarm import main as swarm_main
+
+        return swarm_main(argv[1:])
     if argv[:1] == ["dashboard"]:
         from cogen.coordinator.cli import dashboard_main
 
@@ -95,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="cogen",
         description="cogen: train a foundation model as a model over "
         "models. Commands: demo, node (= cogen-node), coordinator (= cogen-coordinator), "
-        "dashboard (watch a swarm read-only), verify (check a published generation).",
+        "dashboard (watch a swarm read-only), verify (check a published generation), swarm (a permissioned "
+        "swarm's keys and credentials).",
     )
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING, ERROR (env COGEN_LOG_LEVEL)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -104,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("coordinator", help="run a coordinator (see cogen-coordinator --help)")
     sub.add_parser("dashboard", help="watch a swarm as a read-only observer (see cogen dashboard --help)")
     sub.add_parser("verify", help="check a published generation, --recompute its merge (cogen verify --help)")
+    sub.add_parser(
+        "swarm", help="owner key, credentials, revocations of a permissioned swarm (cogen swarm -h)"
+    )
     args = parser.parse_args(argv)
 
     def body() -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 from fastapi import FastAPI, HTTPException, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.datastructures import Headers
 from starlette.types import Scope
 
 from cogen.coordinator.dashboard import mount_dashboard
@@ -22,6 +23,7 @@ from cogen.coordinator.metrics import make_registry
 from cogen.coordinator.schemas import AlertList, GenerationSummary, GroupSummary, PeerSummary, SwarmSnapshot
 from cogen.coordinator.view import SwarmMonitor
 from cogen.core.health import Check, HealthChecks, verdict
+from cogen.core.http_access import checkpoint_refusal
 from cogen.protocols import software_version
 
 
@@ -40,6 +42,8 @@ class PublishedFiles(StaticFiles):
     async def get_response(self, path: str, scope: Scope) -> Response:
         if path.split(os.sep, 1)[0] not in self._served():
             raise HTTPException(status_code=404)
+        if refusal := checkpoint_refusal(Headers(scope=scope).items(), scope["raw_path"].decode("latin-1")):
+            raise HTTPException(status_code=403, detail=refusal)  # --checkpoint-auth
         return await super().get_response(path, scope)
 
 

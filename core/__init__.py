@@ -10,6 +10,10 @@
 - ``atomic.py``     — atomic writes: a directory (staged, fsynced, renamed; leftovers of a kill removed),
   a JSON file, a symlink
 - ``swarm.py``      — a peer's DHT handle with cogen's validators and typed records
+- ``access.py``     — a permissioned swarm's keys, credentials and revocation list (files, signatures)
+- ``authorizer.py`` — enforcing it: hivemind's token authorizer on the DHT, the member directory
+- ``averagers.py``  — hivemind averagers that admit members only; the group state averager
+- ``http_access.py`` — a member's signed credential header on checkpoint downloads (``--checkpoint-auth``)
 - ``health.py``     — health checks and the 200/503 JSON verdict of /healthz and /readyz
 - ``evaluation.py`` — validation loss; ``telemetry.py`` — logging and memory figures
 - ``addresses.py``  — which host and URL a peer announces (never a wildcard, loopback only locally)

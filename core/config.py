@@ -88,6 +88,33 @@ class OptimConfig(_Frozen):
     max_grad_norm: float = Field(default=1.0, gt=0, description="gradient clipping norm")
 
 
+class AccessConfig(_Frozen):
+    """Who may join: an open swarm (the default), or only peers holding a credential from its owner."""
+
+    owner_key: Path | None = Field(
+        default=None,
+        description="the swarm owner's public key file (cogen swarm init): set, the swarm is permissioned "
+        "and only peers with a credential it signed store records, average or download state",
+    )
+    credential: Path | None = Field(
+        default=None, description="this peer's credential file, issued by the owner (cogen swarm issue)"
+    )
+    credential_key: Path | None = Field(
+        default=None,
+        description="this peer's private key file, the one its credential names (cogen swarm key)",
+    )
+    revocations: Path | None = Field(
+        default=None,
+        description="the owner's signed revocation list (cogen swarm revoke) to publish; re-read and "
+        "republished every third of the record TTL (typically given to the coordinator)",
+    )
+    checkpoint_auth: bool = Field(
+        default=False,
+        description="in a permissioned swarm, also require a member's signed credential header on "
+        "checkpoint downloads over HTTP (the coordinator's API, a node's base mirror)",
+    )
+
+
 class NetworkConfig(_Frozen):
     """How a peer joins the swarm."""
 
@@ -114,6 +141,7 @@ class NetworkConfig(_Frozen):
         le=3600,
         description="lifetime of this peer's DHT records; refreshed every third of it",
     )
+    access: AccessConfig = Field(default_factory=AccessConfig, description="who may join the swarm")
 
     @field_validator("swarm")
     @classmethod

@@ -35,11 +35,13 @@ class BodyTooLarge(ValueError):
     """A response longer than its bound (one line)."""
 
 
-def open_url(url: str, timeout_s: float) -> http.client.HTTPResponse:
-    """Open a plain ``http://`` URL, redirects refused; raises ``ValueError`` for another scheme, and what
-    ``urllib`` raises on failure (``URLError``/``HTTPError``, both ``OSError``; ``http.client`` errors)."""
-    if urllib.parse.urlsplit(url).scheme != "http":
-        raise ValueError(f"not an http URL: {url!r}")
+def open_url(url: str | urllib.request.Request, timeout_s: float) -> http.client.HTTPResponse:
+    """Open a plain ``http://`` URL (or a request for one, with its headers), redirects refused; raises
+    ``ValueError`` for another scheme, and what ``urllib`` raises on failure (``URLError``/``HTTPError``,
+    both ``OSError``; ``http.client`` errors)."""
+    full = url.full_url if isinstance(url, urllib.request.Request) else url
+    if urllib.parse.urlsplit(full).scheme != "http":
+        raise ValueError(f"not an http URL: {full!r}")
     response = _OPENER.open(url, timeout=timeout_s)
     assert isinstance(response, http.client.HTTPResponse)
     return response

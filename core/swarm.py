@@ -3,6 +3,9 @@
 Every record is stored under ``<swarm>_<kind>`` (its class's ``KIND``) with this peer's RSA public key
 as subkey, so only this peer can write it (hivemind's ``RSASignatureValidator`` signs on store and
 checks on read) and its schema is checked by :class:`cogen.protocols.CogenRecordValidator` on every peer.
+In a permissioned swarm (``NetworkConfig.access``) that key is the member key of its credential, the DHT
+runs with a :class:`cogen.core.authorizer.SwarmAuthorizer`, and the averagers on it (such as
+:class:`GroupStateAverager`, re-exported from :mod:`cogen.core.averagers`) admit members only.
 """
 
 from __future__ import annotations
@@ -10,20 +13,21 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import hashlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import hivemind
-import torch
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.p2p import P2P
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPrivateKey
 
+from cogen.core.access import Access
 from cogen.core.addresses import (
     announced_host,
     free_port,
@@ -35,6 +39,8 @@ from cogen.core.addresses import (
     warn_if_unreachable,
 )
 from cogen.core.atomic import create_private_once
+from cogen.core.authorizer import AccessService, SwarmAuthorizer
+from cogen.core.averagers import GroupStateAverager
 from cogen.core.config import NetworkConfig
 from cogen.core.exit_codes import CommandError, ExitCode
 from cogen.protocols import (
@@ -49,6 +55,8 @@ from cogen.protocols.validation import RecordRejected, make_validators, parse_re
 
 logger = logging.getLogger(__name__)
 R = TypeVar("R", bound=Record)
+__all__ = ["Entry", "GroupStateAverager", "NetworkError", "SwarmClient", "check_compatible",
+           "ensure_p2p_identity", "owner_fingerprint"]  # fmt: skip
 
 
 class NetworkError(RuntimeError, CommandError):
@@ -73,8 +81,6 @@ def _proto(host: str) -> str:
 
 def owner_fingerprint(owner: bytes) -> str:
     """A short, stable name for a record owner (the sha256 of its public key)."""
-    import hashlib
-
     return hashlib.sha256(owner).hexdigest()[:16]
 
 
@@ -118,7 +124,9 @@ class SwarmClient:
         rejoin: Sequence[str] = (),
     ):
         self.cfg = cfg
-        self.private_key = private_key or RSAPrivateKey()
+        self.access = Access.load(cfg.access, cfg.swarm)  # None: an open swarm
+        self.authorizer = SwarmAuthorizer(self.access, cfg.record_ttl_s) if self.access else None
+        self.private_key = self.access.member_key if self.access else private_key or RSAPrivateKey()
         self.owner: bytes = RSASignatureValidator(self.private_key).local_public_key
         self.client_mode = client_mode or cfg.client_mode
         port = cfg.port
@@ -136,20 +144,16 @@ class SwarmClient:
             initial, options["ensure_bootstrap_success"] = list(rejoin), False
         try:
             self.dht = hivemind.DHT(
-                initial_peers=initial,
-                host_maddrs=host_maddrs,
-                announce_maddrs=announce,
-                client_mode=self.client_mode,
-                record_validators=make_validators(cfg.swarm, self.private_key),
-                start=True,
-                await_ready=True,
-                **options,
-            )
+                initial_peers=initial, host_maddrs=host_maddrs, announce_maddrs=announce,
+                client_mode=self.client_mode, record_validators=make_validators(cfg.swarm, self.private_key),
+                authorizer=self.authorizer, start=True, await_ready=True, **options,
+            )  # fmt: skip
         except Exception as e:  # hivemind raises several types for bad multiaddrs / unreachable peers
             message = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise NetworkError(
                 f"cannot join the swarm via {list(cfg.initial_peers) or host_maddrs}: {message}"
             ) from e
+        self.access_service = AccessService.start_for(self) if self.access else None
 
     @property
     def peer_id(self) -> str:
@@ -255,6 +259,8 @@ class SwarmClient:
         return entries
 
     def shutdown(self) -> None:
+        if self.access_service is not None:
+            self.access_service.stop()
         if self.dht.is_alive():
             self.dht.shutdown()
 
@@ -290,21 +296,3 @@ def check_compatible(client: SwarmClient) -> None:
             raise IncompatibleProtocolError(
                 theirs, f"swarm {client.cfg.swarm!r} (coordinator on cogen {software})"
             )
-
-
-class GroupStateAverager(hivemind.DecentralizedAverager):
-    """An expert group's state averager: averages the members' anchors + outer momenta exactly, and
-    shares them, with ``metadata()``, with whoever loads the state: a joining node, or the coordinator
-    collecting the expert at the end of a generation.
-
-    Node and coordinator both use this class because hivemind names the state-download RPC after the
-    averager's class: a peer can only load state from an averager of the same class name."""
-
-    def __init__(self, *args: Any, metadata: Callable[[], dict[str, Any]] | None = None, **kwargs: Any):
-        self._metadata = metadata or dict
-        super().__init__(*args, **kwargs)
-
-    def get_current_state(self) -> tuple[Any, Sequence[torch.Tensor], Any]:
-        # hivemind's documented override point: what a peer loading the state downloads
-        with self.get_tensors() as tensors:
-            return self._metadata(), [t.clone() for t in tensors], self.tensor_infos

@@ -35,6 +35,7 @@ from typing import IO
 
 from cogen.core.atomic import commit_dir, staging_dir
 from cogen.core.config import FetchConfig
+from cogen.core.http_access import request_for
 from cogen.core.http_client import open_url
 from cogen.protocols import CheckpointSource
 from cogen.protocols.hashing import sha256_file
@@ -101,7 +102,8 @@ def _safe_name(name: str) -> bool:
 
 def _open(url: str, cfg: FetchConfig) -> http.client.HTTPResponse:
     try:
-        return open_url(url, cfg.fetch_timeout_s)  # no redirects: a source's URL leads nowhere else
+        # no redirects: a source's URL leads nowhere else; a member's credential rides along
+        return open_url(request_for(url), cfg.fetch_timeout_s)
     except (OSError, ValueError, http.client.HTTPException) as e:  # URLError, HTTPError, timeouts
         raise FetchError(f"cannot download {url}: {e}") from None
 

@@ -39,6 +39,7 @@ from pydantic import ValidationError
 
 from cogen.core.atomic import remove_stale_staging
 from cogen.core.config import FetchConfig
+from cogen.core.http_access import checkpoint_refusal
 from cogen.core.http_service import HttpServer
 from cogen.core.periodic import PeriodicService
 from cogen.core.swarm import SwarmClient
@@ -75,6 +76,9 @@ class _QuietHandler(SimpleHTTPRequestHandler):
         parts = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path).split("/")
         if any(part.startswith(".") for part in parts):  # a base still being downloaded, or junk
             self.send_error(404)
+            return None
+        if refusal := checkpoint_refusal(self.headers.items(), self.path):  # --checkpoint-auth
+            self.send_error(403, refusal)
             return None
         return super().send_head()
 

@@ -25,12 +25,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from hivemind import DHT, DecentralizedAverager
+from hivemind import DHT
 from hivemind.compression import NoCompression
 from hivemind.utils import get_dht_time
 
+from cogen.core.averagers import GroupStateAverager, MemberAverager
 from cogen.core.config import GroupConfig
-from cogen.core.swarm import GroupStateAverager
 from cogen.node.group_state import GroupState
 from cogen.node.wire import RoundVerifier, all_finite, estimate_bytes_sent, wire_compression
 from cogen.protocols import RoundReport
@@ -90,7 +90,7 @@ class GroupAverager(GroupState):
             next_chunk_timeout=min(30.0, cfg.averaging_timeout_s),
             start=True,
         )
-        self.delta_averager = DecentralizedAverager(
+        self.delta_averager = MemberAverager(  # admits members only in a permissioned swarm
             delta,
             dht,
             prefix=delta_prefix(prefix),

@@ -4,7 +4,8 @@
 - ``names.py``      — the rule for swarm and expert names (they end up in DHT keys)
 - ``keys.py``       — swarm-prefixed DHT keys, each format in one place (record kinds, group averagers)
 - ``records.py``    — strict pydantic v2 record schemas (:class:`NodeInfo`, :class:`TrainingProgress`, ...),
-  each naming its key kind (``NodeInfo.KIND``)
+  each naming its key kind (``NodeInfo.KIND``); a permissioned swarm's :class:`Credential`,
+  :class:`MemberInfo` and :class:`Revocations`
 - ``group_state.py`` — :class:`GroupStateInfo`: what a group member sends with its shared state
   (parameter names, adapter config, outer step, training counters), and :func:`parse_group_state`
 - ``manifest.py``   — the signed manifest of a published base and :func:`verify_manifest`
@@ -20,10 +21,13 @@ from cogen.protocols.keys import check_swarm_name, swarm_key
 from cogen.protocols.records import (
     RECORD_SCHEMAS,
     CheckpointSource,
+    Credential,
     GroupProgress,
     Hardware,
+    MemberInfo,
     NodeInfo,
     Record,
+    Revocations,
     RoundReport,
     ShardClaim,
     SwarmInfo,
@@ -35,13 +39,16 @@ __all__ = [
     "PROTOCOL_VERSION",
     "RECORD_SCHEMAS",
     "CheckpointSource",
+    "Credential",
     "GroupProgress",
     "GroupStateInfo",
     "GroupStateRejected",
     "Hardware",
     "IncompatibleProtocolError",
+    "MemberInfo",
     "NodeInfo",
     "Record",
+    "Revocations",
     "RoundReport",
     "ShardClaim",
     "SwarmInfo",

@@ -216,8 +216,66 @@ class CheckpointSource(Record):
     time: Time
 
 
+class Credential(BaseModel):
+    """The swarm owner's signature on a member's public key: what lets a peer into a permissioned swarm.
+
+    It is not secret (it names a public key); a peer proves it is the member by signing with the
+    matching private key (hivemind's ``TokenAuthorizerBase`` does on every DHT request). It travels as
+    a JSON file, inside hivemind's ``AccessToken`` and inside a :class:`MemberInfo` record."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    swarm: str = Field(pattern=NAME_PATTERN, max_length=64)
+    serial: int = Field(ge=1, lt=2**53, description="unique per owner; what a revocation names")
+    name: str = Field(pattern=NAME_PATTERN, max_length=64, description="who holds it, e.g. an institution")
+    member_key: str = Field(pattern=r"^ssh-rsa [A-Za-z0-9+/=]+$", max_length=1024)
+    expires_at: int = Field(ge=0, lt=2**53, description="unix seconds")
+    signature: str = Field(pattern=r"^[A-Za-z0-9+/=]+$", max_length=1024, description="owner's, base64")
+
+    def signed_bytes(self) -> bytes:
+        """What the owner signs: every field but the signature, in a fixed order."""
+        fields = (self.swarm, str(self.serial), self.name, self.member_key, str(self.expires_at))
+        return ("cogen-credential\n" + "\n".join(fields)).encode()
+
+
+class MemberInfo(Record):
+    """A member announces its credential and the libp2p peer id it runs under, so that the averagers of
+    other members admit that peer id (stored under the credential's key as subkey: only the member
+    can write it)."""
+
+    KIND: ClassVar[str] = "members"
+
+    credential: Credential
+    peer_id: PeerId
+    time: NonNegativeFinite
+
+
+class Revocations(Record):
+    """The owner's signed list of revoked credential serials; the newest valid one wins."""
+
+    KIND: ClassVar[str] = "revocations"
+
+    swarm: str = Field(pattern=NAME_PATTERN, max_length=64)
+    serials: tuple[int, ...] = Field(max_length=100_000)
+    issued_at: int = Field(ge=0, lt=2**53, description="unix seconds; a newer list replaces an older one")
+    signature: str = Field(pattern=r"^[A-Za-z0-9+/=]*$", max_length=1024, description="owner's, base64")
+
+    def signed_bytes(self) -> bytes:
+        serials = ",".join(str(s) for s in sorted(set(self.serials)))
+        return f"cogen-revocations\n{self.swarm}\n{self.issued_at}\n{serials}".encode()
+
+
 #: every record class by its kind (see :mod:`cogen.protocols.keys`)
 RECORD_SCHEMAS: dict[str, type[Record]] = {
     cls.KIND: cls
-    for cls in (NodeInfo, TrainingProgress, SwarmInfo, ShardClaim, GroupProgress, CheckpointSource)
+    for cls in (
+        NodeInfo,
+        TrainingProgress,
+        SwarmInfo,
+        ShardClaim,
+        GroupProgress,
+        CheckpointSource,
+        MemberInfo,
+        Revocations,
+    )
 }

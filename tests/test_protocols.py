@@ -17,8 +17,10 @@ from cogen.protocols import (
     CheckpointSource,
     GroupProgress,
     Hardware,
+    MemberInfo,
     NodeInfo,
     Record,
+    Revocations,
     ShardClaim,
     SwarmInfo,
     TrainingProgress,
@@ -219,7 +221,8 @@ def test_swarm_keys_are_prefixed_and_names_checked() -> None:
 def test_each_record_class_names_its_kind_and_each_key_format_is_written_once() -> None:
     assert {
         "nodes": NodeInfo, "progress": TrainingProgress, "swarm": SwarmInfo, "shards": ShardClaim,
-        "groups": GroupProgress, "checkpoints": CheckpointSource,
+        "groups": GroupProgress, "checkpoints": CheckpointSource, "members": MemberInfo,
+        "revocations": Revocations,
     } == RECORD_SCHEMAS  # fmt: skip
     assert all(kind == cls.KIND for kind, cls in RECORD_SCHEMAS.items())
     assert swarm_key("lab-1", TrainingProgress.KIND) == "lab-1_progress"
