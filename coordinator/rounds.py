@@ -66,6 +66,7 @@ class RoundBook:
                     bytes_sent=int(last.bytes_sent),
                     ok=key[3],
                     error=str(getattr(last, "reason", "")) or None,
+                    excluded=[str(p) for p in getattr(last, "excluded", [])][:32],
                 ),
             )
 
@@ -75,7 +76,8 @@ class RoundBook:
         totals[0 if summary.ok else 1] += 1
         totals[2] += summary.bytes_sent
         if persist and self.history is not None:
-            self.history.add_round(RoundRow(expert=expert, **summary.model_dump()))
+            # the history keeps the round itself; who was excluded is the live view's (and its alert's)
+            self.history.add_round(RoundRow(expert=expert, **summary.model_dump(exclude={"excluded"})))
 
     def copy(self) -> tuple[dict[str, list[RoundSummary]], dict[str, list[int]]]:
         """The last rounds and the totals ([ok, failed, bytes sent]) of each expert, as copies."""
