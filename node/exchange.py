@@ -51,6 +51,7 @@ class Post:
     peers: frozenset[str]  # who may fetch it: the round's members
     metadata: dict[str, Any]
     tensors: Sequence[runtime_pb2.Tensor] = ()
+    served: set[str] = field(default_factory=set)  # who fetched it whole
 
 
 @dataclass
@@ -78,11 +79,16 @@ class RoundExchange:
     def is_running(self) -> bool:
         return self._running
 
-    def stop(self) -> None:
+    def stop(self, linger_s: float = 0.0) -> None:
+        """Stop serving; with ``linger_s``, first wait up to that long until every member of the latest
+        round fetched this member's posts of it (one that leaves right after a round would otherwise
+        refuse its groupmates that round)."""
         if not self._running:
             return
         self._running = False
         try:
+            if linger_s > 0:
+                self._call(self._linger(linger_s), timeout=linger_s + 10.0)
             self._call(self._stop(), timeout=10.0)
         except Exception as e:  # the daemon may be gone already (the DHT shut down first)
             logger.debug("removing the exchange handler: %s", e)
@@ -98,6 +104,20 @@ class RoundExchange:
         await self._p2p.add_protobuf_handler(
             self.name, self._serve, averaging_pb2.AveragingData, stream_output=True
         )
+
+    async def _linger(self, linger_s: float) -> None:
+        assert self._changed is not None
+        me = str(self.dht.peer_id)
+        latest = next(reversed(self._posts), b"")[:-1]  # the commitment of the latest round (its suffix cut)
+
+        def served() -> bool:
+            return all(p.served >= p.peers - {me} for k, p in self._posts.items() if k[:-1] == latest)
+
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait_for(served), linger_s)
+            except TimeoutError:
+                logger.debug("stopping with groupmates that did not fetch the last round's data")
 
     async def _stop(self) -> None:
         try:
@@ -137,6 +157,9 @@ class RoundExchange:
         for tensor in post.tensors:
             for part in split_for_streaming(tensor):
                 yield averaging_pb2.DownloadData(tensor_part=part)
+        async with self._changed:
+            post.served.add(caller)
+            self._changed.notify_all()
 
     # ---- fetching ----------------------------------------------------------------------------------
 

@@ -47,6 +47,7 @@ from cogen.protocols import RoundReport
 from cogen.protocols.keys import exchange_name, state_prefix
 
 logger = logging.getLogger(__name__)
+LINGER_S = 5.0  # how long a member that leaves keeps serving its last round to its groupmates, at most
 
 
 @dataclass
@@ -257,7 +258,8 @@ class GroupAverager(GroupState):
         if self._pending is not None:  # leave a round in flight: the others complete it without us
             self._pending.started.control.cancel()
             self._pending = None
-        self.exchange.stop()
+        # the last round's groupmates may still fetch what this member served of it (not when stopping)
+        self.exchange.stop(linger_s=0.0 if self.stop.is_set() else LINGER_S)
         alive = [a for a in (self.delta_averager, self.state_averager) if a.is_alive()]
         if alive:  # side by side: each may wait out its shutdown timeout, and the grace period counts both
             with concurrent.futures.ThreadPoolExecutor(len(alive), thread_name_prefix="stop") as pool:

@@ -80,7 +80,7 @@ class ExchangeRounds(RoundsBase):
         deltas = {self.me: started.own}
         missing = None
         for peer, received in got.items():
-            delta = self._decode(received, screened.claims[peer])
+            delta = decode_delta(received, screened.claims[peer], self.shapes)
             if isinstance(delta, str):
                 screened.reject(peer, delta)
                 missing = missing or f"the delta of member {peer} is missing or invalid: {delta}"
@@ -97,20 +97,23 @@ class ExchangeRounds(RoundsBase):
         apply(self.aggregator([deltas[p] for p in used], [max(caps[p], 1e-6) for p in used]))
         return self._finish(screened, None, len(used))
 
-    def _decode(self, received: Received | str, claim: RoundClaim) -> list[torch.Tensor] | str:
-        """A member's delta if it is the one it claimed, whole, of this model's shapes and finite."""
-        if isinstance(received, str):
-            return f"did not arrive ({received})"
-        if tensors_digest(received.tensors) != claim.digest:
-            return "does not match its claimed digest"
-        if [list(t.size) for t in received.tensors] != [list(s) for s in self.shapes] or any(
-            t.dtype != "float32" for t in received.tensors
-        ):
-            return "does not fit this model"  # checked before decoding: a decoder allocates what it says
-        try:
-            delta = [deserialize_torch_tensor(t).float() for t in received.tensors]
-        except Exception as e:  # a malformed encoding: hivemind's decoders raise several types
-            return f"cannot be decoded ({type(e).__name__})"
-        if [d.shape for d in delta] != self.shapes or not all_finite(delta):
-            return "is not finite, or not of this model's shapes"
-        return delta
+
+def decode_delta(
+    received: Received | str, claim: RoundClaim, shapes: Sequence[torch.Size]
+) -> list[torch.Tensor] | str:
+    """A member's delta if it is the one it claimed, whole, of this model's shapes and finite."""
+    if isinstance(received, str):
+        return f"did not arrive ({received})"
+    if tensors_digest(received.tensors) != claim.digest:
+        return "does not match its claimed digest"
+    if [list(t.size) for t in received.tensors] != [list(s) for s in shapes] or any(
+        t.dtype != "float32" for t in received.tensors
+    ):
+        return "does not fit this model"  # checked before decoding: a decoder allocates what it says
+    try:
+        delta = [deserialize_torch_tensor(t).float() for t in received.tensors]
+    except Exception as e:  # a malformed encoding: hivemind's decoders raise several types
+        return f"cannot be decoded ({type(e).__name__})"
+    if [d.shape for d in delta] != shapes or not all_finite(delta):
+        return "is not finite, or not of this model's shapes"
+    return delta

@@ -11,7 +11,7 @@ verdicts and aggregate over the same members:
 - **weight**: a claim counts at most ``max_weight_ratio`` times the group's median claim, and at most
   what the fastest plausible hardware (``max_samples_per_s``) could train in the group's median time
   since the last outer step. A claim over the hardware bound is a rejection.
-- **norm**: an update more than ``max_norm_ratio`` times the group's lower median norm is rejected.
+- **norm**: an update more than ``max_norm_ratio`` times the group's median norm is rejected.
 
 :class:`Exclusions` counts the rejections of each peer: ``reject_limit`` of them within ``exclude_s``
 exclude it for ``exclude_s`` seconds after the last (its updates are ignored, it is logged, and the
@@ -82,8 +82,8 @@ def weight_caps(screened: Screened, cfg: GroupConfig) -> dict[str, float]:
     claims = {p: screened.claims[p] for p in screened.accepted}
     if not claims:
         return {}
-    median_weight = statistics.median_low([c.weight for c in claims.values()])
-    median_elapsed = statistics.median_low([c.elapsed_s for c in claims.values()])
+    median_weight = statistics.median([c.weight for c in claims.values()])
+    median_elapsed = statistics.median([c.elapsed_s for c in claims.values()])
     plausible = cfg.max_samples_per_s * max(median_elapsed, 1.0)
     caps = {}
     for peer, claim in claims.items():
@@ -94,11 +94,12 @@ def weight_caps(screened: Screened, cfg: GroupConfig) -> dict[str, float]:
 
 
 def reject_outlier_norms(screened: Screened, norms: Mapping[str, float], cfg: GroupConfig) -> None:
-    """Reject every member whose update norm is over ``max_norm_ratio`` times the group's lower median."""
+    """Reject every member whose update norm is over ``max_norm_ratio`` times the group's median (of
+    two members neither is: a member that just joined, still warming up, makes small updates)."""
     present = {p: n for p, n in norms.items() if p not in screened.rejected}
     if len(present) < 2:
         return
-    median = statistics.median_low(present.values())
+    median = statistics.median(present.values())
     for peer, norm in present.items():
         if norm > cfg.max_norm_ratio * median:
             screened.reject(

@@ -127,10 +127,13 @@ def test_the_groups_step_is_the_median_not_the_largest_claim() -> None:
 
 def test_weights_are_capped_by_the_median_and_by_plausible_hardware() -> None:
     cfg = GroupConfig(max_weight_ratio=4.0, max_samples_per_s=100.0)
-    weights = [100.0, 120.0, 1000.0, 1e30]  # median (lower) 120; 10 s at 100 samples/s: 1000 plausible
+    weights = [100.0, 120.0, 900.0, 1e30]  # 10 s at 100 samples/s: 1000 plausible
     screened = parse_claims({p: _claim(weight=w) for p, w in zip(PEERS, weights, strict=True)})
     caps = weight_caps(screened, cfg)
-    assert caps == {PEERS[0]: 100.0, PEERS[1]: 120.0, PEERS[2]: 480.0, PEERS[3]: 480.0}
+    assert caps == {PEERS[0]: 100.0, PEERS[1]: 120.0, PEERS[2]: 900.0, PEERS[3]: 1000.0}
+    weights = [100.0, 110.0, 120.0, 900.0]  # median 115: at most 460 counts
+    caps = weight_caps(parse_claims({p: _claim(weight=w) for p, w in zip(PEERS, weights, strict=True)}), cfg)
+    assert caps[PEERS[3]] == 460.0 and caps[PEERS[0]] == 100.0
     assert list(screened.rejected) == [PEERS[3]]  # over what any hardware could do: a rejection
     assert "plausible" in screened.rejected[PEERS[3]]
 
@@ -139,7 +142,10 @@ def test_update_norms_far_over_the_median_are_rejected() -> None:
     cfg = GroupConfig(max_norm_ratio=4.0)
     screened = Screened(claims={p: RoundClaim.model_validate(_claim()) for p in PEERS})
     reject_outlier_norms(screened, dict(zip(PEERS, [1.0, 1.2, 3.9, 100.0], strict=True)), cfg)
-    assert list(screened.rejected) == [PEERS[3]]
+    assert list(screened.rejected) == [PEERS[3]]  # median 2.55: 100 is over 4x, 3.9 is not
+    two = Screened(claims={p: RoundClaim.model_validate(_claim()) for p in PEERS[:2]})
+    reject_outlier_norms(two, {PEERS[0]: 0.01, PEERS[1]: 5.0}, cfg)
+    assert not two.rejected  # of two, neither can be told the outlier
 
 
 def test_repeated_rejections_exclude_a_member_for_a_while() -> None:
