@@ -26,6 +26,7 @@ Run ``python -m bench.byzantine [--rounds N] [--inner-steps H] [--json PATH]``.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -172,6 +173,8 @@ def run_one(group: Group, s: Settings, data: Data, rounds: int, attack: str | No
 
 def run_benchmark(args: argparse.Namespace) -> int:
     torch.set_num_threads(1)
+    # every honest member logs every rejection and refused round: the table below says it once
+    logging.getLogger("cogen.node").setLevel(logging.ERROR)
     s = replace(
         Settings(), inner_steps=args.inner_steps, eval_blocks=args.eval_blocks, warmup_steps=5, seed=args.seed
     )
