@@ -8,6 +8,12 @@
 - ``group.py``    — :class:`GroupAverager`: DiLoCo outer steps with the expert's group
 - ``group_state.py`` — :class:`GroupState`: the group's shared state: joining, resuming, copies, exact sync
 - ``wire.py``     — wire compression of pseudo-gradients and the check of each averaging round
+- ``rounds.py``   — one averaging round: :class:`ButterflyRounds` (``mean``, hivemind's all-reduce) and
+  the claims, reveals and exclusions every kind shares
+- ``robust_rounds.py`` — :class:`ExchangeRounds`: whole deltas exchanged, one robust aggregate
+- ``aggregators.py`` — ``mean``, ``trimmed_mean``, ``centered_clip`` behind a registry
+- ``screening.py`` — what a member believes of its groupmates' claims (step, weight, norm); exclusions
+- ``exchange.py`` — :class:`RoundExchange`: round data served and fetched among a round's members (libp2p)
 - ``trainer.py``  — :class:`ExpertTrainer`: inner steps on the expert's adapters
 - ``training_state.py`` — the node's full training state on disk (schema, atomic save, verified read)
 - ``resume.py``   — which saved state a restarted node resumes from, and putting it back

@@ -9,7 +9,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 from typing import ClassVar
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3  # 3: robust group rounds (claims, reveals), SwarmInfo bound to the manifest key
 
 
 def software_version() -> str:
