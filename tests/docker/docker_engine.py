@@ -127,7 +127,7 @@ class Containers:
 
     def remove(self) -> None:
         if self.made["container"]:
-            docker("rm", "-f", *self.made["container"], check=False)
+            docker("rm", "-f", "-v", *self.made["container"], check=False)
         for kind in ("volume", "network"):
             if self.made[kind]:
                 docker(kind, "rm", *self.made[kind], check=False)
