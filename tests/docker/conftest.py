@@ -12,17 +12,6 @@ from collections.abc import Iterator
 import pytest
 from docker_engine import Containers, docker
 
-# every node in these tests: the tiny model, small batches, one thread (the machine has 2 cores)
-TINY = {
-    "COGEN_MODEL": "tiny", "COGEN_BLOCK_SIZE": "32", "COGEN_BATCH_SIZE": "2", "COGEN_LR": "1e-2",
-    "COGEN_WARMUP_STEPS": "1", "COGEN_THREADS": "1", "COGEN_LOG_INTERVAL_S": "1", "COGEN_RECORD_TTL_S": "10",
-    "COGEN_NUM_SHARDS": "4",
-}  # fmt: skip
-
-
-def env_options(env: dict[str, str]) -> tuple[str, ...]:
-    return tuple(arg for key, value in env.items() for arg in ("-e", f"{key}={value}"))
-
 
 @pytest.fixture(scope="session")
 def image() -> str:

@@ -18,6 +18,17 @@ LABEL = "org.cogen.test=docker"
 COMPOSE_PREFIX = "cogentest"
 T = TypeVar("T")
 
+# every node in these tests: the tiny model, small batches, one thread (the machine has 2 cores)
+TINY = {
+    "COGEN_MODEL": "tiny", "COGEN_BLOCK_SIZE": "32", "COGEN_BATCH_SIZE": "2", "COGEN_LR": "1e-2",
+    "COGEN_WARMUP_STEPS": "1", "COGEN_THREADS": "1", "COGEN_LOG_INTERVAL_S": "1", "COGEN_RECORD_TTL_S": "10",
+    "COGEN_NUM_SHARDS": "4",
+}  # fmt: skip
+
+
+def env_options(env: dict[str, str]) -> tuple[str, ...]:
+    return tuple(arg for key, value in env.items() for arg in ("-e", f"{key}={value}"))
+
 
 class DockerError(AssertionError):
     """A docker command failed: the command and its last lines of output."""
@@ -37,15 +48,24 @@ def docker(*args: str, timeout_s: float = 120, check: bool = True, command: str 
     return done.stdout
 
 
-def wait_until(condition: Callable[[], T | None], timeout_s: float, what: str, interval_s: float = 1.0) -> T:
-    """Poll ``condition`` until it returns something truthy, or fail saying ``what`` did not happen."""
+def wait_until(
+    condition: Callable[[], T | None],
+    timeout_s: float,
+    what: str,
+    interval_s: float = 1.0,
+    details: Callable[[], str] | None = None,
+) -> T:
+    """Poll ``condition`` until it returns something truthy, or fail saying ``what`` did not happen
+    (followed by ``details()``, e.g. the containers' last log lines)."""
     deadline = time.monotonic() + timeout_s
     while True:
         value = condition()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout_s:.0f} s")
+            raise AssertionError(
+                f"{what}: not within {timeout_s:.0f} s" + (f"\n{details()}" if details else "")
+            )
         time.sleep(interval_s)
 
 

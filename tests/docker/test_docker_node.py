@@ -13,8 +13,7 @@ import time
 import urllib.request
 from typing import Any
 
-from conftest import TINY, env_options
-from docker_engine import Containers, docker, health, inspect, logs, read_file, wait_until
+from docker_engine import TINY, Containers, docker, env_options, health, inspect, logs, read_file, wait_until
 
 STEP = re.compile(r"medical \| step (\d+) \| loss")
 SAVED = re.compile(r"saved training state at outer step (\S+), inner step (\d+) to (\S+)")
@@ -39,7 +38,9 @@ def start_coordinator(containers: Containers, image: str, network: str, swarm: s
             return None
         return [p for p in json.loads(text)["initial_peers"] if not p.startswith("/ip4/127.")]
 
-    return name, wait_until(ready, 180, "the coordinator writing its ready file")
+    return name, wait_until(
+        ready, 300, "the coordinator writing its ready file", details=lambda: logs(name)[-3000:]
+    )
 
 
 def api(coordinator: str, path: str = "/api/swarm") -> Any:
@@ -68,8 +69,9 @@ def test_a_node_container_trains_stops_on_sigterm_and_resumes_from_its_volume(
         assert inspect(node)["State"]["Running"], f"the node exited:\n{logs(node)[-3000:]}"
         return len(STEP.findall(logs(node))) >= 3
 
-    wait_until(trained, 240, "the node container training")
-    wait_until(lambda: health(node) == "healthy", 60, "the node's HEALTHCHECK turning healthy")
+    wait_until(trained, 300, "the node container training", details=lambda: logs(node)[-3000:])
+    wait_until(lambda: health(node) == "healthy", 60, "the node's HEALTHCHECK turning healthy",
+               details=lambda: json.dumps(inspect(node)["State"].get("Health"))[-2000:])  # fmt: skip
     peer_id = re.search(r"joined swarm '[^']+' as (\w+)", logs(node))
     assert peer_id, logs(node)[-3000:]
     wait_until(
@@ -96,7 +98,8 @@ def test_a_node_container_trains_stops_on_sigterm_and_resumes_from_its_volume(
         assert inspect(again)["State"]["Running"], f"the new node exited:\n{logs(again)[-3000:]}"
         return RESUMED.findall(logs(again))
 
-    found = wait_until(resumed, 240, "the new container resuming from the state volume")
+    found = wait_until(resumed, 300, "the new container resuming from the state volume",
+                       details=lambda: logs(again)[-3000:])  # fmt: skip
     path, _outer, inner = found[0]
     assert path.startswith("/state/") and path.rstrip("/").endswith(
         saved[-1][2].rstrip("/").rsplit("/", 1)[1]
