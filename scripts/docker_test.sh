@@ -155,5 +155,8 @@ log "built cogen:cpu in $(($(date +%s) - t0))s"
 
 # ---- the tests ----------------------------------------------------------------------------------------
 COGEN_DOCKER_TESTS=1 COGEN_DOCKER_IMAGE=cogen:cpu pytest -p no:cacheprovider -q tests/docker
+# keep what the next run reuses, drop what an older requirements/ or package list built
+docker images --format '{{.Repository}}:{{.Tag}}' | grep -E '^cogen-(wheelhouse|base/)' \
+  | grep -v -x -e "$BASE" -e "$WHEELS" | xargs -r docker rmi >/dev/null 2>&1 || true
 docker image prune -f >/dev/null || true
 log "container stage done in $(elapsed)"

@@ -13,12 +13,14 @@ import time
 import urllib.request
 from typing import Any
 
+import pytest
 from docker_engine import TINY, Containers, docker, env_options, health, inspect, logs, read_file, wait_until
 
 STEP = re.compile(r"medical \| step (\d+) \| loss")
 SAVED = re.compile(r"saved training state at outer step (\S+), inner step (\d+) to (\S+)")
 RESUMED = re.compile(r"resumed generation 0 from (\S+): outer step (\S+), inner step (\d+)")
 GRACE_S = 15
+pytestmark = pytest.mark.timeout(900)  # three containers start one after another
 
 
 def start_coordinator(containers: Containers, image: str, network: str, swarm: str) -> tuple[str, list[str]]:
