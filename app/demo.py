@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -145,6 +146,16 @@ def node_config(opts: DemoOptions, name: str, domain: str, initial_peers: list[s
     )
 
 
+#: the settings a child may still take from the environment: its config file holds all the others
+_INHERITED = ("COGEN_CACHE_DIR", "COGEN_LOG_LEVEL")
+
+
+def child_environ() -> dict[str, str]:
+    """This environment without ``COGEN_*`` settings (they would override the children's config files,
+    which rank below the environment), except the cache and the log level."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("COGEN_") or k in _INHERITED}
+
+
 def train_swarm(opts: DemoOptions) -> dict[str, list[Path]]:
     """Run the coordinator and the nodes; return each domain's saved expert checkpoint."""
     out = opts.out_dir
@@ -155,7 +166,10 @@ def train_swarm(opts: DemoOptions) -> dict[str, list[Path]]:
     for stale in out.glob("history.sqlite3*"):
         stale.unlink()
     config = write_config(out / "coordinator-config.json", coordinator_cfg)
-    coordinator = spawn("cogen.coordinator.cli", ["--config", str(config)], out / "coordinator.log")
+    environ = child_environ()
+    coordinator = spawn(
+        "cogen.coordinator.cli", ["--config", str(config)], out / "coordinator.log", environ=environ
+    )
     nodes: dict[str, Any] = {}
     try:
         info = wait_for(lambda: read_json(ready), 120, "coordinator start", alive=[coordinator])
@@ -163,7 +177,8 @@ def train_swarm(opts: DemoOptions) -> dict[str, list[Path]]:
         for name, domain in _node_names(opts.domains):
             node_cfg = node_config(opts, name, domain, info["initial_peers"])
             config = write_config(out / f"node-{name}-config.json", node_cfg)
-            nodes[name] = spawn("cogen.node.cli", ["--config", str(config)], out / f"node-{name}.log")
+            log = out / f"node-{name}.log"
+            nodes[name] = spawn("cogen.node.cli", ["--config", str(config)], log, environ=environ)
         _run_generations(opts, info["api_url"], [coordinator, *nodes.values()])
         codes = {d: stop(p, grace_s=120) for d, p in nodes.items()}  # SIGTERM: each saves its expert
         failed = {d: c for d, c in codes.items() if c != 0}

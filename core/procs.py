@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -31,14 +31,16 @@ def spawn(
     log_path: Path,
     env: dict[str, str] | None = None,
     prefix: Sequence[str] = (),
+    environ: Mapping[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Run ``python -m module args...`` with stdout and stderr going to ``log_path``.
+    """Run ``python -m module args...`` with stdout and stderr going to ``log_path``, in ``environ``
+    (default: this process's environment) plus ``env``.
 
     ``prefix`` goes before the interpreter, e.g. ``ip netns exec NAME`` to run it on another test host
     (it must exec the command, so the child's pid and process group are the interpreter's)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log: IO[bytes] = open(log_path, "wb")  # noqa: SIM115 - owned by the child for its lifetime
-    child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    child_env = {**(os.environ if environ is None else environ), "PYTHONUNBUFFERED": "1", **(env or {})}
     try:
         return subprocess.Popen(
             [*prefix, sys.executable, "-m", module, *args],

@@ -38,3 +38,16 @@ def test_tiny_demo_trains_experts_that_beat_the_base(tmp_path: Path) -> None:
     assert any(row["expert_g0_loss"] is not None for row in result["domains"].values())
     table = proc.stdout
     assert "merged g2" in table and all(d in table for d in ("medical", "legal", "code"))
+
+
+def test_the_demo_children_take_their_settings_from_their_config_files(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from cogen.app.demo import child_environ
+
+    monkeypatch.setenv("COGEN_LR", "0.5")  # would override the demo's own learning rate in every child
+    monkeypatch.setenv("COGEN_CACHE_DIR", "/tmp/cogen-cache")
+    monkeypatch.setenv("COGEN_LOG_LEVEL", "DEBUG")
+    environ = child_environ()
+    assert "COGEN_LR" not in environ and environ["COGEN_CACHE_DIR"] == "/tmp/cogen-cache"
+    assert environ["COGEN_LOG_LEVEL"] == "DEBUG" and environ["PATH"]
