@@ -6,6 +6,7 @@ import contextlib
 import functools
 import threading
 import time
+from collections.abc import Callable, Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 from hivemind.utils import get_dht_time
 
 from cogen.coordinator.merging import Identity
+from cogen.core.config import NetworkConfig
 from cogen.core.swarm import SwarmClient
 from cogen.protocols import CheckpointSource, SwarmInfo
 from cogen.protocols.hashing import sha256_file
@@ -133,3 +135,23 @@ class _Handler(SimpleHTTPRequestHandler):
 
     def _liar(self, data: bytes) -> None:
         self.donor.release.wait(60)
+
+
+@contextlib.contextmanager
+def swarm_of(name: str) -> Iterator[tuple[SwarmClient, Callable[[], SwarmClient]]]:
+    """A real DHT named after a test: the follower's own client, and a way to start more peers that
+    join it; every client is shut down at the end."""
+    name = name.replace("_", "-")[:40].strip("-")
+    host = SwarmClient(NetworkConfig(swarm=name, host="127.0.0.1"))
+    clients = [host]
+
+    def join() -> SwarmClient:
+        peers = tuple(host.visible_maddrs())
+        clients.append(SwarmClient(NetworkConfig(swarm=name, host="127.0.0.1", initial_peers=peers)))
+        return clients[-1]
+
+    try:
+        yield host, join
+    finally:
+        for client in clients:
+            client.shutdown()

@@ -8,7 +8,7 @@ fresh copy of the state until the round is the one the test is about (:func:`ret
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import hivemind
@@ -22,9 +22,11 @@ SHAPES = [(64, 512), (300,), (16, 64)]  # one 8-bit tensor, two small fp16 ones
 
 
 class Member:
-    def __init__(self, dht: hivemind.DHT, cfg: GroupConfig, prefix: str):
+    def __init__(
+        self, dht: hivemind.DHT, cfg: GroupConfig, prefix: str, shapes: Sequence[tuple[int, ...]] = SHAPES
+    ):
         self.dht = dht
-        self.params = [torch.nn.Parameter(torch.ones(shape), requires_grad=False) for shape in SHAPES]
+        self.params = [torch.nn.Parameter(torch.ones(shape), requires_grad=False) for shape in shapes]
         self.group = GroupAverager(dht, prefix, self.params, cfg)
 
     def train(self, delta: list[torch.Tensor]) -> None:
@@ -34,7 +36,9 @@ class Member:
                 p.copy_(a - d)
 
 
-def start_members(n: int, cfg: GroupConfig, prefix: str) -> list[Member]:
+def start_members(
+    n: int, cfg: GroupConfig, prefix: str, shapes: Sequence[tuple[int, ...]] = SHAPES
+) -> list[Member]:
     """``n`` members of one group, each on its own DHT; the first one's addresses start the others."""
     first = hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
     dhts = [first] + [
@@ -43,7 +47,7 @@ def start_members(n: int, cfg: GroupConfig, prefix: str) -> list[Member]:
         )
         for _ in range(n - 1)
     ]
-    return [Member(dht, cfg, prefix) for dht in dhts]
+    return [Member(dht, cfg, prefix, shapes) for dht in dhts]
 
 
 Snapshot = tuple[list[torch.Tensor], list[torch.Tensor], int, int, list[torch.Tensor]]

@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from donors import WEIGHTS, Donor, announce_swarm
+from donors import WEIGHTS, Donor, announce_swarm, swarm_of
 from merging_helpers import make_expert, merge_config
 
 from cogen.coordinator.merging import Identity, merge_experts
 from cogen.coordinator.merging.manifest import sign_manifest
 from cogen.core.atomic import remove_stale_staging, staging_dir
-from cogen.core.config import FetchConfig, NetworkConfig
+from cogen.core.config import FetchConfig
 from cogen.core.procs import wait_for
 from cogen.core.swarm import SwarmClient
 from cogen.node.fetch import FetchError
@@ -76,18 +76,8 @@ def _empty_but(bases: Path, *keep: Path) -> bool:
 @pytest.fixture
 def swarm(request: pytest.FixtureRequest) -> Iterator[tuple[SwarmClient, Callable[[], SwarmClient]]]:
     """A real DHT: the follower's own client, and a way to start more peers that join it."""
-    name = request.node.name.replace("_", "-")[:40].strip("-")
-    host = SwarmClient(NetworkConfig(swarm=name, host="127.0.0.1"))
-    clients = [host]
-
-    def join() -> SwarmClient:
-        peers = tuple(host.visible_maddrs())
-        clients.append(SwarmClient(NetworkConfig(swarm=name, host="127.0.0.1", initial_peers=peers)))
-        return clients[-1]
-
-    yield host, join
-    for client in clients:
-        client.shutdown()
+    with swarm_of(request.node.name) as swarm:
+        yield swarm
 
 
 def _announce(client: SwarmClient, source: CheckpointSource, coordinator: Identity | None = None) -> None:

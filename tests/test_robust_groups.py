@@ -12,13 +12,12 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
-import hivemind
 import pytest
 import torch
+from group_members import Member, start_members
 
 from cogen.core.config import GroupConfig
 from cogen.node.aggregators import get_aggregator
-from cogen.node.group import GroupAverager
 from cogen.protocols import RoundReport
 
 pytestmark = pytest.mark.slow
@@ -42,18 +41,6 @@ def _norm(tensors: list[torch.Tensor]) -> float:
     return sum(float((t.double() ** 2).sum()) for t in tensors) ** 0.5
 
 
-class Member:
-    def __init__(self, dht: hivemind.DHT, cfg: GroupConfig, prefix: str):
-        self.dht = dht
-        self.params = [torch.nn.Parameter(torch.ones(s), requires_grad=False) for s in SHAPES]
-        self.group = GroupAverager(dht, prefix, self.params, cfg)
-
-    def train(self, delta: list[torch.Tensor]) -> None:
-        with torch.no_grad():
-            for p, a, d in zip(self.params, self.group.anchor_state(), delta, strict=True):
-                p.copy_(a - d)
-
-
 @pytest.fixture
 def group_of_four() -> Iterator[Callable[[str], list[Member]]]:
     made: list[Member] = []
@@ -61,14 +48,7 @@ def group_of_four() -> Iterator[Callable[[str], list[Member]]]:
     def make(aggregator: str) -> list[Member]:
         cfg = GroupConfig(matchmaking_s=1.5, group_size=4, averaging_timeout_s=30, sync_every=1000,
                           compression="none", aggregator=aggregator, reject_limit=2)  # type: ignore[arg-type]  # fmt: skip
-        first = hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
-        dhts = [first] + [
-            hivemind.DHT(
-                host_maddrs=["/ip4/127.0.0.1/tcp/0"], initial_peers=first.get_visible_maddrs(), start=True
-            )
-            for _ in range(3)
-        ]
-        members = [Member(dht, cfg, f"robust{aggregator}") for dht in dhts]
+        members = start_members(4, cfg, f"robust{aggregator}", SHAPES)
         made.extend(members)
         return members
 

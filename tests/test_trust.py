@@ -15,14 +15,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from donors import WEIGHTS, Donor, announce_swarm
+from donors import WEIGHTS, Donor, announce_swarm, swarm_of
 from hivemind.utils import get_dht_time
 from merging_helpers import make_expert, merge_config
 
 from cogen.coordinator.merging import Identity, merge_experts
 from cogen.coordinator.merging.manifest import sign_manifest
 from cogen.core.atomic import write_json_atomic
-from cogen.core.config import FetchConfig, NetworkConfig
+from cogen.core.config import FetchConfig
 from cogen.core.exit_codes import ExitCode
 from cogen.core.procs import wait_for
 from cogen.core.settings import ConfigError
@@ -55,18 +55,8 @@ def published(
 
 @pytest.fixture
 def swarm(request: pytest.FixtureRequest) -> Iterator[tuple[SwarmClient, Callable[[], SwarmClient]]]:
-    name = request.node.name.replace("_", "-")[:40].strip("-")
-    host = SwarmClient(NetworkConfig(swarm=name, host="127.0.0.1"))
-    clients = [host]
-
-    def join() -> SwarmClient:
-        peers = tuple(host.visible_maddrs())
-        clients.append(SwarmClient(NetworkConfig(swarm=name, host="127.0.0.1", initial_peers=peers)))
-        return clients[-1]
-
-    yield host, join
-    for client in clients:
-        client.shutdown()
+    with swarm_of(request.node.name) as swarm:
+        yield swarm
 
 
 def _serve(client: SwarmClient, donor: Donor, generation: int, time_ahead_s: float = 0.0) -> CheckpointSource:
