@@ -1,6 +1,7 @@
 """The coordinator: watches the swarm, serves its dashboard, and merges experts into new bases.
 
-- ``service.py``   — :class:`Coordinator`: DHT peer (or read-only observer), swarm announcement, API server
+- ``service.py``   — :class:`Coordinator`: DHT peer (or read-only observer), swarm announcement
+- ``api_server.py`` — :class:`ApiServer`: uvicorn in a thread with start/stop/is_running
 - ``view.py``      — :class:`SwarmMonitor`: live view of peers, groups and alerts from DHT records
 - ``peers.py``     — what the monitor keeps of each peer; the peer and group summaries it shows
 - ``rounds.py``    — :class:`RoundBook`: the groups' averaging rounds, each once, with totals per expert
@@ -25,15 +26,16 @@ from typing import TYPE_CHECKING
 from cogen.core.lazy import lazy_exports
 
 if TYPE_CHECKING:
+    from cogen.coordinator.api_server import ApiServer
     from cogen.coordinator.history import History
     from cogen.coordinator.schemas import PeerSummary, SwarmSnapshot
-    from cogen.coordinator.service import ApiServer, Coordinator
+    from cogen.coordinator.service import Coordinator
     from cogen.coordinator.view import SwarmMonitor, SwarmView
 
 __getattr__ = lazy_exports(
     __name__,
     {
-        "ApiServer": "cogen.coordinator.service",
+        "ApiServer": "cogen.coordinator.api_server",
         "Coordinator": "cogen.coordinator.service",
         "History": "cogen.coordinator.history",
         "PeerSummary": "cogen.coordinator.schemas",

@@ -168,11 +168,12 @@ class ScheduleConfig(_Frozen):
         default=60.0, gt=0, description="how long to wait for a group to share its state"
     )
     min_outer_step_s: float = Field(
-        default=1.0,
+        default=0.05,
         gt=0,
         le=3600,
-        description="the least time one outer step takes (inner steps plus matchmaking): a group claiming "
-        "more outer steps than the generation's age allows is not believed",
+        description="the least time one outer step takes (a group's: inner steps plus matchmaking; a node "
+        "training alone on a small model makes several a second): a member claiming more outer steps "
+        "than the generation's age allows is not believed",
     )
 
     @property

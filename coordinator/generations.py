@@ -36,8 +36,7 @@ from hivemind.utils import get_dht_time
 from cogen.coordinator.collect import download_state, save_state
 from cogen.coordinator.config import CoordinatorConfig, MergeConfig
 from cogen.coordinator.merging import MergeError, merge_experts
-from cogen.coordinator.merging.manifest import Identity
-from cogen.coordinator.merging.merge import IDENTITY_FILE
+from cogen.coordinator.merging.manifest import signing_identity
 from cogen.coordinator.merging.publish import published_generations, remove_stale_temps
 from cogen.coordinator.schedule import Due, GenerationSchedule
 from cogen.coordinator.schemas import DomainScore, GenerationSummary
@@ -105,9 +104,7 @@ class GenerationLoop:
         self.monitor = monitor
         self.api_url = api_url.rstrip("/")
         self.out_dir = Path(cfg.out_dir)
-        self.identity = Identity.load_or_create(
-            cfg.keys.identity or models.cache_root(cfg.cache.cache_dir) / IDENTITY_FILE
-        )
+        self.identity = signing_identity(cfg.keys, cfg.cache)
         self.base = models.resolve_model(cfg.model, cfg.cache.cache_dir)
         self.schedule = GenerationSchedule(client, cfg.schedule)
         self.published: list[tuple[Manifest, str, Path]] = []

@@ -76,7 +76,7 @@ class GenerationSchedule:
         self.generation = 0
         self.started = time.monotonic()
         self._verdicts: dict[str, _Verdict] = {}
-        self._refused: set[tuple[bytes, int]] = set()  # (owner, claim) already logged
+        self._refused: set[bytes] = set()  # owners whose impossible claims were logged this generation
 
     def begin(self, generation: int, age_s: float = 0.0) -> None:
         """A new generation started ``age_s`` seconds ago: its clock and its probes start over."""
@@ -110,8 +110,8 @@ class GenerationSchedule:
             if r.generation != self.generation or members.get(r.expert, {}).get(entry.owner) != r.peer_id:
                 continue  # not a member of that group on this generation (or not under its own peer id)
             if r.outer_step > possible:
-                if (entry.owner, r.outer_step) not in self._refused and len(self._refused) < 1024:
-                    self._refused.add((entry.owner, r.outer_step))
+                if entry.owner not in self._refused and len(self._refused) < 1024:
+                    self._refused.add(entry.owner)
                     logger.warning(
                         "not believing %s's claim of %d outer steps for %r: generation %d is %.0f s old",
                         owner_fingerprint(entry.owner), r.outer_step, r.expert, self.generation, self.age_s,

@@ -9,7 +9,9 @@
 - ``checkpoint.py`` — adapter checkpoints: safetensors + JSON metadata, atomic
 - ``atomic.py``     — atomic writes: a directory (staged, fsynced, renamed; leftovers of a kill removed),
   a JSON file, a symlink
-- ``swarm.py``      — a peer's DHT handle with cogen's validators and typed records
+- ``swarm.py``      — a peer's DHT handle with cogen's validators and typed records;
+  ``compatibility.py`` — whether the swarm's (trusted) coordinator speaks this protocol
+- ``access_config.py`` — who may join (``AccessConfig``, nested in ``NetworkConfig``)
 - ``access.py``     — a permissioned swarm's keys, credentials and revocation list (files, signatures)
 - ``authorizer.py`` — enforcing it: hivemind's token authorizer on the DHT, the member directory
 - ``averagers.py``  — hivemind averagers that admit members only; the group state averager

@@ -5,7 +5,7 @@ The swarm owner holds an RSA key (``cogen swarm init``); a member's credential
 name and an expiry; the owner's signed :class:`cogen.protocols.Revocations` names revoked serials. Keys
 are PEM files (private: mode 0600) and one-line OpenSSH public keys (hivemind's ``RSAPublicKey`` format).
 A bad file is a one-line :class:`AccessError` (exit code 2). :class:`Access` is what a peer loads
-from its :class:`cogen.core.config.AccessConfig`; :mod:`cogen.core.authorizer` enforces it.
+from its :class:`cogen.core.access_config.AccessConfig`; :mod:`cogen.core.authorizer` enforces it.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from hivemind.proto.auth_pb2 import AccessToken
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
 from pydantic import BaseModel, ValidationError
 
+from cogen.core.access_config import AccessConfig
 from cogen.core.atomic import create_private_once
-from cogen.core.config import AccessConfig
 from cogen.core.settings import ConfigError
 from cogen.protocols import Credential, Revocations
 

@@ -15,6 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from cogen.core.access_config import AccessConfig
 from cogen.protocols.keys import check_swarm_name
 from cogen.protocols.names import is_name
 
@@ -86,33 +87,6 @@ class OptimConfig(_Frozen):
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay")
     warmup_steps: int = Field(default=10, ge=0, description="linear learning-rate warm-up")
     max_grad_norm: float = Field(default=1.0, gt=0, description="gradient clipping norm")
-
-
-class AccessConfig(_Frozen):
-    """Who may join: an open swarm (the default), or only peers holding a credential from its owner."""
-
-    owner_key: Path | None = Field(
-        default=None,
-        description="the swarm owner's public key file (cogen swarm init): set, the swarm is permissioned "
-        "and only peers with a credential it signed store records, average or download state",
-    )
-    credential: Path | None = Field(
-        default=None, description="this peer's credential file, issued by the owner (cogen swarm issue)"
-    )
-    credential_key: Path | None = Field(
-        default=None,
-        description="this peer's private key file, the one its credential names (cogen swarm key)",
-    )
-    revocations: Path | None = Field(
-        default=None,
-        description="the owner's signed revocation list (cogen swarm revoke) to publish; re-read and "
-        "republished every third of the record TTL (typically given to the coordinator)",
-    )
-    checkpoint_auth: bool = Field(
-        default=False,
-        description="in a permissioned swarm, also require a member's signed credential header on "
-        "checkpoint downloads over HTTP (the coordinator's API, a node's base mirror)",
-    )
 
 
 class NetworkConfig(_Frozen):

@@ -11,7 +11,7 @@
 
 Two backends: :class:`HttpServer` (the standard library's ``ThreadingHTTPServer`` with a handler class:
 the node's ``/metrics`` and base mirror) and the coordinator's uvicorn API
-(:class:`cogen.coordinator.service.ApiServer`), which implements the same four steps.
+(:class:`cogen.coordinator.api_server.ApiServer`), which implements the same four steps.
 """
 
 from __future__ import annotations

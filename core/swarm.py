@@ -44,10 +44,7 @@ from cogen.core.averagers import GroupStateAverager
 from cogen.core.config import NetworkConfig
 from cogen.core.exit_codes import CommandError, ExitCode
 from cogen.protocols import (
-    PROTOCOL_VERSION,
-    IncompatibleProtocolError,
     Record,
-    SwarmInfo,
     swarm_key,
 )
 from cogen.protocols.records import RECORD_SCHEMAS
@@ -55,8 +52,8 @@ from cogen.protocols.validation import RecordRejected, make_validators, parse_re
 
 logger = logging.getLogger(__name__)
 R = TypeVar("R", bound=Record)
-__all__ = ["Entry", "GroupStateAverager", "NetworkError", "SwarmClient", "check_compatible",
-           "ensure_p2p_identity", "owner_fingerprint"]  # fmt: skip
+__all__ = ["Entry", "GroupStateAverager", "NetworkError", "SwarmClient", "ensure_p2p_identity",
+           "owner_fingerprint"]  # fmt: skip
 
 
 class NetworkError(RuntimeError, CommandError):
@@ -281,18 +278,3 @@ async def _connected_maddrs(_dht: hivemind.DHT, node: Any) -> list[str]:
     """Runs in the DHT's process (``DHT.run_coroutine``): its libp2p connections as multiaddrs."""
     peers = await asyncio.wait_for(node.p2p.list_peers(), timeout=5.0)
     return [f"{addr}/p2p/{info.peer_id}" for info in peers for addr in info.addrs]
-
-
-def check_compatible(client: SwarmClient) -> None:
-    """Raise :class:`IncompatibleProtocolError` if the swarm's coordinator speaks another protocol."""
-    found = client.dht.get(swarm_key(client.cfg.swarm, SwarmInfo.KIND), latest=True)
-    if found is None or not isinstance(found.value, dict):
-        return
-    for item in found.value.values():
-        payload = item.value
-        theirs = payload.get("protocol_version") if isinstance(payload, dict) else None
-        if isinstance(theirs, int) and theirs != PROTOCOL_VERSION:
-            software = payload.get("software_version", "?")
-            raise IncompatibleProtocolError(
-                theirs, f"swarm {client.cfg.swarm!r} (coordinator on cogen {software})"
-            )

@@ -42,7 +42,11 @@ class RoundAbandoned(TimeoutError):
 
 class GroupState:
     """One member's share of the group's state; :class:`~cogen.node.group.GroupAverager` sets up the
-    attributes below and adds the outer steps."""
+    attributes below and adds the outer steps.
+
+    Some 220 lines, over the ~200 the project aims for, on purpose: every method here reads or writes
+    the tensors of the one state averager under its lock (join, restore, copies, the exact sync), and
+    keeping them in one class keeps that lock's discipline in one place."""
 
     cfg: GroupConfig
     stop: threading.Event

@@ -25,11 +25,12 @@ import torch
 from prefetch_generator import BackgroundGenerator
 
 from cogen.core import models
+from cogen.core.compatibility import check_compatible
 from cogen.core.config import NodeConfig
 from cogen.core.corpora import get_corpus
 from cogen.core.data import train_batches
 from cogen.core.exit_codes import CommandError, ExitCode
-from cogen.core.swarm import SwarmClient, check_compatible
+from cogen.core.swarm import SwarmClient
 from cogen.node.follow import generation_of
 from cogen.node.hardware import detect_hardware
 from cogen.node.health import NodeHealth
@@ -111,7 +112,7 @@ class ExpertNode(TrainingLoop):
                 self.metrics_url = client.optional_url(
                     "node metrics", cfg.metrics_host, self.metrics.port, "/metrics"
                 )
-            check_compatible(client)
+            check_compatible(client, self.trust.key)  # a key given or pinned: only its coordinator
             logger.info(
                 "joined swarm %r as %s; visible at %s",
                 cfg.network.swarm,

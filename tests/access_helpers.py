@@ -12,7 +12,8 @@ import pytest
 
 from cogen.app.swarm import main as swarm_main
 from cogen.core.access import read_model
-from cogen.core.config import AccessConfig, NetworkConfig
+from cogen.core.access_config import AccessConfig
+from cogen.core.config import NetworkConfig
 from cogen.core.exit_codes import ExitCode
 from cogen.protocols import Credential
 

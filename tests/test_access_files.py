@@ -29,8 +29,9 @@ from cogen.core.access import (
     sign_revocations,
     token_of,
 )
+from cogen.core.access_config import AccessConfig
 from cogen.core.authorizer import SwarmAuthorizer
-from cogen.core.config import AccessConfig, NodeConfig
+from cogen.core.config import NodeConfig
 from cogen.core.exit_codes import ExitCode
 from cogen.core.http_access import CREDENTIAL_HEADER, credential_headers, register, request_for, unregister
 from cogen.core.settings import add_config_arguments, build_config

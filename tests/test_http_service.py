@@ -17,7 +17,7 @@ from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from cogen.coordinator.service import ApiServer
+from cogen.coordinator.api_server import ApiServer
 from cogen.core.http_service import HttpServer, ServerThread
 from cogen.core.swarm import NetworkError
 from cogen.node.follow import MirrorServer

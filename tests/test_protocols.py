@@ -1,4 +1,7 @@
-"""Records accept good input and reject bad input; signatures are enforced on a real DHT."""
+"""Records accept good input and reject bad input; signatures are enforced on a real DHT.
+
+(A little over 300 lines: every record kind's bounds and refusals are checked here, side by side.)
+"""
 
 from __future__ import annotations
 
@@ -9,8 +12,9 @@ from typing import Any
 import pytest
 from hivemind.utils import MSGPackSerializer, get_dht_time
 
+from cogen.core.compatibility import check_compatible
 from cogen.core.config import NetworkConfig
-from cogen.core.swarm import SwarmClient, check_compatible
+from cogen.core.swarm import SwarmClient
 from cogen.protocols import (
     PROTOCOL_VERSION,
     RECORD_SCHEMAS,

@@ -22,6 +22,7 @@ from merging_helpers import make_expert, merge_config
 from cogen.coordinator.merging import Identity, merge_experts
 from cogen.coordinator.merging.manifest import sign_manifest
 from cogen.core.atomic import write_json_atomic
+from cogen.core.compatibility import check_compatible
 from cogen.core.config import FetchConfig
 from cogen.core.exit_codes import ExitCode
 from cogen.core.procs import wait_for
@@ -30,7 +31,9 @@ from cogen.core.swarm import SwarmClient
 from cogen.node.follow import BaseFollower
 from cogen.node.trust import TRUST_FILE, KeyTrust, read_trusted_key
 from cogen.protocols import CheckpointSource, SwarmInfo
+from cogen.protocols.keys import swarm_key
 from cogen.protocols.manifest import MANIFEST_FILE, read_manifest
+from cogen.protocols.version import PROTOCOL_VERSION, IncompatibleProtocolError
 
 FAST = FetchConfig(fetch_timeout_s=20, fetch_backoff_s=0.5, fetch_backoff_max_s=1.0)
 FOREIGN = "ignoring a coordinator that announces manifest key"
@@ -175,3 +178,21 @@ def test_a_given_key_wins_and_bad_ones_are_one_line_config_errors(
         assert run.returncode == ExitCode.CONFIG, run.stderr
         errors = [line for line in run.stderr.splitlines() if "error" in line.lower()]
         assert len(errors) == 1 and f"--trusted-key {bad}" in errors[0], run.stderr
+
+
+def test_only_the_trusted_coordinator_can_say_the_swarm_speaks_another_protocol(
+    swarm: tuple[SwarmClient, Callable[[], SwarmClient]], tmp_path: Path
+) -> None:
+    host, join = swarm
+    rogue = join()
+    trusted = Identity.load_or_create(tmp_path / "trusted.pem")
+    key = swarm_key(host.cfg.swarm, SwarmInfo.KIND)
+    other = {"protocol_version": PROTOCOL_VERSION + 1, "software_version": "9.9.9"}
+    assert rogue.dht.store(key, other, get_dht_time() + 60, subkey=rogue.owner)
+    with pytest.raises(IncompatibleProtocolError, match=r"9\.9\.9"):  # first contact: nothing to tell it by
+        wait_for(lambda: check_compatible(host) or None, 20, "the announcement to arrive")
+    check_compatible(host, trusted.public_key)  # a node that trusts a key ignores a stranger's claim
+    vouched = {**other, "owner_signature": trusted.sign_owner(host.cfg.swarm, rogue.owner)}
+    assert rogue.dht.store(key, vouched, get_dht_time() + 61, subkey=rogue.owner)
+    with pytest.raises(IncompatibleProtocolError, match=r"9\.9\.9"):  # the trusted coordinator is believed
+        wait_for(lambda: check_compatible(host, trusted.public_key) or None, 20, "the vouched announcement")

@@ -15,11 +15,16 @@ from pathlib import Path
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from cogen.coordinator.config import SigningConfig
 from cogen.core.atomic import create_private_once
+from cogen.core.config import CacheConfig
+from cogen.core.models import cache_root
 from cogen.protocols.manifest import Manifest, ManifestError, owner_statement
 
 logger = logging.getLogger(__name__)
 
+
+IDENTITY_FILE = "coordinator-identity.pem"  #: the signing key's file in the cache dir, by default
 
 _PADDING = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.MAX_LENGTH)
 
@@ -76,3 +81,8 @@ def sign_manifest(manifest: Manifest, identity: Identity) -> Manifest:
     """``manifest`` with the signer's public key and the signature filled in."""
     unsigned = manifest.model_copy(update={"public_key": identity.public_key, "signature": ""})
     return unsigned.model_copy(update={"signature": identity.sign(unsigned.canonical_bytes())})
+
+
+def signing_identity(keys: SigningConfig, cache: CacheConfig) -> Identity:
+    """The key ``keys`` names, else ``<cache dir>/coordinator-identity.pem`` (created on first use)."""
+    return Identity.load_or_create(keys.identity or cache_root(cache.cache_dir) / IDENTITY_FILE)

@@ -34,7 +34,7 @@ from cogen.coordinator.merging import (  # noqa: F401 - register the built-in me
 )
 from cogen.coordinator.merging.evaluate import BlockLosses, domain_blocks, evaluate_blocks, losses
 from cogen.coordinator.merging.experts import Expert, iter_deltas, load_experts
-from cogen.coordinator.merging.manifest import Identity
+from cogen.coordinator.merging.manifest import signing_identity
 from cogen.coordinator.merging.publish import newest_generation, parent_info, publish
 from cogen.coordinator.merging.ranking import attach_cheap, cheap_ranking, delta_statistics, rank_experts
 from cogen.coordinator.merging.registry import MergeError, MergeMethod, MergeParams, create
@@ -47,7 +47,6 @@ from cogen.protocols.ranking import Ranking
 
 logger = logging.getLogger(__name__)
 
-IDENTITY_FILE = "coordinator-identity.pem"
 MIXTURE_DIR = "mixture"  #: the routed mixture's directory inside a published generation
 
 
@@ -188,9 +187,7 @@ def merge_experts(cfg: MergeConfig) -> Path:
         logger.warning(
             "merging into %s; the experts were trained on %s", cfg.model, experts[0].metadata.base_model
         )
-    identity = Identity.load_or_create(
-        cfg.keys.identity or models.cache_root(cfg.cache.cache_dir) / IDENTITY_FILE
-    )
+    identity = signing_identity(cfg.keys, cfg.cache)
     path = models.resolve_model(base_name, cfg.cache.cache_dir)
     parent_generation, parent_files, parent_manifest = parent_info(path)
     generation = cfg.generation or max(parent_generation, newest_generation(cfg.out)) + 1
