@@ -4,8 +4,6 @@
 - ``loss_nan``: a peer of a group reports a NaN loss
 - ``loss_rising``: a group member's smoothed loss has stayed well above its best earlier smoothed loss
 - ``averaging_failed``: a group's latest averaging round failed
-- ``member_excluded``: a group excluded a member whose updates it rejected repeatedly (a hostile or
-  broken peer: its deltas are ignored for a while)
 - ``version_mismatch``: a peer runs another cogen software or protocol version than the coordinator
 """
 
@@ -19,9 +17,7 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-AlertKind = Literal[
-    "stale_peer", "loss_nan", "loss_rising", "averaging_failed", "member_excluded", "version_mismatch"
-]
+AlertKind = Literal["stale_peer", "loss_nan", "loss_rising", "averaging_failed", "version_mismatch"]
 
 
 class Alert(BaseModel):
@@ -58,8 +54,6 @@ class RoundFacts(Protocol):
     def ok(self) -> bool: ...
     @property
     def error(self) -> str | None: ...
-    @property
-    def excluded(self) -> Sequence[str]: ...
 
 
 @dataclass(frozen=True)
@@ -168,18 +162,6 @@ def compute_alerts(
                     expert=expert,
                     message=f"group {expert}: averaging round {last.outer_step} failed"
                     + (f": {last.error}" if last.error else ""),
-                )
-            )
-        if last is not None and last.excluded:
-            alerts.append(
-                Alert(
-                    kind="member_excluded",
-                    severity="critical",
-                    subject=expert,
-                    expert=expert,
-                    message=f"group {expert} excluded {', '.join(last.excluded[:4])}"
-                    + (f" and {len(last.excluded) - 4} more" if len(last.excluded) > 4 else "")
-                    + ": repeatedly rejected updates (a hostile or broken member)",
                 )
             )
     return sorted(alerts, key=lambda a: (a.severity != "critical", a.kind, a.subject))
