@@ -92,7 +92,8 @@ def test_coordinator_readiness_waits_for_its_state() -> None:
     """A merging coordinator is not ready until its generations are read back and it announces."""
     monitor = SimpleNamespace(polls=0, is_running=lambda: True)
     facts = SimpleNamespace(
-        cfg=SimpleNamespace(view=SimpleNamespace(observer=False)), client=None, monitor=monitor, generations=None, announcer=None,
+        cfg=SimpleNamespace(view=SimpleNamespace(observer=False)), client=None, monitor=monitor,
+        generations=None, announcer=None,
         merges=lambda: True,
     )  # fmt: skip
     status, body = verdict(CoordinatorHealth(facts).ready())  # type: ignore[arg-type]
