@@ -119,3 +119,10 @@ def test_uld_distance_ignores_the_vocabulary_order() -> None:
     assert float(uld_distance(p, p[:, [2, 0, 1]])) == 0.0
     q = torch.tensor([[0.4, 0.3, 0.2, 0.1]])
     assert math.isclose(float(uld_distance(p, q)), 0.3 + 0.1 + 0.1 + 0.1, rel_tol=1e-6)
+
+
+def test_different_texts_do_not_align(gpt2: Any) -> None:
+    _, a = token_spans(gpt2, "Hello world")
+    _, b = token_spans(gpt2, "Hello world, again")
+    with pytest.raises(ValueError, match="different text"):
+        align_spans(a, b)

@@ -77,6 +77,11 @@ def align_spans(student: list[Span], teacher: list[Span]) -> list[tuple[tuple[in
     """
     if not student or not teacher:
         raise ValueError("cannot align an empty tokenization")
+    if student[-1][1] != teacher[-1][1] or student[0][0] != teacher[0][0]:
+        raise ValueError(
+            f"the tokenizations cover different text: characters {student[0][0]}..{student[-1][1]} "
+            f"and {teacher[0][0]}..{teacher[-1][1]}"
+        )
     s_ends, t_ends = _boundaries(student), _boundaries(teacher)
     groups = []
     i = j = 0
