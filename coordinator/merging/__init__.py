@@ -8,6 +8,8 @@
   ``ranking_votes.py`` — domains as voters: Borda points, Bradley–Terry strengths, the bootstrap
 - ``moe/`` — ``moe``: the experts' adapters behind a learned per-sequence router (router, its
   training, the mixture, its on-disk format: one module each)
+- ``fusion/`` — ``fuse``: teachers of any tokenizer distilled into the dense next base (cross-tokenizer
+  alignment, top-k teacher streaming, the student's training)
 - ``weights.py`` — per-expert weights and per-domain ranking from an :class:`EvalMatrix`
 - ``evaluate.py`` — validation losses of the base, each expert and the merge on each domain
 - ``manifest.py`` — the coordinator's :class:`Identity` key that signs manifests (their schema and
