@@ -121,7 +121,9 @@ class Manifest(BaseModel):
     experts: list[ExpertEntry]
     method: str
     params: dict[str, float | int | str] = Field(default_factory=dict)
-    weight_source: str = Field(description="where the weights came from: flags, evaluation or equal")
+    weight_source: str = Field(
+        description="where the weights came from: flags, prequential, evaluation or equal"
+    )
     evaluation: EvalMatrix | None = None
     ranking: dict[str, list[str]] = Field(default_factory=dict, description="domain -> experts, best first")
     best: BestModel | None = Field(

@@ -16,6 +16,8 @@ evaluation). A node reports, inside its signed :class:`cogen.protocols.records.T
 - ``stream``: what the batches were cut from, so that the coordinator can rebuild the batch at any
   reported position (:func:`cogen.core.data.train_batches` is deterministic) and spot-check a claim.
 
+:class:`Claims` is what the coordinator gathers of them at the end of a generation, for its merge.
+
 Sizes are bounded (a hostile node cannot send an unbounded list) and every loss is finite.
 """
 
@@ -26,7 +28,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from cogen.protocols.records import MAX_COUNT, Count, Finite, Generation, NonNegativeFinite
+from cogen.protocols.records import MAX_COUNT, Count, ExpertName, Finite, Generation, NonNegativeFinite
 
 MAX_WINDOW = 256  #: most recent batch losses a report carries
 MAX_BASE = 32  #: base batch losses a report carries
@@ -100,3 +102,16 @@ class Prequential(_Strict):
         default=None, description="the first batches of the generation, when they were trained from the base"
     )
     sources: list[SourceStats] = Field(default_factory=list, max_length=MAX_SOURCES)
+
+
+MAX_MEMBERS = 256  #: members' claims kept per expert
+
+
+class Claims(_Strict):
+    """What the coordinator gathered from the experts' progress records at the end of a generation: each
+    member's latest :class:`Prequential` on that generation (written beside the collected experts)."""
+
+    generation: Generation
+    experts: dict[ExpertName, Annotated[list[Prequential], Field(max_length=MAX_MEMBERS)]] = Field(
+        max_length=4096, description="expert name -> its members' claims"
+    )

@@ -106,3 +106,11 @@ def test_an_expert_that_got_worse_scores_below_zero_and_weighs_nothing() -> None
 
 def test_evaluation_tokens_counts_every_model_on_every_block() -> None:
     assert evaluation_tokens(models=10, domains=4, blocks=8, block_size=128) == 40960
+
+
+def test_a_refused_claim_raises_a_critical_alert() -> None:
+    from cogen.coordinator.alerts import compute_alerts
+
+    found = compute_alerts([], {}, {}, "1.0", 4, flagged={"legal": "claimed a loss of 0.050 at batch 7"})
+    assert [(a.kind, a.severity, a.subject) for a in found] == [("claims_failed", "critical", "legal")]
+    assert "0.050" in found[0].message and "not merged" in found[0].message

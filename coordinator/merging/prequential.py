@@ -5,8 +5,9 @@ nodes computed on streamed batches before stepping on them (:mod:`cogen.protocol
 
     improvement = (B − W) / B
 
-with ``B`` the pooled mean of the base's first batches and ``W`` the pooled mean of the recent window
-over every member of the expert's group (weighted by their batch counts). Its standard error comes
+with ``B`` the pooled mean of the base's first :data:`BASE_BATCHES` batches and ``W`` the pooled mean
+of the recent half of the window (after the base batches, at least :data:`RECENT_MIN`) over every
+member of the expert's group (weighted by their batch counts). Its standard error comes
 from the batch variances by the delta method,
 ``se² = (W² / B⁴) · s_B² / n_B + (1 / B²) · s_W² / n_W``, and the interval is ``improvement ± z · se``
 (``z`` the normal quantile of the level). It cannot see harm to other domains nor two experts that
@@ -37,6 +38,9 @@ from cogen.protocols.prequential import LossRun, Prequential
 from cogen.protocols.ranking import Agreement, PrequentialEntry, PrequentialRanking
 
 __all__ = ["Estimate", "agreement", "cheap_weights", "estimate", "evaluation_tokens", "prequential_ranking"]
+
+BASE_BATCHES = 4  #: the base's first batches used (later ones were computed after a few steps already)
+RECENT_MIN = 4  #: at least this many of the most recent batches stand for the current model
 
 
 @dataclass(frozen=True)
@@ -72,13 +76,30 @@ def _pool(runs: Sequence[LossRun]) -> tuple[float, float, int]:
     return mean, variance / count, count
 
 
+def _recent(claim: Prequential) -> LossRun:
+    """The recent half of a claim's window after its base batches: the current model, not the base."""
+    run = claim.window
+    after = claim.base.start + claim.base.count if claim.base is not None else run.start
+    losses = [loss for position, loss in zip(run.positions(), run.losses, strict=True) if position >= after]
+    if not losses:
+        return run
+    keep = losses[-max(RECENT_MIN, len(losses) // 2) :]
+    return LossRun(start=run.start + run.count - len(keep), losses=keep)
+
+
+def _base(claim: Prequential) -> LossRun | None:
+    if claim.base is None:
+        return None
+    return LossRun(start=claim.base.start, losses=claim.base.losses[:BASE_BATCHES])
+
+
 def estimate(expert: str, claims: Iterable[Prequential]) -> Estimate | None:
     """Pool the latest claims of an expert's members (one :class:`Prequential` per member)."""
     claims = list(claims)
     if not claims:
         return None
-    window, window_var, count = _pool([c.window for c in claims])
-    bases = [c.base for c in claims if c.base is not None]
+    window, window_var, count = _pool([_recent(c) for c in claims])
+    bases = [b for b in map(_base, claims) if b is not None]
     base, base_var = (None, 0.0) if not bases else _pool(bases)[:2]
     return Estimate(expert, claims[0].stream.corpus, base, base_var, window, window_var, count)
 
