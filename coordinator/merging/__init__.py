@@ -9,6 +9,7 @@
 - ``moe/`` — ``moe``: the experts' adapters behind a learned per-sequence router (router, its
   training, the mixture, its on-disk format: one module each)
 - ``weights.py`` — per-expert weights and per-domain ranking from an :class:`EvalMatrix`
+- ``gate.py`` — the publishing gate's rule: is a candidate worse than its parent beyond the bootstrap noise
 - ``evaluate.py`` — validation losses of the base, each expert and the merge on each domain
 - ``manifest.py`` — the coordinator's :class:`Identity` key that signs manifests (their schema and
   :func:`verify_manifest` are in :mod:`cogen.protocols.manifest`)
