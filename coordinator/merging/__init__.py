@@ -14,6 +14,7 @@
 - ``fusion/`` — ``fuse``: teachers of any tokenizer distilled into the dense next base (cross-tokenizer
   alignment, top-k teacher streaming, the student's training)
 - ``weights.py`` — per-expert weights and per-domain ranking from an :class:`EvalMatrix`
+- ``gate.py`` — the publishing gate's rule: is a candidate worse than its parent beyond the bootstrap noise
 - ``evaluate.py`` — validation losses of the base, each expert and the merge on each domain
 - ``manifest.py`` — the coordinator's :class:`Identity` key that signs manifests (their schema and
   :func:`verify_manifest` are in :mod:`cogen.protocols.manifest`)
