@@ -8,6 +8,7 @@
 - ``group.py``    — :class:`GroupAverager`: DiLoCo outer steps with the expert's group
 - ``group_state.py`` — :class:`GroupState`: the group's shared state: joining, resuming, copies, exact sync
 - ``wire.py``     — wire compression of pseudo-gradients and the check of each averaging round
+- ``sparse.py``   — :class:`SparseCompressor`: per-chunk top-k, low-bit values, error feedback
 - ``trainer.py``  — :class:`ExpertTrainer`: inner steps on the expert's adapters
 - ``prequential.py`` — :class:`PrequentialTracker`: losses on batches before stepping on them
 - ``training_state.py`` — the node's full training state on disk (schema, atomic save, verified read)
