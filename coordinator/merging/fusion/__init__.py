@@ -1,4 +1,5 @@
-"""``fuse``: teachers of any tokenizer distilled into the dense next base (issue 15).
+"""Knowledge fusion across tokenizers; so far the alignment that distilling a teacher of another
+tokenizer into the next base needs (the ``fuse`` merge method is not built yet).
 
 - ``align.py`` — cross-tokenizer alignment on the text: token spans from the tokenizers' offset
   mappings, groups of tokens whose spans end on the same character (:func:`align_spans`), the
