@@ -15,7 +15,6 @@ from cogen.core.telemetry import peak_memory_bytes
 from cogen.node.state import NodeState
 from cogen.node.trainer import ExpertTrainer
 from cogen.protocols import GroupProgress, NodeInfo, RoundReport, software_version
-from cogen.protocols.prequential import StreamSpec
 
 
 class NodeAnnouncing(NodeState):
@@ -24,16 +23,7 @@ class NodeAnnouncing(NodeState):
     def _report(self, trainer: ExpertTrainer, device: torch.device) -> None:
         assert self.reporter is not None
         peak = peak_memory_bytes(device)
-        data = self.cfg.data
-        stream = StreamSpec(
-            corpus=data.expert, shard=self.shard, num_shards=data.num_shards, seed=data.seed,
-            block_size=data.block_size, batch_size=data.batch_size,
-            validation_fraction=data.validation_fraction,
-        )  # fmt: skip
-        prequential = trainer.prequential.snapshot(self.generation, stream)
-        self.reporter.report(
-            trainer.steps, trainer.samples, trainer.tokens, trainer.skipped, peak, prequential
-        )
+        self.reporter.report(trainer.steps, trainer.samples, trainer.tokens, trainer.skipped, peak)
 
     def _node_info(self, state: str) -> NodeInfo:
         """This node's record in ``state`` (built by the reporter each time it publishes)."""
