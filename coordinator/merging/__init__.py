@@ -10,7 +10,6 @@
   training, the mixture, its on-disk format: one module each)
 - ``fusion/`` — ``fuse``: teachers of any tokenizer distilled into the dense next base (cross-tokenizer
   alignment, top-k teacher streaming, the student's training)
-- ``screening.py`` — the cheap ranking every generation, the full evaluation as an audit
 - ``weights.py`` — per-expert weights and per-domain ranking from an :class:`EvalMatrix`
 - ``gate.py`` — the publishing gate's rule: is a candidate worse than its parent beyond the bootstrap noise
 - ``evaluate.py`` — validation losses of the base, each expert and the merge on each domain
