@@ -58,8 +58,7 @@ class SparseCompressor:
         for i, d in enumerate(delta):
             full = d.detach().float().cpu() + self.error[i]
             rows = self._rows(full)
-            k = min(self.k, self.chunk)
-            idx = rows.abs().topk(k, dim=1).indices
+            idx = rows.abs().topk(self.k, dim=1).indices
             vals = rows.gather(1, idx)
             scales = vals.abs().amax(dim=1).clamp_min(1e-30)
             codes = (vals / scales[:, None] * top).round().clamp(-top, top).to(torch.int8)

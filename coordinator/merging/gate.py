@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cogen.coordinator.merging.ranking_votes import interval
+
 
 @dataclass(frozen=True)
 class DomainVerdict:
@@ -95,7 +97,6 @@ def judge(
             )
             continue
         means = diff[rng.integers(0, diff.size, size=(bootstrap, diff.size))].mean(axis=1)
-        tail = (1 - level) / 2
-        low, high = (float(q) for q in np.quantile(means, [tail, 1 - tail]))
+        low, high = interval(means, level) or (math.inf, math.inf)  # finite differences: always an interval
         verdicts.append(DomainVerdict(domain, float(a.mean()), float(b.mean()), change, (low, high), low > 0))
     return GateDecision(domains=verdicts, bootstrap=bootstrap, level=level, seed=seed)
