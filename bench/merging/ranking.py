@@ -200,6 +200,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add(
         "--precision", default="fp32", choices=["int8", "bf16", "fp32"], help="training precision of the base"
     )
+    add("--optimizer", default="adamw", choices=["adamw", "adamw8bit"], help="the experts' inner optimizer")
     add("--budgets", nargs="+", type=int, default=[8, 24], help="trainer steps of the honest experts")
     add("--seeds", nargs="+", type=int, default=[0, 1, 2])
     add("--batch-size", type=int, default=4)

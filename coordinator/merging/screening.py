@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -126,6 +127,7 @@ def screen(
                                     cfg.eval.eval_block_size)  # fmt: skip
     cheap: PrequentialRanking | None = None
     flagged: dict[str, str] = {}
+    started = time.monotonic()
     if claims is not None:
         by_label = {e.label: claims.experts.get(e.metadata.expert, []) for e in experts}
         domains = {
@@ -135,7 +137,7 @@ def screen(
             model, experts, by_label, domains, tokenizer, int(BUDGET_FRACTION * full_tokens),
             rng or random.SystemRandom(),  # nodes cannot know which batches will be checked
         )  # fmt: skip
-    fallback = None
+    cheap_seconds, fallback = time.monotonic() - started, None
     if cheap is not None and not audit:
         short = [e for e in cheap.experts if e.score is None and e.expert not in flagged]
         if short:  # the cheap ranking cannot weigh these: the full evaluation does, this generation
@@ -143,10 +145,17 @@ def screen(
             logger.info("full evaluation instead of the cheap ranking (%s)", fallback)
             audit = True
     matrix, per_block = None, None
+    started = time.monotonic()
     if blocks and audit:
         model, matrix, per_block = evaluate_blocks(model, experts, blocks)
     elif blocks:
         matrix = _base_only(model, blocks)
+    logger.info(
+        "screening of generation %d: cheap ranking %s; %s in %.1f s", generation,
+        f"{cheap.cost_tokens} tokens in {cheap_seconds:.1f} s" if cheap is not None else "none (no claims)",
+        f"full evaluation ({full_tokens} tokens)" if per_block is not None else "the base's evaluation only",
+        time.monotonic() - started,
+    )  # fmt: skip
     agree = None
     if cheap is not None and per_block is not None:
         order = [e.expert for e in cheap.experts]
