@@ -5,6 +5,8 @@
 - ``loss_rising``: a group member's smoothed loss has stayed well above its best earlier smoothed loss
 - ``averaging_failed``: a group's latest averaging round failed
 - ``version_mismatch``: a peer runs another cogen software or protocol version than the coordinator
+- ``claims_failed``: the latest generation's spot-check found an expert's prequential claims false
+  (it was ranked last and left out of the merge)
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-AlertKind = Literal["stale_peer", "loss_nan", "loss_rising", "averaging_failed", "version_mismatch"]
+AlertKind = Literal[
+    "stale_peer", "loss_nan", "loss_rising", "averaging_failed", "version_mismatch", "claims_failed"
+]
 
 
 class Alert(BaseModel):
@@ -93,11 +97,13 @@ def compute_alerts(
     software_version: str,
     protocol_version: int,
     rule: RisingRule = RisingRule(),
+    flagged: Mapping[str, str] | None = None,
 ) -> list[Alert]:
     """All current alerts, most severe first.
 
     ``losses`` maps expert -> peer id -> that peer's losses in time order (NaN included);
-    ``last_rounds`` maps expert -> its latest averaging round, or ``None`` before any.
+    ``last_rounds`` maps expert -> its latest averaging round, or ``None`` before any; ``flagged``
+    maps expert -> why the latest generation's spot-check refused its claims.
     """
     alerts: list[Alert] = []
     for p in peers:
@@ -164,6 +170,11 @@ def compute_alerts(
                     + (f": {last.error}" if last.error else ""),
                 )
             )
+    for expert, reason in sorted((flagged or {}).items()):
+        message = f"expert {expert}: its prequential claims did not hold ({reason}); not merged"
+        alerts.append(
+            Alert(kind="claims_failed", severity="critical", subject=expert, expert=expert, message=message)
+        )
     return sorted(alerts, key=lambda a: (a.severity != "critical", a.kind, a.subject))
 
 

@@ -53,6 +53,13 @@ class EvalConfig(_Frozen):
 
     eval_blocks: int = Field(default=8, ge=1, le=100_000, description="validation blocks per domain")
     eval_block_size: int = Field(default=128, ge=8, le=32768, description="tokens per validation block")
+    full_eval_every: int = Field(
+        default=4,
+        ge=1,
+        le=1_000_000,
+        description="evaluate every expert on every domain (the audit) on generations 1, 1+N, 1+2N, ...; "
+        "the others rank and weight experts by their nodes' spot-checked prequential claims alone",
+    )
 
 
 class MixtureConfig(_Frozen):
@@ -229,6 +236,9 @@ class MergeConfig(_Frozen):
         default=(), description="evaluate base, experts and merge on these domains' validation splits"
     )
     eval: EvalConfig = EvalConfig()
+    claims: Path | None = Field(
+        default=None, description="the nodes' prequential claims (JSON, cogen.protocols.prequential.Claims)"
+    )
     moe: MixtureConfig = MixtureConfig()
     keys: SigningConfig = SigningConfig()
     device: str = Field(default="cpu", description="torch device for merging and evaluation: cpu, cuda, auto")

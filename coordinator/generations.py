@@ -33,6 +33,7 @@ from typing import Any
 
 from hivemind.utils import get_dht_time
 
+from cogen.coordinator.claims import gather_claims, write_claims
 from cogen.coordinator.collect import download_state, save_state
 from cogen.coordinator.config import CoordinatorConfig, MergeConfig
 from cogen.coordinator.merging import MergeError, merge_experts
@@ -49,6 +50,9 @@ from cogen.protocols.hashing import sha256_file
 from cogen.protocols.manifest import MANIFEST_FILE, Manifest, ManifestError, verify_manifest
 
 logger = logging.getLogger(__name__)
+
+
+CLAIMS_FILE = "claims.json"  #: the experts' prequential claims, beside the collected experts
 
 
 def summarize(manifest: Manifest, manifest_sha256: str) -> GenerationSummary:
@@ -83,7 +87,22 @@ def summarize(manifest: Manifest, manifest_sha256: str) -> GenerationSummary:
         ranking=order,
         kendall_tau=ranked.cheap.kendall_tau if ranked is not None and ranked.cheap is not None else None,
         scores=scores,
+        **_cheap_summary(manifest),
     )
+
+
+def _cheap_summary(manifest: Manifest) -> dict[str, Any]:
+    """The cheap ranking's part of a generation's summary, and its audit."""
+    cheap, agreed = manifest.prequential, manifest.agreement
+    out: dict[str, Any] = {"audit": manifest.rankings is not None}
+    if cheap is not None:
+        flagged = {e.expert: e.flagged for e in cheap.experts if e.flagged and e.checked}
+        out.update(cheap_ranking=[e.expert for e in cheap.experts], cheap_cost_tokens=cheap.cost_tokens,
+                   flagged=flagged)  # fmt: skip
+    if agreed is not None:
+        out.update(audit_kendall_tau=agreed.kendall_tau, audit_top1=agreed.top1,
+                   full_cost_tokens=agreed.full_cost_tokens)  # fmt: skip
+    return out
 
 
 class GenerationLoop:
@@ -202,6 +221,8 @@ class GenerationLoop:
                 logger.info("collected expert %r from its group (outer step %d)", expert, info.outer_step)
             except Exception as e:  # one group's failure must not stop the rest
                 logger.warning("could not collect expert %r: %s", expert, e)
+        if paths:  # what the experts' nodes claimed, for the cheap ranking (cogen.coordinator.claims)
+            write_claims(gather_claims(self.client, due.experts, self.generation), collected / CLAIMS_FILE)
         return paths
 
     def _failed(self) -> float:
@@ -216,8 +237,13 @@ class GenerationLoop:
         return MergeConfig(
             experts=tuple(paths), merge=cfg.merge, model=self.base, out=self.out_dir,
             generation=self.generation + 1, eval_domains=tuple(e for e in experts if e in known_domains()),
-            eval=cfg.eval, moe=cfg.moe, keys=cfg.keys, cache=cfg.cache,
+            eval=cfg.eval, moe=cfg.moe, keys=cfg.keys, cache=cfg.cache, claims=self._claims(),
         )  # fmt: skip
+
+    def _claims(self) -> Path | None:
+        """The experts' prequential claims gathered at this collection (None: none written)."""
+        path = self.out_dir / "collected" / f"gen-{self.generation + 1:06d}" / CLAIMS_FILE
+        return path if path.is_file() else None
 
     def _merge(self, paths: list[Path], experts: list[str]) -> None:
         nxt = self.generation + 1

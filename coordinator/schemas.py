@@ -76,6 +76,18 @@ class GenerationSummary(_Frozen):
         default=None, description="agreement of the cheap ranking (no forward passes) with the full one"
     )
     scores: list[DomainScore] = Field(default_factory=list, description="per-domain evaluation matrix")
+    # the cheap ranking from the nodes' prequential claims (cogen.coordinator.merging.prequential)
+    cheap_ranking: list[str] = Field(default_factory=list, description="experts by their claims, best first")
+    audit: bool = Field(default=False, description="the full evaluation ran (an audit generation)")
+    audit_kendall_tau: float | None = Field(default=None, description="cheap vs full order on the audit")
+    audit_top1: bool | None = Field(default=None, description="both orders put the same expert first")
+    cheap_cost_tokens: int | None = Field(default=None, description="forward-pass tokens of the spot-checks")
+    full_cost_tokens: int | None = Field(
+        default=None, description="forward-pass tokens of the full evaluation"
+    )
+    flagged: dict[str, str] = Field(
+        default_factory=dict, description="expert -> why its claims did not hold (ranked last, not merged)"
+    )
 
 
 class AlertList(_Frozen):

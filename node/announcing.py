@@ -15,6 +15,7 @@ from cogen.core.telemetry import peak_memory_bytes
 from cogen.node.state import NodeState
 from cogen.node.trainer import ExpertTrainer
 from cogen.protocols import GroupProgress, NodeInfo, RoundReport, software_version
+from cogen.protocols.prequential import StreamSpec
 
 
 class NodeAnnouncing(NodeState):
@@ -23,7 +24,16 @@ class NodeAnnouncing(NodeState):
     def _report(self, trainer: ExpertTrainer, device: torch.device) -> None:
         assert self.reporter is not None
         peak = peak_memory_bytes(device)
-        self.reporter.report(trainer.steps, trainer.samples, trainer.tokens, trainer.skipped, peak)
+        data = self.cfg.data
+        stream = StreamSpec(
+            corpus=data.expert, shard=self.shard, num_shards=data.num_shards, seed=data.seed,
+            block_size=data.block_size, batch_size=data.batch_size,
+            validation_fraction=data.validation_fraction,
+        )  # fmt: skip
+        prequential = trainer.prequential.snapshot(self.generation, stream)
+        self.reporter.report(
+            trainer.steps, trainer.samples, trainer.tokens, trainer.skipped, peak, prequential
+        )
 
     def _node_info(self, state: str) -> NodeInfo:
         """This node's record in ``state`` (built by the reporter each time it publishes)."""

@@ -26,6 +26,7 @@ from cogen.core.telemetry import current_memory_bytes, format_bytes, gpu_memory_
 from cogen.node.metrics import NodeMetrics
 from cogen.node.shards import renew_claim
 from cogen.protocols import GroupProgress, NodeInfo, TrainingProgress
+from cogen.protocols.prequential import Prequential
 
 logger = logging.getLogger(__name__)
 
@@ -111,13 +112,22 @@ class NodeReporter(PeriodicService):
         if self.metrics is not None:
             self.metrics.observe_step(loss, samples, tokens, seconds)
 
-    def report(self, step: int, samples: int, tokens: int, skipped: int, peak: int) -> None:
-        """Log one summary line and publish TrainingProgress for the steps since the last report."""
+    def report(
+        self,
+        step: int,
+        samples: int,
+        tokens: int,
+        skipped: int,
+        peak: int,
+        prequential: Prequential | None = None,
+    ) -> None:
+        """Log one summary line and publish TrainingProgress for the steps since the last report (with the
+        trainer's prequential losses, :mod:`cogen.protocols.prequential`)."""
         loss, rate = self.window.close()
         self.client.publish(TrainingProgress(
             peer_id=self.client.peer_id, expert=self.expert, step=step, samples=samples, tokens=tokens,
             loss=loss, samples_per_second=rate, peak_memory_bytes=peak, rss_bytes=current_memory_bytes(),
-            gpu_memory_bytes=gpu_memory_bytes(), time=get_dht_time(),
+            gpu_memory_bytes=gpu_memory_bytes(), time=get_dht_time(), prequential=prequential,
         ))  # fmt: skip
         logger.info(
             "%s | step %d | loss %.4f | %.2f samples/s | %d tokens | peak mem %s | skipped %d",

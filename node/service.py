@@ -16,6 +16,7 @@ records and summaries (:mod:`~cogen.node.announcing`), the base and the group
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -28,7 +29,7 @@ from cogen.core import models
 from cogen.core.compatibility import check_compatible
 from cogen.core.config import NodeConfig
 from cogen.core.corpora import get_corpus
-from cogen.core.data import train_batches
+from cogen.core.data import TrainStream
 from cogen.core.exit_codes import CommandError, ExitCode
 from cogen.core.swarm import SwarmClient
 from cogen.node.follow import generation_of
@@ -150,23 +151,18 @@ class ExpertNode(TrainingLoop):
                 device,
             )
             try:
-                stream = train_batches(
-                    corpus,
-                    tokenizer,
-                    block_size=cfg.data.block_size,
-                    batch_size=cfg.data.batch_size,
-                    shard=self.shard,
-                    num_shards=cfg.data.num_shards,
-                    seed=cfg.data.seed,
+                source = TrainStream(
+                    corpus, tokenizer, block_size=cfg.data.block_size, batch_size=cfg.data.batch_size,
+                    shard=self.shard, num_shards=cfg.data.num_shards, seed=cfg.data.seed,
                     validation_fraction=cfg.data.validation_fraction,
-                    skip_batches=skip,
-                )
+                )  # fmt: skip
             except ValueError as e:
                 raise DataError(str(e)) from None
-            batches = BackgroundGenerator(stream, max_prefetch=4)
+            batches = BackgroundGenerator(itertools.islice(source, skip, None), max_prefetch=4)
             trainer = ExpertTrainer(
-                model, optimizer, scheduler, batches, max_grad_norm=cfg.optim.max_grad_norm
-            )
+                model, optimizer, scheduler, batches, max_grad_norm=cfg.optim.max_grad_norm,
+                row_sources=source.row_sources,
+            )  # fmt: skip
             self.group = self._join_group(model, trainer, saved)
             trainer.batches = skip
             self._announce("training")

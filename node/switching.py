@@ -96,8 +96,9 @@ class BaseSwitching(NodeAnnouncing):
         self._set_base(base.generation, str(base.path))
         model, optimizer, scheduler = self._build(str(base.path), device)
         trainer = ExpertTrainer(
-            model, optimizer, scheduler, batches, max_grad_norm=self.cfg.optim.max_grad_norm
-        )
+            model, optimizer, scheduler, batches, max_grad_norm=self.cfg.optim.max_grad_norm,
+            row_sources=old.row_sources,
+        )  # fmt: skip
         trainer.steps, trainer.samples, trainer.tokens = old.steps, old.samples, old.tokens
         trainer.batches = old.batches
         self.losses.first_loss = None

@@ -1,4 +1,9 @@
-"""Inner steps: train an expert's adapters on a stream of token batches."""
+"""Inner steps: train an expert's adapters on a stream of token batches.
+
+The loss of each batch is computed before stepping on it, row by row, and handed to the trainer's
+:class:`cogen.node.prequential.PrequentialTracker` with the batch's stream position: the node's free
+estimate of its expert's loss on unseen data.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,14 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from cogen.node.prequential import PrequentialTracker, starts_from_base
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +43,7 @@ class ExpertTrainer:
         batches: Iterator[torch.Tensor],
         *,
         max_grad_norm: float = 1.0,
+        row_sources: Callable[[int], tuple[str, ...] | None] | None = None,
     ):
         self.model = model
         self.optimizer = optimizer
@@ -48,16 +57,25 @@ class ExpertTrainer:
         self.tokens = 0
         self.skipped = 0
         self.batches = 0  # batches taken from the stream: the data position a resumed node skips to
+        self.row_sources = row_sources  # the data source of each row of the batch at a stream position
+        self.prequential = PrequentialTracker()
         model.train()
 
     def step(self) -> StepStats:
         batch = next(self.stream).to(self.device, non_blocking=True)
+        position = self.batches
         self.batches += 1
         start = time.perf_counter()
+        from_base = self.prequential.from_base is None and starts_from_base(self.model)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
-            loss = self.model(input_ids=batch, labels=batch).loss
+            logits = self.model(input_ids=batch).logits
+        rows = row_losses(logits, batch)
+        loss = rows.mean()
         value = float(loss.detach())
+        sources = self.row_sources(position) if self.row_sources is not None else None
+        per_row = rows.detach().float().tolist()
+        self.prequential.observe(position, value, per_row, sources, batch.shape[1] - 1, from_base)
         applied = math.isfinite(value)
         if applied:
             loss.backward()
@@ -72,3 +90,11 @@ class ExpertTrainer:
         self.samples += batch.shape[0]
         self.tokens += batch.numel()
         return StepStats(value, batch.shape[0], batch.numel(), time.perf_counter() - start, applied)
+
+
+def row_losses(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+    """Each row's mean next-token cross-entropy (the causal-LM loss, before averaging over rows)."""
+    shifted = logits[:, :-1].float()
+    targets = batch[:, 1:]
+    per_token = F.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1), reduction="none")
+    return per_token.view(targets.shape).mean(dim=1)

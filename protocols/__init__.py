@@ -6,6 +6,8 @@
 - ``records.py``    — strict pydantic v2 record schemas (:class:`NodeInfo`, :class:`TrainingProgress`, ...),
   each naming its key kind (``NodeInfo.KIND``); a permissioned swarm's :class:`Credential`,
   :class:`MemberInfo` and :class:`Revocations`
+- ``prequential.py`` — :class:`Prequential`: a node's losses on batches before it stepped on them (its
+  recent window, the base's first batches, per data source) and the :class:`StreamSpec` that rebuilds them
 - ``group_state.py`` — :class:`GroupStateInfo`: what a group member sends with its shared state
   (parameter names, adapter config, outer step, training counters), and :func:`parse_group_state`
 - ``manifest.py``   — the signed manifest of a published base and :func:`verify_manifest`

@@ -27,7 +27,7 @@ from hivemind.utils.crypto import RSAPublicKey
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, model_validator
 
 from cogen.protocols.hashing import sha256_tree
-from cogen.protocols.ranking import Ranking
+from cogen.protocols.ranking import Agreement, PrequentialRanking, Ranking
 from cogen.protocols.version import software_version
 
 MANIFEST_FILE = "manifest.json"
@@ -121,7 +121,9 @@ class Manifest(BaseModel):
     experts: list[ExpertEntry]
     method: str
     params: dict[str, float | int | str] = Field(default_factory=dict)
-    weight_source: str = Field(description="where the weights came from: flags, evaluation or equal")
+    weight_source: str = Field(
+        description="where the weights came from: flags, prequential, evaluation or equal"
+    )
     evaluation: EvalMatrix | None = None
     ranking: dict[str, list[str]] = Field(default_factory=dict, description="domain -> experts, best first")
     best: BestModel | None = Field(
@@ -129,6 +131,12 @@ class Manifest(BaseModel):
     )
     rankings: Ranking | None = Field(
         default=None, description="robust overall ranking (Borda, Bradley–Terry, bootstrap) and the cheap one"
+    )
+    prequential: PrequentialRanking | None = Field(
+        default=None, description="the cheap ranking from the nodes' prequential claims, spot-checked"
+    )
+    agreement: Agreement | None = Field(
+        default=None, description="on an audit generation: the cheap order against the full evaluation's"
     )
     files: dict[str, str] = Field(description="every other file in the directory -> sha256")
     sizes: dict[str, NonNegativeInt] = Field(

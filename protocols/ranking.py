@@ -119,3 +119,51 @@ class Ranking(BaseModel):
     def order(self) -> list[str]:
         """The experts, best first."""
         return [s.expert for s in self.overall]
+
+
+class PrequentialEntry(BaseModel):
+    """One expert in the prequential ranking: its own-domain improvement on the base, from its nodes'
+    claimed losses on batches before they stepped on them (:mod:`cogen.protocols.prequential`)."""
+
+    model_config = _CONFIG
+
+    expert: str
+    domain: str = Field(description="the corpus its nodes streamed")
+    rank: int = Field(ge=1)
+    score: float | None = Field(
+        description="lower end of its improvement's interval over the best improvement seen on its domain "
+        "(the achievable): 1 is the best its domain allows; null: no usable claims"
+    )
+    improvement: float | None = Field(description="(base − window) / base of the pooled prequential means")
+    improvement_interval: tuple[float, float] | None = Field(
+        default=None, description="normal interval of the improvement at the ranking's level"
+    )
+    base_loss: float | None = Field(default=None, description="pooled mean of the base's first batches")
+    loss: float | None = Field(default=None, description="pooled mean of the recent window")
+    batches: int = Field(ge=0, description="claimed batch losses behind the estimate")
+    checked: int = Field(default=0, ge=0, description="claimed batches the coordinator recomputed")
+    flagged: str | None = Field(
+        default=None, description="why its claims are not trusted: ranked last, not merged"
+    )
+
+
+class PrequentialRanking(BaseModel):
+    """The cheap ranking from prequential signals (what it measures: own-domain gain only; see the
+    coordinator's ``merging.prequential``), with what it cost."""
+
+    model_config = _CONFIG
+
+    experts: list[PrequentialEntry]
+    level: float = Field(gt=0, lt=1)
+    cost_tokens: int = Field(ge=0, description="forward-pass tokens spent (the spot-checks of the claims)")
+
+
+class Agreement(BaseModel):
+    """How the cheap order agrees with the full evaluation's (an audit generation)."""
+
+    model_config = _CONFIG
+
+    kendall_tau: float | None = Field(ge=-1, le=1, description="scipy's Kendall tau-b; null: < 2 experts")
+    top1: bool = Field(description="both put the same expert first")
+    cheap_cost_tokens: int = Field(ge=0)
+    full_cost_tokens: int = Field(ge=0, description="forward-pass tokens of the full evaluation")

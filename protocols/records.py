@@ -10,12 +10,15 @@ with the owner's public key as subkey and the owner's RSA signature appended by 
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from cogen.protocols.names import NAME_PATTERN
 from cogen.protocols.version import PROTOCOL_VERSION
+
+if TYPE_CHECKING:
+    from cogen.protocols.prequential import Prequential
 
 # libp2p peer ids are base58 multihashes, e.g. 12D3KooW...
 PEER_ID_PATTERN = r"^[1-9A-HJ-NP-Za-km-z]{20,128}$"
@@ -127,6 +130,9 @@ class TrainingProgress(Record):
         default=None, ge=0, description="CUDA memory the node process holds now (null without a GPU)"
     )
     time: Time = Field(description="DHT time of the report")
+    prequential: Prequential | None = Field(
+        default=None, description="losses on batches before stepping on them (protocol 4; see its module)"
+    )
 
 
 class SwarmInfo(Record):
@@ -279,3 +285,7 @@ RECORD_SCHEMAS: dict[str, type[Record]] = {
         Revocations,
     )
 }
+
+from cogen.protocols.prequential import Prequential  # noqa: E402  (it builds on this module's types)
+
+TrainingProgress.model_rebuild()

@@ -9,7 +9,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 from typing import ClassVar
 
-PROTOCOL_VERSION = 3  # 3: SwarmInfo bound to the manifest key (owner_signature)
+PROTOCOL_VERSION = 4  # 3: SwarmInfo bound to the manifest key (owner_signature); 4: prequential progress
 
 
 def software_version() -> str:

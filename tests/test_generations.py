@@ -54,6 +54,18 @@ def test_two_generations_end_to_end(peers: Peers, tmp_path: Path) -> None:
     assert m2.parent.manifest_sha256 == sha256_file(first / MANIFEST_FILE)  # lineage
     assert {e.expert for e in m1.experts} == {"medical", "legal"}
     assert m1.evaluation is not None and m1.evaluation.merged is not None
+    # generation 1 is an audit (--full-eval-every 4): the full ranking, the cheap one from the nodes'
+    # prequential claims, and their agreement; generation 2 ranks and weights its experts cheaply only
+    assert m1.rankings is not None and m1.prequential is not None and m1.agreement is not None
+    assert {e.expert for e in m1.prequential.experts} == {"medical", "legal"}
+    assert all(e.flagged is None and e.batches > 0 for e in m1.prequential.experts), m1.prequential
+    assert m1.agreement.full_cost_tokens == 4 * 2 * 4 * 32
+    # every claim was spot-checked, one 32-token row each for the window and the base (the 2 % budget of
+    # so small an evaluation is less than a row: a claim is never left unchecked)
+    assert all(e.checked == 2 for e in m1.prequential.experts), m1.prequential
+    assert m1.agreement.cheap_cost_tokens == m1.prequential.cost_tokens == 2 * 2 * 32
+    assert m2.prequential is not None and m2.rankings is None and m2.weight_source == "prequential"
+    assert m2.evaluation is not None and m2.evaluation.experts == {}  # no expert evaluated
     # generation after generation, the base gets better on the swarm's domains
     assert m2.evaluation is not None and m2.evaluation.merged is not None
     g0, g2 = m1.evaluation.base, m2.evaluation.merged

@@ -6,10 +6,14 @@
 - ``experts.py`` — find and verify expert checkpoints, stream their dense LoRA deltas module by module
 - ``ranking.py`` — the full ranking's records and the cheap ranking (training loss, delta statistics);
   ``ranking_votes.py`` — domains as voters: Borda points, Bradley–Terry strengths, the bootstrap
+- ``prequential.py`` — the cheap ranking from the nodes' prequential claims (own-domain gain over the
+  base, relative to the achievable), its merge weights, its agreement with the full ranking
+- ``spotcheck.py`` — recompute a random few claimed batch losses on the collected expert (and the base)
 - ``moe/`` — ``moe``: the experts' adapters behind a learned per-sequence router (router, its
   training, the mixture, its on-disk format: one module each)
 - ``fusion/`` — ``fuse``: teachers of any tokenizer distilled into the dense next base (cross-tokenizer
   alignment, top-k teacher streaming, the student's training)
+- ``screening.py`` — the cheap ranking every generation, the full evaluation as an audit
 - ``weights.py`` — per-expert weights and per-domain ranking from an :class:`EvalMatrix`
 - ``gate.py`` — the publishing gate's rule: is a candidate worse than its parent beyond the bootstrap noise
 - ``evaluate.py`` — validation losses of the base, each expert and the merge on each domain

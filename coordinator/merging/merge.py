@@ -32,13 +32,15 @@ from cogen.coordinator.merging import (  # noqa: F401 - register the built-in me
     moe,  # the routed mixture (not a registered weight-merge method)
     ties,
 )
-from cogen.coordinator.merging.evaluate import BlockLosses, domain_blocks, evaluate_blocks, losses
+from cogen.coordinator.merging.evaluate import BlockLosses, domain_blocks, losses
 from cogen.coordinator.merging.experts import Expert, iter_deltas, load_experts
 from cogen.coordinator.merging.manifest import signing_identity
+from cogen.coordinator.merging.prequential import cheap_weights
 from cogen.coordinator.merging.publish import newest_generation, parent_info, publish
 from cogen.coordinator.merging.ranking import attach_cheap, cheap_ranking, delta_statistics, rank_experts
 from cogen.coordinator.merging.registry import MergeError, MergeMethod, MergeParams, create
 from cogen.coordinator.merging.reproduce import reproduction
+from cogen.coordinator.merging.screening import Screening, screen
 from cogen.coordinator.merging.weights import confident_weights, format_matrix, format_ranking, ranking
 from cogen.core import models
 from cogen.core.corpora import known_domains
@@ -67,13 +69,26 @@ def load_base_fp32(path: str, device: torch.device) -> nn.Module:
 
 
 def choose_weights(
-    cfg: MergeConfig, experts: list[Expert], ranked: Ranking | None
+    cfg: MergeConfig, experts: list[Expert], ranked: Ranking | None, screened: Screening | None = None
 ) -> tuple[list[float], str]:
-    """Per-expert weights and where they came from: ``flags``, ``evaluation`` or ``equal``."""
+    """Per-expert weights and where they came from: ``flags``, ``prequential`` (the cheap ranking, when it
+    weighs some expert), ``evaluation`` or ``equal``; an expert whose claims failed a spot-check weighs 0."""
+    weights, source = _weights(cfg, experts, ranked, screened)
+    excluded = screened.excluded() if screened is not None else set()
+    return [0.0 if e.label in excluded else w for e, w in zip(experts, weights, strict=True)], source
+
+
+def _weights(
+    cfg: MergeConfig, experts: list[Expert], ranked: Ranking | None, screened: Screening | None
+) -> tuple[list[float], str]:
     if cfg.weights:
         if len(cfg.weights) != len(experts):
             raise MergeError(f"--weights has {len(cfg.weights)} values for {len(experts)} experts")
         return list(cfg.weights), "flags"
+    if screened is not None and screened.cheap is not None and (screened.weighs() or ranked is None):
+        cheap = cheap_weights(screened.cheap)
+        if any(cheap.values()):
+            return [cheap[e.label] for e in experts], "prequential"
     if ranked is not None:
         by_label = confident_weights(ranked)
         return [by_label[e.label] for e in experts], "evaluation"
@@ -203,9 +218,12 @@ def merge_experts(cfg: MergeConfig) -> Path:
     blocks: dict[str, torch.Tensor] = {}
     if cfg.eval_domains:
         blocks = domain_blocks(cfg.eval_domains, tokenizer, cfg.eval.eval_block_size, cfg.eval.eval_blocks)
-        model, matrix, per_block = evaluate_blocks(model, experts, blocks)
-        ranked = rank(cfg, experts, per_block)
-    weights, source = choose_weights(cfg, experts, ranked)
+    screened = screen(cfg, model, experts, tokenizer, blocks, generation)
+    model, matrix = screened.model, screened.matrix
+    if screened.per_block is not None:
+        ranked = rank(cfg, experts, screened.per_block)
+    agreed = screened.agreement_with(ranked.order) if screened.agreement_with and ranked else None
+    weights, source = choose_weights(cfg, experts, ranked, screened)
     kept = [(e, w) for e, w in zip(experts, weights, strict=True) if w > 0 and math.isfinite(w)]
     for expert, weight in zip(experts, weights, strict=True):
         if weight <= 0:
@@ -234,6 +252,8 @@ def merge_experts(cfg: MergeConfig) -> Path:
         evaluation=matrix,
         ranking=ranking(matrix) if matrix is not None else {},
         rankings=ranked,
+        prequential=screened.cheap,
+        agreement=agreed,
         best=best,
         reproduction=reproduction(device),
         files={},

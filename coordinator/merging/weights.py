@@ -66,7 +66,7 @@ def ranking(matrix: EvalMatrix) -> dict[str, list[str]]:
 def format_matrix(matrix: EvalMatrix) -> str:
     """The matrix as a table: one row per model (base, experts, merge), one column per domain."""
     width = max(12, *(len(d) + 2 for d in matrix.domains))
-    name_width = max(10, *(len(e) + 2 for e in matrix.experts))
+    name_width = max([10, *(len(e) + 2 for e in matrix.experts)])  # no expert rows off an audit
     rows: list[tuple[str, dict[str, float | None]]] = [("base", matrix.base), *matrix.experts.items()]
     if matrix.merged is not None:
         rows.append(("merged", matrix.merged))

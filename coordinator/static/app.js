@@ -186,12 +186,26 @@ function renderGenerations(generations) {
     + `Kendall τ ${fmtNumber(latest.kendall_tau, 2)})</h2>`
     + `<div class="table-wrap"><table><thead><tr><th>Expert</th>`
     + domains.map((d) => `<th class="num">${esc(d)}</th>`).join("") + `</tr></thead><tbody>${matrix}</tbody></table></div>`
+    + cheapLine(latest, generations)
     + '<div class="panel"><div id="ranking-chart" class="chart"></div></div>';
   Plotly.react("ranking-chart", domains.map((d, i) => ({
     type: "bar", name: d, x: experts, y: experts.map((e) => cell(d, e)?.loss ?? null),
     marker: { color: COLORS[i % COLORS.length] },
   })), { barmode: "group", margin: { l: 44, r: 8, t: 8, b: 32 }, yaxis: { title: { text: "loss" } } },
   PLOT_CONFIG);
+}
+
+// the cheap ranking (nodes' spot-checked prequential claims) and the latest audit's agreement with the full one
+function cheapLine(latest, generations) {
+  if (!latest.cheap_ranking || latest.cheap_ranking.length === 0) return "";
+  const audit = [...generations].reverse().find((g) => g.audit && g.audit_top1 !== null && g.audit_top1 !== undefined);
+  const flagged = Object.keys(latest.flagged || {});
+  return `<p id="cheap-ranking">Cheap ranking (own-domain gain from prequential claims): `
+    + `${latest.cheap_ranking.map(esc).join(", ")} · spot-checks ${latest.cheap_cost_tokens ?? 0} tokens`
+    + (flagged.length ? ` · <span class="worse">claims refused: ${flagged.map(esc).join(", ")}</span>` : "")
+    + (audit ? ` · audit of generation ${audit.generation}: Kendall τ ${fmtNumber(audit.audit_kendall_tau, 2)}, `
+      + `top-1 ${audit.audit_top1 ? "agrees" : "differs"}, full evaluation ${audit.full_cost_tokens} tokens` : "")
+    + "</p>";
 }
 
 async function refresh() {

@@ -1,0 +1,112 @@
+"""Spot-checks: the coordinator recomputes a random few of an expert's claimed batch losses.
+
+A node's prequential losses (:mod:`cogen.protocols.prequential`) are claims. Their batches are
+deterministic (:class:`cogen.core.data.TrainStream` from the claim's :class:`StreamSpec`), so the
+coordinator rebuilds a few of them and runs the collected expert on them:
+
+- a **window** claim was the loss of a model a few steps older than the collected one, on a batch it has
+  since trained on, so an honest claim is at least about what the collected expert scores now. The
+  check fails when ``claim < recomputed · (1 − tolerance)``: a node that reports lower losses than its
+  model has (to rank first) is caught;
+- a **base** claim (the first batch of the generation, computed by the base itself) must match the
+  base within ``tolerance`` either way: a node that inflates the base's loss to look better is caught.
+
+Positions are picked with the caller's random generator (not known to the node in advance), among all
+that the node claimed, and bounded by ``max_position`` (a hostile claim cannot make the coordinator
+tokenize forever). Only the rows that fit the token budget are run (the claim is the batch's mean, so a
+partial batch adds noise: the tolerance allows it), and at least one row per claim even when the budget
+is smaller (small evaluation settings), so no claim goes unchecked. The budget is a fraction of a full
+evaluation's tokens (:data:`BUDGET_FRACTION`); the tokens spent are counted and recorded either way.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from cogen.coordinator.merging.evaluate import block_losses
+from cogen.core.checkpoint import load_adapter
+from cogen.core.corpora import get_corpus
+from cogen.core.data import TrainStream
+from cogen.protocols.prequential import Prequential, StreamSpec
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BUDGET_FRACTION", "CheckResult", "check_expert", "rebuild_batch"]
+
+BUDGET_FRACTION = 0.02  #: spot-checks spend at most this fraction of a full evaluation's tokens
+TOLERANCE = 0.2  #: relative slack of a check (a partial batch, 8-bit nodes vs an fp32 coordinator)
+MAX_POSITION = 200_000  #: the furthest stream position the coordinator rebuilds
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    checked: int  # claims recomputed
+    tokens: int  # forward-pass tokens spent
+    failed: str | None  # why the claims do not hold (None: they held, or nothing could be checked)
+
+
+def rebuild_batch(spec: StreamSpec, tokenizer: Any, position: int) -> torch.Tensor:
+    """The batch at stream ``position`` of ``spec``'s stream, as the node read it."""
+    stream = TrainStream(
+        get_corpus(spec.corpus), tokenizer, block_size=spec.block_size, batch_size=spec.batch_size,
+        shard=spec.shard, num_shards=spec.num_shards, seed=spec.seed,
+        validation_fraction=spec.validation_fraction,
+    )  # fmt: skip
+    return next(itertools.islice(stream, position, None))
+
+
+def _recompute(model: nn.Module, batch: torch.Tensor, rows: int) -> float:
+    per_row = block_losses(model, {"check": batch[:rows]})["check"]
+    return sum(per_row) / len(per_row)
+
+
+def check_expert(
+    base: nn.Module,
+    expert_path: Any,
+    claims: Sequence[Prequential],
+    tokenizer: Any,
+    budget_tokens: int,
+    rng: random.Random,
+    tolerance: float = TOLERANCE,
+) -> tuple[nn.Module, CheckResult]:
+    """Check one window claim (and the base claim, if any) of a random member within ``budget_tokens``;
+    returns the base (the adapter taken off again) and the result."""
+    claims = [c for c in claims if c.window.start + c.window.count <= MAX_POSITION]
+    if not claims:
+        return base, CheckResult(0, 0, None)
+    claim = rng.choice(claims)
+    spec = claim.stream
+    checks = 2 if claim.base is not None else 1
+    rows = min(spec.batch_size, budget_tokens // (checks * spec.block_size))
+    if rows < 1:  # a claim is never left unchecked: one row each, over the budget, and counted
+        logger.info("spot-check of one row (%d tokens) per claim, over the budget of %d tokens",
+                    spec.block_size, budget_tokens)  # fmt: skip
+        rows = 1
+    tokens, checked, failed = 0, 0, None
+    if claim.base is not None:
+        position = claim.base.start  # the one batch the base itself computed
+        truth = _recompute(base, rebuild_batch(spec, tokenizer, position)[:rows], rows)
+        tokens, checked = tokens + rows * spec.block_size, checked + 1
+        said = claim.base.loss_at(position)
+        if abs(said - truth) > tolerance * truth:
+            failed = f"claimed the base's loss at batch {position} was {said:.3f}, it is {truth:.3f}"
+    position = rng.choice(claim.window.positions())
+    batch = rebuild_batch(spec, tokenizer, position)
+    with_adapter = load_adapter(base, expert_path)
+    try:
+        truth = _recompute(with_adapter, batch, rows)
+    finally:
+        base = with_adapter.unload()
+    tokens, checked = tokens + rows * spec.block_size, checked + 1
+    said = claim.window.loss_at(position)
+    if failed is None and said < truth * (1 - tolerance):
+        failed = f"claimed a loss of {said:.3f} at batch {position}; the collected expert has {truth:.3f}"
+    return base, CheckResult(checked, tokens, failed)
