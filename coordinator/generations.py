@@ -63,7 +63,7 @@ def summarize(manifest: Manifest, manifest_sha256: str) -> GenerationSummary:
         for domain in manifest.evaluation.domains:
             # the base the experts started from, then each expert, the merged base and the mixture
             scores.append(DomainScore(domain=domain, expert="base", loss=base.get(domain)))
-            if best is not None and best.kind == "moe":
+            if best is not None:  # the mixture's losses, whether it or the dense merge came out better
                 scores.append(DomainScore(domain=domain, expert="mixture", loss=best.losses.get(domain)))
             order = manifest.ranking.get(domain, [])
             for expert, losses in manifest.evaluation.experts.items():

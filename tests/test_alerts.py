@@ -1,12 +1,16 @@
-"""The alert rules: stale peers, NaN or rising loss, failed averaging rounds, version mismatch."""
+"""The alert rules: stale peers, NaN or rising loss, failed averaging rounds, version mismatch. The
+loss-rising rule is tested on generated noisy runs and on recorded real ones (tests/data/)."""
 
 from __future__ import annotations
 
+import json
 import math
 import random
+import statistics
 from dataclasses import dataclass
+from pathlib import Path
 
-from cogen.coordinator.alerts import RisingRule, compute_alerts, loss_rise
+from cogen.coordinator.alerts import RisingRule, compute_alerts, loss_rise, smoothed
 
 NAN = math.nan
 
@@ -99,9 +103,10 @@ def batch_losses(seed: int, steps: int = 300, diverge_at: int | None = None) -> 
     return out
 
 
-def first_alert(losses: list[float]) -> int | None:
+def first_alert(losses: list[float], rule: RisingRule | None = None) -> int | None:
     """The first report after which the coordinator (polling after every report) raises loss_rising."""
-    return next((n for n in range(1, len(losses) + 1) if loss_rise(losses[:n]) is not None), None)
+    rule = rule or RisingRule()
+    return next((n for n in range(1, len(losses) + 1) if loss_rise(losses[:n], rule) is not None), None)
 
 
 def test_a_healthy_noisy_run_never_raises_loss_rising() -> None:
@@ -115,8 +120,46 @@ def test_a_healthy_noisy_run_never_raises_loss_rising() -> None:
 def test_a_diverging_run_raises_loss_rising_soon() -> None:
     for seed in range(12):
         at = first_alert(batch_losses(seed, diverge_at=150))
-        # +25 % takes ~22 reports, plus the median's lag and the hold: caught within 60 reports
-        assert at is not None and 150 < at <= 210, (seed, at)
+        # +40 % takes ~45 reports over the typical earlier loss, plus the median's lag and the hold
+        assert at is not None and 150 < at <= 230, (seed, at)
+
+
+RECORDED = json.loads((Path(__file__).parent / "data" / "recorded_losses.json").read_text())["runs"]
+
+
+def naive_alerts(losses: list[float]) -> int:
+    """Polls on which the rule of the first dashboards fires: the latest report over 10 % above the best
+    single report before it (one noisy batch against the luckiest one)."""
+    return sum(losses[n] > 1.1 * min(losses[:n]) for n in range(1, len(losses)))
+
+
+def rise_over_best(losses: list[float], rule: RisingRule) -> float:
+    """The largest sustained rise of the smoothed loss over its best (not typical) earlier value."""
+    rises = [-1.0]
+    for n in range(1, len(losses) + 1):
+        curve = smoothed(losses[:n], rule.window)
+        if len(curve) > rule.hold:
+            rises.append(min(curve[-rule.hold :]) / min(curve[: -rule.hold]) - 1)
+    return max(rises)
+
+
+def test_recorded_healthy_runs_never_raise_loss_rising() -> None:
+    """Real SmolLM2 runs, one batch per report, polled after every report (see tests/data/)."""
+    runs = [RECORDED[name]["losses"] for name in ("healthy-legal", "healthy-code")]
+    for losses in runs:
+        assert naive_alerts(losses) > len(losses) // 2  # the noise the rule has to ride out
+        assert first_alert(losses) is None
+    # a node reads its shard document by document: after a long easy file the smoothed loss stays far
+    # above its best for a long while, so a rule against the best would fire on a healthy run
+    assert max(rise_over_best(losses, RisingRule()) for losses in runs) > 2 * RisingRule().tolerance
+
+
+def test_a_recorded_diverging_run_raises_loss_rising_soon() -> None:
+    losses = RECORDED["diverging-legal"]["losses"]
+    healthy = statistics.median(losses[:15])
+    took_off = next(n for n in range(len(losses)) if min(losses[n : n + 10]) > 1.5 * healthy)
+    at = first_alert(losses)
+    assert at is not None and took_off < at <= took_off + 30, (took_off, at)
 
 
 def test_failed_averaging_round() -> None:

@@ -1,4 +1,5 @@
-"""The dashboard in headless Chromium against a live swarm: a coordinator and two tiny nodes.
+"""The dashboard in headless Chromium against a live swarm: a coordinator and two tiny nodes (their
+rows, memory apart from the machine's, loss charts; a killed node turning stale).
 
 Chromium is Debian's ``chromium`` package (``scripts/test.sh`` installs it), driven by Playwright.
 Screenshots go to ``artifacts/`` (``dashboard-live.png`` with both nodes training,
@@ -12,7 +13,9 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
+from browser_helpers import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, require_chromium
 from conftest import Peers, get_json
 from playwright.sync_api import Page, sync_playwright
 
@@ -20,18 +23,13 @@ from cogen.core.procs import read_json, wait_for
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-    "--disable-sync", "--no-first-run", "--disable-quic",
-]  # fmt: skip
-ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
-
 #: what the page shows, read from its DOM: peer rows, group charts (points plotted by plotly), alerts
 READ_PAGE = """() => ({
   status: document.getElementById("status").className,
   peers: [...document.querySelectorAll("#peers tbody tr[data-peer]")].map((r) => ({
-    id: r.dataset.peer, state: r.dataset.state, expert: r.querySelector(".expert").textContent })),
+    id: r.dataset.peer, state: r.dataset.state, expert: r.querySelector(".expert").textContent,
+    own: r.querySelector(".memory .own").textContent,
+    total: r.querySelector(".memory .total").textContent })),
   charts: Object.fromEntries([...document.querySelectorAll(".group")].map((g) => {
     const chart = g.querySelector(".chart");
     const drawn = chart.classList.contains("js-plotly-plot")
@@ -51,10 +49,14 @@ def read_page(page: Page) -> dict[str, Any]:
     return page.evaluate(READ_PAGE)
 
 
+def shown_bytes(text: str) -> float:
+    """``"1.4 GiB"`` (the dashboard's fmtBytes, maybe after "of ") as a number of bytes."""
+    value, unit = text.removeprefix("of ").split()
+    return float(value) * 1024 ** ["B", "KiB", "MiB", "GiB", "TiB"].index(unit)
+
+
 def test_dashboard_shows_the_live_swarm_and_a_killed_node_turning_stale(peers: Peers, tmp_path: Path) -> None:
-    assert CHROMIUM.exists(), (
-        "the browser test needs Debian's chromium at /usr/bin/chromium (scripts/test.sh)"
-    )
+    require_chromium()
     info = peers.start_coordinator(
         "--stale-after-s", "4", "--record-ttl-s", "6", "--history-path", str(tmp_path / "history.sqlite3")
     )
@@ -82,6 +84,12 @@ def test_dashboard_shows_the_live_swarm_and_a_killed_node_turning_stale(peers: P
                 live, 120, "both peers and their loss charts on the page", 0.5, list(peers.procs.values())
             )
             assert state["status"] == "status live"
+            # Memory: each node's own resident memory (not the machine's total), then the machine's total
+            machine = psutil.virtual_memory().total
+            for p in state["peers"]:
+                own, total = shown_bytes(p["own"]), shown_bytes(p["total"])
+                assert abs(total - machine) <= 0.06 * 2**30, (p, machine)  # shown to 0.1 GiB
+                assert 50 * 2**20 < own < min(total / 2, 4 * 2**30), p  # a tiny node's RSS, not the total
             assert state["rounds"] == ["no averaging rounds yet"] * 2
             assert "no generations yet" in state["generations"]
             # not full_page: that resizes the viewport, and plotly relayouts mid-capture
