@@ -96,7 +96,7 @@ def _cheap_summary(manifest: Manifest) -> dict[str, Any]:
     cheap, agreed = manifest.prequential, manifest.agreement
     out: dict[str, Any] = {"audit": manifest.rankings is not None}
     if cheap is not None:
-        flagged = {e.expert: e.flagged for e in cheap.experts if e.flagged and e.checked}
+        flagged = {e.expert: e.flagged for e in cheap.experts if e.flagged}
         out.update(cheap_ranking=[e.expert for e in cheap.experts], cheap_cost_tokens=cheap.cost_tokens,
                    flagged=flagged)  # fmt: skip
     if agreed is not None:

@@ -145,6 +145,11 @@ class PrequentialEntry(BaseModel):
     flagged: str | None = Field(
         default=None, description="why its claims are not trusted: ranked last, not merged"
     )
+    unscored: str | None = Field(
+        default=None,
+        description="why it has no score (no claims, no base claim, too few batches): ranked last, and the "
+        "full evaluation weighs the merge",
+    )
 
 
 class PrequentialRanking(BaseModel):

@@ -80,7 +80,8 @@ def test_domains_are_compared_by_the_fraction_of_what_is_achievable_on_them() ->
     assert entries["easy-long"].improvement == pytest.approx((base - 1.6) / base)
     assert entries["easy-short"].score == pytest.approx(0.5, abs=0.03)  # half of what its domain allows
     assert entries["liar"].flagged == "claims do not hold" and entries["liar"].checked == 2
-    assert entries["silent"].flagged == "no prequential claims" and entries["silent"].score is None
+    assert entries["silent"].unscored == "no prequential claims" and entries["silent"].score is None
+    assert entries["silent"].flagged is None and entries["easy-long"].unscored is None
     weights = cheap_weights(ranked)
     assert weights["liar"] == 0 and weights["silent"] == 0
     assert 0.9 < weights["easy-long"] <= 1 and 0.9 < weights["hard-long"] <= 1
@@ -126,8 +127,9 @@ def test_an_expert_without_a_usable_claim_is_unscored_and_says_why() -> None:
     }
     entries = {e.expert: e for e in prequential_ranking(estimates).experts}
     assert entries["good"].rank == 1 and entries["good"].score == pytest.approx(1.0, abs=0.05)
-    assert entries["no-base"].score is None and "base" in (entries["no-base"].flagged or "")
-    assert entries["few"].score is None and "2 claimed batches" in (entries["few"].flagged or "")
+    assert entries["no-base"].score is None and "base" in (entries["no-base"].unscored or "")
+    assert entries["few"].score is None and "2 claimed batches" in (entries["few"].unscored or "")
+    assert all(e.flagged is None for e in entries.values())  # nothing refused: the full evaluation weighs
     weights = cheap_weights(prequential_ranking(estimates))
     assert weights == {"no-base": 0.0, "few": 0.0, "good": pytest.approx(1.0, abs=0.01)}
 

@@ -164,7 +164,7 @@ def prequential_ranking(
             base_loss=_finite(est.base) if est is not None else None,
             loss=_finite(est.window) if est is not None else None,
             batches=est.batches if est is not None else 0, checked=checked.get(name, 0),
-            flagged=flagged.get(name) or _unusable(est),
+            flagged=flagged.get(name), unscored=_unusable(est),
         ))  # fmt: skip
     return PrequentialRanking(experts=entries, level=level, cost_tokens=cost_tokens)
 

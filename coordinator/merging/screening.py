@@ -141,7 +141,7 @@ def screen(
     if cheap is not None and not audit:
         short = [e for e in cheap.experts if e.score is None and e.expert not in flagged]
         if short:  # the cheap ranking cannot weigh these: the full evaluation does, this generation
-            fallback = "; ".join(f"{e.expert}: {e.flagged}" for e in short)
+            fallback = "; ".join(f"{e.expert}: {e.unscored}" for e in short)
             logger.info("full evaluation instead of the cheap ranking (%s)", fallback)
             audit = True
     matrix, per_block = None, None

@@ -39,7 +39,7 @@ from cogen.protocols.prequential import Prequential, StreamSpec
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BUDGET_FRACTION", "CheckResult", "check_expert", "rebuild_batch"]
+__all__ = ["BUDGET_FRACTION", "CheckResult", "check_expert", "rebuild_batch", "rebuild_batches"]
 
 BUDGET_FRACTION = 0.02  #: spot-checks spend at most this fraction of a full evaluation's tokens
 TOLERANCE = 0.2  #: relative slack of a check (a partial batch, 8-bit nodes vs an fp32 coordinator)
@@ -53,14 +53,23 @@ class CheckResult:
     failed: str | None  # why the claims do not hold (None: they held, or nothing could be checked)
 
 
-def rebuild_batch(spec: StreamSpec, tokenizer: Any, position: int) -> torch.Tensor:
-    """The batch at stream ``position`` of ``spec``'s stream, as the node read it."""
+def rebuild_batches(spec: StreamSpec, tokenizer: Any, positions: Sequence[int]) -> dict[int, torch.Tensor]:
+    """The batches at stream ``positions`` of ``spec``'s stream, as the node read them (one pass)."""
     stream = TrainStream(
         get_corpus(spec.corpus), tokenizer, block_size=spec.block_size, batch_size=spec.batch_size,
         shard=spec.shard, num_shards=spec.num_shards, seed=spec.seed,
         validation_fraction=spec.validation_fraction,
     )  # fmt: skip
-    return next(itertools.islice(stream, position, None))
+    wanted, found = set(positions), {}
+    for position, batch in enumerate(itertools.islice(stream, max(wanted) + 1)):
+        if position in wanted:
+            found[position] = batch
+    return found
+
+
+def rebuild_batch(spec: StreamSpec, tokenizer: Any, position: int) -> torch.Tensor:
+    """The batch at stream ``position`` of ``spec``'s stream, as the node read it."""
+    return rebuild_batches(spec, tokenizer, [position])[position]
 
 
 def _recompute(model: nn.Module, batch: torch.Tensor, rows: int) -> float:
@@ -91,18 +100,18 @@ def check_expert(
                     spec.block_size, budget_tokens)  # fmt: skip
         rows = 1
     tokens, checked, failed = 0, 0, None
-    if claim.base is not None:
-        position = claim.base.start  # the one batch the base itself computed
-        truth = _recompute(base, rebuild_batch(spec, tokenizer, position)[:rows], rows)
-        tokens, checked = tokens + rows * spec.block_size, checked + 1
-        said = claim.base.loss_at(position)
-        if abs(said - truth) > tolerance * truth:
-            failed = f"claimed the base's loss at batch {position} was {said:.3f}, it is {truth:.3f}"
     position = rng.choice(claim.window.positions())
-    batch = rebuild_batch(spec, tokenizer, position)
+    base_position = claim.base.start if claim.base is not None else position  # the base's own batch
+    batches = rebuild_batches(spec, tokenizer, [base_position, position])
+    if claim.base is not None:
+        truth = _recompute(base, batches[base_position][:rows], rows)
+        tokens, checked = tokens + rows * spec.block_size, checked + 1
+        said = claim.base.loss_at(base_position)
+        if abs(said - truth) > tolerance * truth:
+            failed = f"claimed the base's loss at batch {base_position} was {said:.3f}, it is {truth:.3f}"
     with_adapter = load_adapter(base, expert_path)
     try:
-        truth = _recompute(with_adapter, batch, rows)
+        truth = _recompute(with_adapter, batches[position], rows)
     finally:
         base = with_adapter.unload()
     tokens, checked = tokens + rows * spec.block_size, checked + 1
