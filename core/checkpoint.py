@@ -87,7 +87,8 @@ def save_adapter(model: Any, out_dir: Path, metadata: AdapterMetadata, keep: int
     """Save ``model``'s adapter (a PEFT model) as a new checkpoint and point ``latest`` at it."""
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True)
+        # the adapter only: an adapted, tied lm_head must not drag the base's embedding matrix along
+        model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
         (tmp / "README.md").unlink(missing_ok=True)
 
     return _write_checkpoint(out_dir, metadata, write, keep)

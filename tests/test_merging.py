@@ -291,3 +291,28 @@ def test_cli_merges_end_to_end_and_names_the_known_methods(tmp_path: Path, exper
     lines = [line for line in bad.stderr.splitlines() if "nope" in line]
     assert bad.returncode == 2 and len(lines) == 1, bad.stderr
     assert lines[0].endswith("unknown merge method 'nope'; known: dare, dare_ties, linear, ties")
+
+
+def test_a_merged_tied_output_projection_is_the_adapter_not_the_input_embeddings(
+    tmp_path: Path, tiny_path: str
+) -> None:
+    """The tiny model ties lm_head to its input embeddings: the merge unties it, so the published base
+    computes what base + adapter computes (adding the delta to the shared tensor would not)."""
+    from transformers import AutoModelForCausalLM
+
+    targets = ("q_proj", "v_proj", "lm_head")
+    expert = make_expert(tiny_path, tmp_path / "medical", 5, expert="medical", targets=targets, std=0.2)
+    final = merge_experts(cfg(tmp_path, [expert], method="linear", weights=(1.0,)))
+    merged = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32)
+    assert merged.config.tie_word_embeddings is False
+    base = models.load_base(tiny_path, "fp32", CPU)
+    assert base.get_output_embeddings().weight is base.get_input_embeddings().weight
+    tokens = torch.randint(0, base.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        adapted = load_adapter(base, load_experts([expert])[0].path).eval()(input_ids=tokens).logits
+        dense = merged.eval()(input_ids=tokens).logits
+    assert torch.allclose(dense, adapted, atol=1e-4), (dense - adapted).abs().max()
+    # the input embeddings are the base's own: only the output projection moved
+    fresh = models.load_base(tiny_path, "fp32", CPU)
+    assert torch.equal(merged.get_input_embeddings().weight, fresh.get_input_embeddings().weight)
+    assert not torch.equal(merged.get_output_embeddings().weight, fresh.get_output_embeddings().weight)

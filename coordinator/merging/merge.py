@@ -17,6 +17,7 @@ import logging
 import math
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,10 +112,34 @@ def rank(cfg: MergeConfig, experts: list[Expert], losses: BlockLosses) -> Rankin
     return ranked
 
 
+def untie_output(model: nn.Module, modules: Sequence[str]) -> None:
+    """Give the output projection its own weight when it is tied to the input embeddings and adapted.
+
+    An adapter on a tied ``lm_head`` changes only the output projection; adding its delta to the shared
+    tensor would also change every input embedding, so the dense merge would not be the model its
+    experts were evaluated as. The merged model is saved untied (``tie_word_embeddings`` false)."""
+    get_out = getattr(model, "get_output_embeddings", None)
+    get_in = getattr(model, "get_input_embeddings", None)
+    out = get_out() if get_out is not None else None
+    inp = get_in() if get_in is not None else None
+    if out is None or inp is None or out.weight is not inp.weight:
+        return
+    if not any(model.get_submodule(m) is out for m in modules):
+        return
+    out.weight = nn.Parameter(out.weight.detach().clone(), requires_grad=False)
+    config = getattr(model, "config", None)
+    if config is not None:
+        config.tie_word_embeddings = False
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        text.tie_word_embeddings = False
+    logger.info("the adapted output projection is untied from the input embeddings for the merge")
+
+
 def merge_into(model: nn.Module, experts: list[Expert], weights: list[float], method: MergeMethod) -> None:
     """Add the merged delta of every adapted module to ``model``'s weights, one module at a time."""
     modules = experts[0].modules
     w = torch.tensor(weights, dtype=torch.float32)
+    untie_output(model, modules)
     for module, deltas in tqdm(iter_deltas(experts), total=len(modules), desc="merging", disable=None):
         try:
             param = model.get_parameter(f"{module}.weight")
