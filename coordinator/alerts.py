@@ -7,6 +7,8 @@
 - ``version_mismatch``: a peer runs another cogen software or protocol version than the coordinator
 - ``claims_failed``: the latest generation's spot-check found an expert's prequential claims false
   (it was ranked last and left out of the merge)
+- ``generation_refused``: the publishing gate found every candidate of the next generation worse than
+  its parent somewhere; nothing was published, the parent stays the base until the next try
 """
 
 from __future__ import annotations
@@ -19,8 +21,16 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cogen.protocols.gate import GateReport
+
 AlertKind = Literal[
-    "stale_peer", "loss_nan", "loss_rising", "averaging_failed", "version_mismatch", "claims_failed"
+    "stale_peer",
+    "loss_nan",
+    "loss_rising",
+    "averaging_failed",
+    "version_mismatch",
+    "claims_failed",
+    "generation_refused",
 ]
 
 
@@ -105,12 +115,14 @@ def compute_alerts(
     protocol_version: int,
     rule: RisingRule = RisingRule(),
     flagged: Mapping[str, str] | None = None,
+    refused: GateReport | None = None,
 ) -> list[Alert]:
     """All current alerts, most severe first.
 
     ``losses`` maps expert -> peer id -> that peer's losses in time order (NaN included);
     ``last_rounds`` maps expert -> its latest averaging round, or ``None`` before any; ``flagged``
-    maps expert -> why the latest generation's spot-check refused its claims.
+    maps expert -> why the latest generation's spot-check refused its claims; ``refused`` is the
+    publishing gate's newest refusal (no candidate passed: the parent stays the base).
     """
     alerts: list[Alert] = []
     for p in peers:
@@ -183,6 +195,14 @@ def compute_alerts(
         alerts.append(
             Alert(kind="claims_failed", severity="critical", subject=expert, expert=expert, message=message)
         )
+    if refused is not None:
+        worse = sorted({d.domain for a in refused.attempts for d in a.domains if d.worse})
+        alerts.append(Alert(
+            kind="generation_refused", severity="warning", subject=f"generation-{refused.generation}",
+            message=f"generation {refused.generation} not published: every candidate was worse than its "
+            f"parent on {', '.join(worse) or 'a domain'} ({len(refused.attempts)} tried); the parent "
+            "stays the base",
+        ))  # fmt: skip
     return sorted(alerts, key=lambda a: (a.severity != "critical", a.kind, a.subject))
 
 

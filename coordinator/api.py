@@ -20,7 +20,14 @@ from starlette.types import Scope
 
 from cogen.coordinator.dashboard import mount_dashboard
 from cogen.coordinator.metrics import make_registry
-from cogen.coordinator.schemas import AlertList, GenerationSummary, GroupSummary, PeerSummary, SwarmSnapshot
+from cogen.coordinator.schemas import (
+    AlertList,
+    GateStatus,
+    GenerationSummary,
+    GroupSummary,
+    PeerSummary,
+    SwarmSnapshot,
+)
 from cogen.coordinator.view import SwarmMonitor
 from cogen.core.health import Check, HealthChecks, verdict
 from cogen.core.http_access import checkpoint_refusal
@@ -66,7 +73,7 @@ def create_app(
         title="cogen " + ("dashboard (observer)" if observer else "coordinator"),
         version=software_version(),
         description="Live view of a cogen swarm, read from its DHT: peers, expert groups, generations, "
-        "alerts. Bodies are rebuilt after every DHT poll.",
+        "the publishing gate, alerts. Bodies are rebuilt after every DHT poll.",
     )
 
     @app.get("/api/swarm", response_model=SwarmSnapshot, summary="The swarm: summary, peers and experts")
@@ -92,6 +99,15 @@ def create_app(
     )
     def generations() -> Response:
         return _json(monitor.view().json["generations"])
+
+    @app.get(
+        "/api/gate",
+        response_model=GateStatus,
+        summary="The publishing gate: the newest published generation's candidates and verdicts, and a "
+        "refusal since (the parent stayed the base)",
+    )
+    def gate() -> Response:
+        return _json(monitor.view().json["gate"])
 
     @app.get("/api/alerts", response_model=AlertList, summary="Current alerts, most severe first")
     def alerts() -> Response:

@@ -75,6 +75,27 @@ class MixtureConfig(_Frozen):
     )
 
 
+class GateConfig(_Frozen):
+    """The publishing gate: a candidate base is published only when not worse than its parent."""
+
+    gate: bool = Field(
+        default=True,
+        description="with an evaluation, publish a candidate only when it is not worse than its parent on "
+        "any evaluated domain or on the general text (beyond the bootstrap noise); else re-weight, retry, "
+        "or keep the parent",
+    )
+    gate_attempts: int = Field(default=3, ge=1, le=20, description="candidates the gate judges per merge")
+    gate_level: float = Field(default=0.9, gt=0, lt=1, description="level of the gate's bootstrap interval")
+    gate_budget_s: float = Field(
+        default=900.0, gt=0, le=86400, description="no new candidate after this many seconds of judging"
+    )
+    gate_general: tuple[str, ...] | None = Field(
+        default=None,
+        description="general text sets no expert trains on (default: the known domains no expert of the "
+        "generation trains on)",
+    )
+
+
 class SigningConfig(_Frozen):
     """The key that signs published manifests."""
 
@@ -200,6 +221,7 @@ class CoordinatorConfig(_Frozen):
     merge: Annotated[MergeOptions, FlagPrefix("merge")] = MergeOptions()
     eval: EvalConfig = EvalConfig()
     moe: MixtureConfig = MixtureConfig()
+    gating: GateConfig = GateConfig()
     keys: CoordinatorKeys = CoordinatorKeys()
     model: str = Field(default="smollm2-135m", description="the base of generation 0 (the nodes' --model)")
     out_dir: Path = Field(
@@ -240,6 +262,7 @@ class MergeConfig(_Frozen):
         default=None, description="the nodes' prequential claims (JSON, cogen.protocols.prequential.Claims)"
     )
     moe: MixtureConfig = MixtureConfig()
+    gating: GateConfig = GateConfig()
     keys: SigningConfig = SigningConfig()
     device: str = Field(default="cpu", description="torch device for merging and evaluation: cpu, cuda, auto")
     cache: CacheConfig = CacheConfig()

@@ -9,7 +9,9 @@ single peer can steer), then:
    ended by outer steps, every collected state must show those outer steps itself, else nothing is merged;
 2. **merge**: :func:`cogen.coordinator.merging.merge_experts` evaluates base and experts on every
    built-in domain among the experts, ranks them, merges with the configured options and publishes
-   ``gen-N`` (HF checkpoint + signed manifest) atomically under ``out_dir``;
+   ``gen-N`` (HF checkpoint + signed manifest) atomically under ``out_dir`` when the publishing gate
+   passes a candidate; when it does not, the parent stays the base, the gate's report is written
+   beside the collected experts (``gate.json``) and the generation continues until the next try;
 3. **announce**: once the published generation verifies under the coordinator's key, a
    :class:`CheckpointSource` record points at the files, served by the coordinator's HTTP server under
    ``/checkpoints/``; nodes fetch, verify and move to it at their next outer step.
@@ -37,15 +39,18 @@ from cogen.coordinator.claims import gather_claims, write_claims
 from cogen.coordinator.collect import download_state, save_state
 from cogen.coordinator.config import CoordinatorConfig, MergeConfig
 from cogen.coordinator.merging import MergeError, merge_experts
+from cogen.coordinator.merging.gating import GateRefused
 from cogen.coordinator.merging.manifest import signing_identity
 from cogen.coordinator.merging.publish import published_generations, remove_stale_temps
 from cogen.coordinator.schedule import Due, GenerationSchedule
 from cogen.coordinator.schemas import DomainScore, GenerationSummary
 from cogen.core import models
+from cogen.core.atomic import write_json_atomic
 from cogen.core.backoff import Backoff
 from cogen.core.corpora import known_domains
 from cogen.core.swarm import SwarmClient
 from cogen.protocols import CheckpointSource
+from cogen.protocols.gate import GateReport
 from cogen.protocols.hashing import sha256_file
 from cogen.protocols.manifest import MANIFEST_FILE, Manifest, ManifestError, verify_manifest
 
@@ -53,6 +58,7 @@ logger = logging.getLogger(__name__)
 
 
 CLAIMS_FILE = "claims.json"  #: the experts' prequential claims, beside the collected experts
+GATE_FILE = "gate.json"  #: why the publishing gate kept the parent, beside the collected experts
 
 
 def summarize(manifest: Manifest, manifest_sha256: str) -> GenerationSummary:
@@ -87,8 +93,32 @@ def summarize(manifest: Manifest, manifest_sha256: str) -> GenerationSummary:
         ranking=order,
         kendall_tau=ranked.cheap.kendall_tau if ranked is not None and ranked.cheap is not None else None,
         scores=scores,
+        gate=manifest.gate,
         **_cheap_summary(manifest),
     )
+
+
+def record_refusal(out_dir: Path, report: GateReport) -> Path:
+    """Keep the gate's refusal of a generation beside its collected experts (read back at a restart)."""
+    path = out_dir / "collected" / f"gen-{report.generation:06d}" / GATE_FILE
+    write_json_atomic(path, report.model_dump(mode="json"))
+    return path
+
+
+def read_refusal(out_dir: Path, generation: int) -> GateReport | None:
+    """The gate's kept refusal of ``generation``, or None (none kept; a file that does not parse is
+    logged and ignored: it is evidence to show, never an input to a decision)."""
+    path = out_dir / "collected" / f"gen-{generation:06d}" / GATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        if path.stat().st_size > 4 << 20:
+            raise ValueError(f"{path.stat().st_size} bytes, over the 4 MiB a gate report may take")
+        report = GateReport.model_validate_json(path.read_bytes())
+    except (OSError, ValueError) as e:
+        logger.warning("ignoring %s: %s", path, str(e).splitlines()[0])
+        return None
+    return report if report.generation == generation and not report.passed else None
 
 
 def _cheap_summary(manifest: Manifest) -> dict[str, Any]:
@@ -131,6 +161,7 @@ class GenerationLoop:
         self._merged: Path | None = None
         self._backoff = Backoff(self.RETRY_BASE_S, self.RETRY_CAP_S)
         self._retry_at = 0.0  # after a failed collection or merge, when to try again
+        self.refused: GateReport | None = None  # the gate's last refusal (the parent stayed the base)
         self._restore()
 
     @property
@@ -143,6 +174,9 @@ class GenerationLoop:
         for stale in remove_stale_temps(self.out_dir):
             logger.info("removed %s, left by a publish that did not finish", stale)
         self.published = published_generations(self.out_dir, self.identity.public_key)
+        newest = self.published[-1][0].generation if self.published else 0
+        self.refused = read_refusal(self.out_dir, newest + 1)  # why the next one was not published yet
+        self.monitor.set_refusal(self.refused)
         if not self.published:
             return
         manifest, _, final = self.published[-1]
@@ -237,7 +271,8 @@ class GenerationLoop:
         return MergeConfig(
             experts=tuple(paths), merge=cfg.merge, model=self.base, out=self.out_dir,
             generation=self.generation + 1, eval_domains=tuple(e for e in experts if e in known_domains()),
-            eval=cfg.eval, moe=cfg.moe, keys=cfg.keys, cache=cfg.cache, claims=self._claims(),
+            eval=cfg.eval, moe=cfg.moe, gating=cfg.gating, keys=cfg.keys, cache=cfg.cache,
+            claims=self._claims(),
         )  # fmt: skip
 
     def _claims(self) -> Path | None:
@@ -249,6 +284,15 @@ class GenerationLoop:
         nxt = self.generation + 1
         try:
             self._merged = merge_experts(self.merge_config(paths, experts))
+        except GateRefused as e:  # the parent stays the base; the evidence is kept beside the experts
+            self.refused = e.report
+            record_refusal(self.out_dir, e.report)
+            self.monitor.set_refusal(e.report)
+            delay = self._failed()
+            logger.warning(
+                "generation %d not published (attempt %d): %s; generation %d continues on its parent, "
+                "next try in %.0f s", nxt, self._backoff.failures, e, self.generation, delay,
+            )  # fmt: skip
         except Exception as e:  # MergeError: e.g. no expert is better than the base yet; try again later
             delay = self._failed()
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -274,6 +318,8 @@ class GenerationLoop:
         sha = sha256_file(final / MANIFEST_FILE)
         self.published.append((manifest, sha, final))
         self.monitor.set_generations([summarize(m, s) for m, s, _ in self.published])
+        self.refused = None
+        self.monitor.set_refusal(None)
         self.base = str(final)
         self.schedule.begin(nxt)
         self._backoff.succeeded()

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from cogen.coordinator.alerts import Alert
+from cogen.protocols.gate import GateReport
 
 
 class _Frozen(BaseModel):
@@ -87,6 +88,20 @@ class GenerationSummary(_Frozen):
     )
     flagged: dict[str, str] = Field(
         default_factory=dict, description="expert -> why its claims did not hold (ranked last, not merged)"
+    )
+    gate: GateReport | None = Field(
+        default=None, description="the publishing gate's candidates and verdicts (null: published without it)"
+    )
+
+
+class GateStatus(_Frozen):
+    """The publishing gate's latest decisions: the newest published generation's, and a refusal since."""
+
+    published: GateReport | None = Field(
+        description="the gate's report in the newest published generation's manifest (null: none, or no gate)"
+    )
+    refused: GateReport | None = Field(
+        description="the newest refusal after it: no candidate passed, the parent stayed the base"
     )
 
 

@@ -27,6 +27,7 @@ from cogen.coordinator.peers import PeerState, build_groups, expert_summary, pee
 from cogen.coordinator.rounds import RoundBook
 from cogen.coordinator.schemas import (
     AlertList,
+    GateStatus,
     GenerationSummary,
     GroupSummary,
     PeerSummary,
@@ -36,6 +37,7 @@ from cogen.coordinator.schemas import (
 from cogen.core.periodic import PeriodicService
 from cogen.core.swarm import SwarmClient, owner_fingerprint
 from cogen.protocols import PROTOCOL_VERSION, GroupProgress, NodeInfo, TrainingProgress, software_version
+from cogen.protocols.gate import GateReport
 from cogen.protocols.records import from_the_future
 
 logger = logging.getLogger(__name__)
@@ -74,6 +76,7 @@ class SwarmMonitor(PeriodicService):
         self._peers: dict[str, PeerState] = {}
         self._rounds = RoundBook(history)
         self._generations: list[GenerationSummary] = []
+        self._refused: GateReport | None = None
         self._lock = threading.Lock()
         super().__init__("swarm-monitor", poll_interval_s)
         self._view: SwarmView | None = None
@@ -176,6 +179,13 @@ class SwarmMonitor(PeriodicService):
             self._changes += 1
             self._view = None  # rebuilt by the next view(), not only after the next poll
 
+    def set_refusal(self, report: GateReport | None) -> None:
+        """The publishing gate's newest refusal (the parent stayed the base), or None once published."""
+        with self._lock:
+            self._refused = report
+            self._changes += 1
+            self._view = None
+
     def peers(self) -> list[PeerSummary]:
         now = time.time()
         with self._lock:
@@ -209,6 +219,7 @@ class SwarmMonitor(PeriodicService):
             }
             rounds, totals = self._rounds.copy()
             generations = list(self._generations)
+            refused = self._refused
         groups = build_groups(peers, series, rounds, totals)
         losses: dict[str, dict[str, list[float]]] = {}
         for fp, (expert, points) in series.items():
@@ -220,6 +231,7 @@ class SwarmMonitor(PeriodicService):
             software_version(),
             PROTOCOL_VERSION,
             flagged=generations[-1].flagged if generations else None,
+            refused=refused,
         )
         online = [p for p in peers if p.online]
         last = generations[-1] if generations else None
@@ -251,6 +263,9 @@ class SwarmMonitor(PeriodicService):
                 .model_dump_json()
                 .encode(),
                 "generations": _dump_list(GenerationSummary, generations),
+                "gate": GateStatus(published=last.gate if last else None, refused=refused)
+                .model_dump_json()
+                .encode(),
             },
         )
 

@@ -26,17 +26,18 @@ from typing import Any, ClassVar
 from hivemind.utils.crypto import RSAPublicKey
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, model_validator
 
+from cogen.protocols.gate import GateReport
 from cogen.protocols.hashing import sha256_tree
 from cogen.protocols.ranking import Agreement, PrequentialRanking, Ranking
 from cogen.protocols.version import software_version
 
 MANIFEST_FILE = "manifest.json"
-MANIFEST_VERSION = 3
+MANIFEST_VERSION = 4
 #: versions this cogen reads: 1 has no file sizes (it verifies as signed; downloads use a global cap),
-#: 2 no reproduction record
-READABLE_VERSIONS = (1, 2, 3)
+#: 2 no reproduction record, 3 no gate record
+READABLE_VERSIONS = (1, 2, 3, 4)
 #: the fields each version's canonical (signed) form leaves out, beyond the signature itself
-_NOT_IN_VERSION = {1: {"sizes", "reproduction"}, 2: {"reproduction"}, 3: set()}
+_NOT_IN_VERSION = {1: {"sizes", "reproduction", "gate"}, 2: {"reproduction", "gate"}, 3: {"gate"}, 4: set()}
 
 
 class ManifestError(RuntimeError):
@@ -142,6 +143,9 @@ class Manifest(BaseModel):
     sizes: dict[str, NonNegativeInt] = Field(
         default_factory=dict, description="every file in files -> its size in bytes (version 2; empty in 1)"
     )
+    gate: GateReport | None = Field(
+        default=None, description="the publishing gate's candidates and verdicts (version 4)"
+    )
     reproduction: Reproduction | None = Field(
         default=None, description="how exactly `cogen verify --recompute` must match (version 3)"
     )
@@ -162,6 +166,8 @@ class Manifest(BaseModel):
             raise ValueError(f"a version {self.manifest_version} manifest declares no sizes")
         if self.manifest_version < 3 and self.reproduction is not None:
             raise ValueError(f"a version {self.manifest_version} manifest has no reproduction record")
+        if self.manifest_version < 4 and self.gate is not None:
+            raise ValueError(f"a version {self.manifest_version} manifest has no gate record")
         return self
 
     def declared_size(self, name: str) -> int | None:

@@ -199,11 +199,19 @@ def test_openapi_describes_every_endpoint_and_the_page_is_served(dht) -> None:
     spec = api.get("/openapi.json").json()
     refs = {
         path: str(spec["paths"][path]["get"]["responses"]["200"]["content"]["application/json"]["schema"])
-        for path in ("/api/swarm", "/api/peers", "/api/groups", "/api/generations", "/api/alerts")
+        for path in (
+            "/api/swarm",
+            "/api/peers",
+            "/api/groups",
+            "/api/generations",
+            "/api/alerts",
+            "/api/gate",
+        )
     }
     assert "SwarmSnapshot" in refs["/api/swarm"] and "PeerSummary" in refs["/api/peers"]
     assert "GroupSummary" in refs["/api/groups"] and "GenerationSummary" in refs["/api/generations"]
-    assert "AlertList" in refs["/api/alerts"]
+    assert "AlertList" in refs["/api/alerts"] and "GateStatus" in refs["/api/gate"]
+    assert api.get("/api/gate").json() == {"published": None, "refused": None}  # nothing merged yet
     schemas = spec["components"]["schemas"]
     assert {"RoundSummary", "LossSeries", "DomainScore", "Alert"} <= set(schemas)
     assert "null" in str(schemas["GroupSummary"]["properties"]["last_round"])  # "no rounds yet" is explicit

@@ -48,6 +48,7 @@ def published(tiny_path: str, tmp_path_factory: pytest.TempPathFactory) -> tuple
     final = merge_experts(merge_config(
         experts=experts, method="ties", out=root / "out", identity=root / "id.pem", device="cpu",
         eval_domains=DOMAINS, eval_blocks=2, eval_block_size=32, router_blocks=4, weights=(1.0, 1.0),
+        gate=False,
     ))  # fmt: skip
     return final, root / "id.pem"
 

@@ -255,7 +255,7 @@ def test_an_old_manifest_without_sizes_still_verifies_and_is_fetched_under_the_c
     published, key, _ = served
     old = Path(shutil.copytree(published, tmp_path / "v1"))
     raw = json.loads((old / MANIFEST_FILE).read_text())
-    assert raw["manifest_version"] == 3 and raw["sizes"][WEIGHTS] == (old / WEIGHTS).stat().st_size
+    assert raw["manifest_version"] == 4 and raw["sizes"][WEIGHTS] == (old / WEIGHTS).stat().st_size
     del raw["sizes"], raw["reproduction"]
     raw["manifest_version"] = 1
     identity = Identity.load_or_create(published.parents[2] / "id.pem")  # the key that signed it

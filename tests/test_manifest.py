@@ -100,7 +100,8 @@ def test_every_file_size_is_signed_and_checked(copy: Path) -> None:
     (copy / MANIFEST_FILE).write_text(json.dumps(data))
     with pytest.raises(ManifestError, match="sizes must list exactly the files"):
         read_manifest(copy)
-    data["manifest_version"] = 4
+    data["manifest_version"] = 5
     (copy / MANIFEST_FILE).write_text(json.dumps(data))
-    with pytest.raises(ManifestError, match=r"unsupported manifest_version 4 \(this cogen reads 1, 2, 3\)"):
+    unsupported = r"unsupported manifest_version 5 \(this cogen reads 1, 2, 3, 4\)"
+    with pytest.raises(ManifestError, match=unsupported):
         read_manifest(copy)

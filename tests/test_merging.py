@@ -203,7 +203,7 @@ def test_published_base_loads_and_equals_base_plus_merged_delta(
 def test_evaluation_goes_into_the_manifest(tmp_path: Path, experts: list[Path]) -> None:
     final = merge_experts(
         cfg(tmp_path, experts, method="dare", weights=(1.0, 1.0), eval_domains=("medical",), eval_blocks=2,
-            eval_block_size=32)
+            gate=False, eval_block_size=32)
     )  # fmt: skip
     evaluation = verify_manifest(final).evaluation
     assert evaluation is not None and evaluation.merged is not None
@@ -220,7 +220,7 @@ def test_the_routed_mixture_is_published_beside_the_dense_base(
     from cogen.core import models
 
     final = merge_experts(
-        cfg(tmp_path, experts, method="ties", eval_domains=("medical", "legal"), eval_blocks=2,
+        cfg(tmp_path, experts, method="ties", eval_domains=("medical", "legal"), eval_blocks=2, gate=False,
             eval_block_size=32, router_blocks=4, weights=(1.0, 1.0))
     )  # fmt: skip
     manifest = verify_manifest(final)  # the mixture's files are hashed and signed with the rest

@@ -8,7 +8,11 @@
    else equal; experts with weight 0 are left out;
 4. stream the experts' dense deltas module by module through the merge method and add the result to
    the base weights;
-5. evaluate the merge, then publish checkpoint + signed manifest (:mod:`.publish`).
+5. with an evaluation, the publishing gate (:mod:`.gating`): the candidate is published only when it
+   is not worse than its parent on any evaluated domain or on general text no expert trains on; else
+   the harmful expert is left out or the delta halved, and with no candidate left nothing is published
+   (:class:`.gating.GateRefused`);
+6. evaluate the merge, then publish checkpoint + signed manifest (:mod:`.publish`).
 """
 
 from __future__ import annotations
@@ -17,14 +21,12 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from cogen.coordinator.config import MergeConfig
 from cogen.coordinator.merging import (  # noqa: F401 - register the built-in methods
@@ -33,8 +35,10 @@ from cogen.coordinator.merging import (  # noqa: F401 - register the built-in me
     moe,  # the routed mixture (not a registered weight-merge method)
     ties,
 )
-from cogen.coordinator.merging.evaluate import BlockLosses, domain_blocks, losses
-from cogen.coordinator.merging.experts import Expert, iter_deltas, load_experts
+from cogen.coordinator.merging.apply import merge_into, untie_output  # noqa: F401 - re-exported
+from cogen.coordinator.merging.evaluate import BlockLosses, block_losses, domain_blocks, losses
+from cogen.coordinator.merging.experts import Expert, load_experts
+from cogen.coordinator.merging.gating import GateOptions, gated_merge
 from cogen.coordinator.merging.manifest import signing_identity
 from cogen.coordinator.merging.prequential import cheap_weights
 from cogen.coordinator.merging.publish import newest_generation, parent_info, publish
@@ -45,6 +49,7 @@ from cogen.coordinator.merging.screening import Screening, screen
 from cogen.coordinator.merging.weights import confident_weights, format_matrix, format_ranking, ranking
 from cogen.core import models
 from cogen.core.corpora import known_domains
+from cogen.protocols.gate import GateReport
 from cogen.protocols.manifest import BestModel, EvalMatrix, ExpertEntry, Manifest, ParentInfo
 from cogen.protocols.ranking import Ranking
 
@@ -110,55 +115,6 @@ def rank(cfg: MergeConfig, experts: list[Expert], losses: BlockLosses) -> Rankin
     ranked = attach_cheap(ranked, cheap_ranking(training, delta_statistics(experts)))
     logger.info("ranking of the experts:\n%s", format_ranking(ranked))
     return ranked
-
-
-def untie_output(model: nn.Module, modules: Sequence[str]) -> None:
-    """Give the output projection its own weight when it is tied to the input embeddings and adapted.
-
-    An adapter on a tied ``lm_head`` changes only the output projection; adding its delta to the shared
-    tensor would also change every input embedding, so the dense merge would not be the model its
-    experts were evaluated as. The merged model is saved untied (``tie_word_embeddings`` false)."""
-    get_out = getattr(model, "get_output_embeddings", None)
-    get_in = getattr(model, "get_input_embeddings", None)
-    out = get_out() if get_out is not None else None
-    inp = get_in() if get_in is not None else None
-    if out is None or inp is None or out.weight is not inp.weight:
-        return
-    if not any(model.get_submodule(m) is out for m in modules):
-        return
-    out.weight = nn.Parameter(out.weight.detach().clone(), requires_grad=False)
-    config = getattr(model, "config", None)
-    if config is not None:
-        config.tie_word_embeddings = False
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        text.tie_word_embeddings = False
-    logger.info("the adapted output projection is untied from the input embeddings for the merge")
-
-
-def merge_into(model: nn.Module, experts: list[Expert], weights: list[float], method: MergeMethod) -> None:
-    """Add the merged delta of every adapted module to ``model``'s weights, one module at a time."""
-    modules = experts[0].modules
-    w = torch.tensor(weights, dtype=torch.float32)
-    untie_output(model, modules)
-    for module, deltas in tqdm(iter_deltas(experts), total=len(modules), desc="merging", disable=None):
-        try:
-            param = model.get_parameter(f"{module}.weight")
-        except AttributeError:
-            raise MergeError(
-                f"the base model has no {module}.weight; were the experts trained on it?"
-            ) from None
-        if param.shape != deltas[0].shape:
-            raise MergeError(
-                f"{module}: the experts' delta has shape {tuple(deltas[0].shape)}, the base weight "
-                f"{tuple(param.shape)}; were the experts trained on this base?"
-            )
-        merged = method.merge(
-            module, param.detach(), [d.to(param.device) for d in deltas], w.to(param.device)
-        )
-        if not torch.isfinite(merged).all():
-            raise MergeError(f"{module}: the merged delta holds NaN or Inf; nothing was published")
-        with torch.no_grad():
-            param.add_(merged.to(param.dtype))
 
 
 @dataclass(frozen=True)
@@ -258,7 +214,13 @@ def merge_experts(cfg: MergeConfig) -> Path:
     mixture = None
     if cfg.moe.mixture and blocks:
         model, mixture = build_routed(cfg, model, tokenizer, [e for e, _ in kept], blocks)
-    merge_into(model, [e for e, _ in kept], [w for _, w in kept], method)
+    gate_report = None
+    if cfg.gating.gate and screened.base_blocks is not None:
+        weights, gate_report = _gate(cfg, model, tokenizer, experts, weights, method, blocks,
+                                     screened.base_blocks, generation)  # fmt: skip
+        kept = [(e, w) for e, w in zip(experts, weights, strict=True) if w > 0]
+    else:
+        merge_into(model, [e for e, _ in kept], [w for _, w in kept], method)
     best = None
     if matrix is not None:
         matrix = matrix.model_copy(update={"merged": losses(model, blocks)})
@@ -280,6 +242,7 @@ def merge_experts(cfg: MergeConfig) -> Path:
         prequential=screened.cheap,
         agreement=agreed,
         best=best,
+        gate=gate_report,
         reproduction=reproduction(device),
         files={},
     )
@@ -295,6 +258,27 @@ def merge_experts(cfg: MergeConfig) -> Path:
         generation, options.method, len(kept), len(experts), final, time.monotonic() - started,
     )  # fmt: skip
     return final
+
+
+def _gate(
+    cfg: MergeConfig, model: nn.Module, tokenizer: Any, experts: list[Expert], weights: list[float],
+    method: MergeMethod, blocks: dict[str, torch.Tensor], parent: dict[str, list[float]], generation: int,
+) -> tuple[list[float], GateReport]:  # fmt: skip
+    """Merge into ``model`` the first candidate the publishing gate passes (:mod:`.gating`): judged on the
+    evaluated domains and on general text no expert trains on. Raises :class:`.gating.GateRefused`."""
+    options = cfg.gating
+    trained = {e.metadata.expert for e in experts}
+    general = options.gate_general
+    if general is None:
+        general = tuple(d for d in known_domains() if d not in trained and d not in blocks)
+    general_blocks = domain_blocks(general, tokenizer, cfg.eval.eval_block_size, cfg.eval.eval_blocks)
+    candidate, report = gated_merge(
+        model, experts, {e.label: w for e, w in zip(experts, weights, strict=True)}, method,
+        {**parent, **block_losses(model, general_blocks)}, {**blocks, **general_blocks}, set(general),
+        generation, GateOptions(attempts=options.gate_attempts, level=options.gate_level,
+                                budget_s=options.gate_budget_s, seed=cfg.merge.seed),
+    )  # fmt: skip
+    return [candidate.weights[e.label] for e in experts], report
 
 
 def _entry(expert: Expert, weight: float) -> ExpertEntry:

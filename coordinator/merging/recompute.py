@@ -2,7 +2,8 @@
 
 A member need not trust the coordinator's arithmetic: the signed manifest names the parent base (with
 the sha256 of its weight files), every expert (with the sha256 of its adapter weights), the method,
-its parameters (density, seed, sign election) and each expert's weight. :func:`recompute` loads that
+its parameters (density, seed, sign election), each expert's weight and, where the publishing gate
+halved the merged delta, that scale (its passing attempt). :func:`recompute` loads that
 parent (checking its hashes), the given expert checkpoints (matched to the manifest's experts by hash),
 runs the same merge in the manifest's order (:func:`cogen.coordinator.merging.merge.merge_into`) and
 compares every published tensor with the recomputed one: bit for bit where the manifest's
@@ -178,6 +179,8 @@ def recompute(
         f"{manifest.reproduction.tolerance:g}",
     )  # fmt: skip
     model = load_base_fp32(_parent(manifest, parent, cache_dir), device)
-    merge_into(model, chosen, [e.weight for e in kept], method)
+    # the publishing gate's chosen candidate may have halved the merged delta (manifest version 4)
+    scale = manifest.gate.attempts[-1].scale if manifest.gate is not None and manifest.gate.passed else 1.0
+    merge_into(model, chosen, [e.weight for e in kept], method, scale=scale)
     _compare(model, gen_dir, exact, manifest.reproduction.tolerance, found)
     return found

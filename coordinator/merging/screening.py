@@ -64,6 +64,7 @@ class Screening:
     agreement_with: Any  # a function of the full ranking's order -> Agreement, or None
     failed: dict[str, str]  # experts whose claims did not hold, and why: never merged
     fallback: str | None = None  # why the full evaluation ran on a generation that is not an audit
+    base_blocks: dict[str, list[float]] | None = None  # the base's per-block losses (what the gate pairs)
 
     def excluded(self) -> set[str]:
         """Experts whose claims did not hold: never merged."""
@@ -76,9 +77,9 @@ class Screening:
         return all(e.score is not None for e in self.cheap.experts if e.expert not in self.failed)
 
 
-def _base_only(model: nn.Module, blocks: dict[str, Any]) -> EvalMatrix:
+def _base_only(model: nn.Module, blocks: dict[str, Any]) -> tuple[dict[str, list[float]], EvalMatrix]:
     base = block_losses(model, blocks)
-    return EvalMatrix(
+    return base, EvalMatrix(
         domains=list(blocks), tokens_per_domain={d: int(b.numel()) for d, b in blocks.items()},
         base={d: sum(v) / len(v) for d, v in base.items()}, experts={},
     )  # fmt: skip
@@ -144,12 +145,13 @@ def screen(
             fallback = "; ".join(f"{e.expert}: {e.unscored}" for e in short)
             logger.info("full evaluation instead of the cheap ranking (%s)", fallback)
             audit = True
-    matrix, per_block = None, None
+    matrix, per_block, base_blocks = None, None, None
     started = time.monotonic()
     if blocks and audit:
         model, matrix, per_block = evaluate_blocks(model, experts, blocks)
+        base_blocks = per_block.base
     elif blocks:
-        matrix = _base_only(model, blocks)
+        base_blocks, matrix = _base_only(model, blocks)
     logger.info(
         "screening of generation %d: cheap ranking %s; %s in %.1f s", generation,
         f"{cheap.cost_tokens} tokens in {cheap_seconds:.1f} s" if cheap is not None else "none (no claims)",
@@ -164,4 +166,4 @@ def screen(
         def agree(full_order: list[str]) -> Agreement:
             return agreement(order, full_order, spent_cheap, full_tokens)
 
-    return Screening(model, matrix, per_block, cheap, agree, flagged, fallback)
+    return Screening(model, matrix, per_block, cheap, agree, flagged, fallback, base_blocks)

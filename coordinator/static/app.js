@@ -208,15 +208,55 @@ function cheapLine(latest, generations) {
     + "</p>";
 }
 
+// the publishing gate's newest decision: a refusal (the parent stayed the base) or the published
+// generation's candidates; per candidate and domain, the paired change against the parent and its interval
+function renderGate(gate) {
+  const root = $("gate");
+  const report = gate.refused || gate.published;
+  if (!report) {
+    root.innerHTML = '<p class="empty">no gate decision yet</p>';
+    return;
+  }
+  const domains = [];
+  for (const a of report.attempts) {
+    for (const d of a.domains) if (!domains.some((x) => x.domain === d.domain)) domains.push(d);
+  }
+  const pct = (x, parent) => (x === null ? "–" : `${x > 0 ? "+" : ""}${((100 * x) / parent).toFixed(2)} %`);
+  const cellOf = (a, name) => {
+    const d = a.domains.find((x) => x.domain === name);
+    if (!d) return '<td class="num">–</td>';
+    const interval = d.interval ? ` [${pct(d.interval[0], d.parent_loss)}, ${pct(d.interval[1], d.parent_loss)}]` : "";
+    return `<td class="num" data-domain="${esc(name)}" data-worse="${d.worse}">`
+      + `<span class="delta ${d.worse ? "worse" : "better"}">${pct(d.change, d.parent_loss)}</span>`
+      + `<span class="muted">${interval}</span></td>`;
+  };
+  const weights = (a) => Object.entries(a.weights).map(([e, w]) => `${esc(e)} ${fmtNumber(w, 2)}`).join(", ");
+  const rows = report.attempts.map((a, i) => `<tr data-attempt="${i + 1}" data-passed="${a.passed}">`
+    + `<td class="num">${i + 1}</td><td>${esc(a.why)}</td><td>${weights(a)}</td>`
+    + `<td class="num">${fmtNumber(a.scale, 2)}</td>${domains.map((d) => cellOf(a, d.domain)).join("")}`
+    + `<td class="${a.passed ? "better" : "worse"}">${a.passed ? "passed" : "worse than the parent"}</td></tr>`).join("");
+  const verdict = report.passed
+    ? `Generation ${report.generation} published: ${esc(report.reason)}`
+    : `Generation ${report.generation} not published, the parent stays the base: ${esc(report.reason)}`;
+  root.innerHTML = `<p id="gate-verdict" class="${report.passed ? "better" : "worse"}" `
+    + `data-generation="${report.generation}" data-passed="${report.passed}">${verdict} `
+    + `<span class="muted">(${report.blocks_per_domain} blocks per domain, ${Math.round(100 * report.level)} % `
+    + `bootstrap intervals, ${fmtNumber(report.seconds, 1)} s)</span></p>`
+    + `<div class="table-wrap"><table><thead><tr><th class="num">#</th><th>Candidate</th><th>Weights</th>`
+    + `<th class="num">Scale</th>${domains.map((d) => `<th class="num">${esc(d.domain)}${d.general ? " (general)" : ""}</th>`).join("")}`
+    + `<th>Verdict</th></tr></thead><tbody>${rows}</tbody></table></div>`;
+}
+
 async function refresh() {
   try {
-    const [swarm, peers, groups, generations, alerts] = await Promise.all(
-      ["api/swarm", "api/peers", "api/groups", "api/generations", "api/alerts"].map(getJSON));
+    const [swarm, peers, groups, generations, alerts, gate] = await Promise.all(
+      ["api/swarm", "api/peers", "api/groups", "api/generations", "api/alerts", "api/gate"].map(getJSON));
     renderSummary(swarm, alerts);
     renderAlerts(alerts);
     renderPeers(peers);
     renderGroups(groups);
     renderGenerations(generations);
+    renderGate(gate);
     $("status").className = "status live";
     $("status").textContent = `live · updated ${new Date().toLocaleTimeString()}`;
   } catch (error) {
