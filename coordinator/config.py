@@ -33,8 +33,8 @@ class MergeOptions(_Frozen):
 
     method: str = Field(
         default="linear",
-        description="merge method: dare, dare_ties, linear, ties (linear: the best dense merge in "
-        "bench/merging/quality.py on SmolLM2)",
+        description="merge method: dare, dare_ties, fuse (distillation of the experts and --fuse-sources), "
+        "linear, ties (linear: the best dense merge in bench/merging/quality.py on SmolLM2)",
     )
     density: float = Field(
         default=0.5, gt=0, le=1, description="fraction of each delta kept by ties / dare (1: keep all)"
@@ -93,6 +93,33 @@ class GateConfig(_Frozen):
         default=None,
         description="general text sets no expert trains on (default: the known domains no expert of the "
         "generation trains on)",
+    )
+
+
+class FuseConfig(_Frozen):
+    """Method ``fuse``: the next base distilled from the experts and other sources (see fusion/fuse.py)."""
+
+    fuse_sources: tuple[Path, ...] = Field(
+        default=(),
+        description="other teachers: cogen expert checkpoints on another base, or Hugging Face model dirs "
+        "(another architecture, size or tokenizer)",
+    )
+    fuse_domains: tuple[str, ...] | None = Field(
+        default=None,
+        description="domains of the fusion corpus (default: the experts' and the sources' domains)",
+    )
+    fuse_sequences: int = Field(default=32, ge=1, le=100_000, description="fusion texts per domain")
+    fuse_length: int = Field(default=128, ge=8, le=32768, description="student tokens per fusion text")
+    fuse_top_k: int = Field(default=32, ge=1, le=4096, description="teacher log-probabilities kept per token")
+    fuse_steps: int = Field(default=60, ge=0, le=1_000_000, description="student training steps")
+    fuse_batch_size: int = Field(default=8, ge=1, le=4096, description="fusion texts per student step")
+    fuse_lr: float = Field(default=2e-3, gt=0, le=1, description="the student LoRA's learning rate")
+    fuse_rank: int = Field(default=16, ge=1, le=1024, description="the student LoRA's rank")
+    fuse_kd_weight: float = Field(
+        default=0.8, ge=0, le=1, description="weight of the distillation loss (the rest: language modelling)"
+    )
+    fuse_budget_s: float = Field(
+        default=1800.0, gt=0, le=86400, description="the student stops training after this many seconds"
     )
 
 
@@ -222,6 +249,7 @@ class CoordinatorConfig(_Frozen):
     eval: EvalConfig = EvalConfig()
     moe: MixtureConfig = MixtureConfig()
     gating: GateConfig = GateConfig()
+    fusion: FuseConfig = FuseConfig()
     keys: CoordinatorKeys = CoordinatorKeys()
     model: str = Field(default="smollm2-135m", description="the base of generation 0 (the nodes' --model)")
     out_dir: Path = Field(
@@ -263,6 +291,7 @@ class MergeConfig(_Frozen):
     )
     moe: MixtureConfig = MixtureConfig()
     gating: GateConfig = GateConfig()
+    fusion: FuseConfig = FuseConfig()
     keys: SigningConfig = SigningConfig()
     device: str = Field(default="cpu", description="torch device for merging and evaluation: cpu, cuda, auto")
     cache: CacheConfig = CacheConfig()

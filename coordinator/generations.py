@@ -271,7 +271,7 @@ class GenerationLoop:
         return MergeConfig(
             experts=tuple(paths), merge=cfg.merge, model=self.base, out=self.out_dir,
             generation=self.generation + 1, eval_domains=tuple(e for e in experts if e in known_domains()),
-            eval=cfg.eval, moe=cfg.moe, gating=cfg.gating, keys=cfg.keys, cache=cfg.cache,
+            eval=cfg.eval, moe=cfg.moe, gating=cfg.gating, fusion=cfg.fusion, keys=cfg.keys, cache=cfg.cache,
             claims=self._claims(),
         )  # fmt: skip
 

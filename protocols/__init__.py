@@ -13,6 +13,8 @@
 - ``manifest.py``   — the signed manifest of a published base and :func:`verify_manifest`
 - ``hashing.py``    — the sha256 of a file and of every file of a directory (one helper for all)
 - ``ranking.py``    — :class:`Ranking`: a generation's expert ranking as the manifest and the API carry it
+- ``gate.py``       — :class:`GateReport`: the publishing gate's attempts and verdicts (manifest, API)
+- ``fusion.py``     — :class:`FusionReport`: what a ``fuse`` merge distilled from which teachers
 - ``validation.py`` — the record validator plugged into hivemind's DHT, next to its
   ``RSASignatureValidator`` (not re-exported here: it imports hivemind, and a command's ``--help``
   reads the records and keys without it)

@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 from hivemind.utils.crypto import RSAPublicKey
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, ValidationError, model_validator
 
+from cogen.protocols.fusion import FusionReport
 from cogen.protocols.gate import GateReport
 from cogen.protocols.hashing import sha256_tree
 from cogen.protocols.ranking import Agreement, PrequentialRanking, Ranking
@@ -34,10 +35,15 @@ from cogen.protocols.version import software_version
 MANIFEST_FILE = "manifest.json"
 MANIFEST_VERSION = 4
 #: versions this cogen reads: 1 has no file sizes (it verifies as signed; downloads use a global cap),
-#: 2 no reproduction record, 3 no gate record
+#: 2 no reproduction record, 3 no gate or fusion record
 READABLE_VERSIONS = (1, 2, 3, 4)
 #: the fields each version's canonical (signed) form leaves out, beyond the signature itself
-_NOT_IN_VERSION = {1: {"sizes", "reproduction", "gate"}, 2: {"reproduction", "gate"}, 3: {"gate"}, 4: set()}
+_NOT_IN_VERSION = {
+    1: {"sizes", "reproduction", "gate", "fusion"},
+    2: {"reproduction", "gate", "fusion"},
+    3: {"gate", "fusion"},
+    4: set(),
+}
 
 
 class ManifestError(RuntimeError):
@@ -146,6 +152,10 @@ class Manifest(BaseModel):
     gate: GateReport | None = Field(
         default=None, description="the publishing gate's candidates and verdicts (version 4)"
     )
+    fusion: FusionReport | None = Field(
+        default=None,
+        description="method fuse: the teachers distilled into the base, and the cost (version 4)",
+    )
     reproduction: Reproduction | None = Field(
         default=None, description="how exactly `cogen verify --recompute` must match (version 3)"
     )
@@ -166,8 +176,8 @@ class Manifest(BaseModel):
             raise ValueError(f"a version {self.manifest_version} manifest declares no sizes")
         if self.manifest_version < 3 and self.reproduction is not None:
             raise ValueError(f"a version {self.manifest_version} manifest has no reproduction record")
-        if self.manifest_version < 4 and self.gate is not None:
-            raise ValueError(f"a version {self.manifest_version} manifest has no gate record")
+        if self.manifest_version < 4 and (self.gate is not None or self.fusion is not None):
+            raise ValueError(f"a version {self.manifest_version} manifest has no gate or fusion record")
         return self
 
     def declared_size(self, name: str) -> int | None:

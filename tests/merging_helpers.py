@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,8 @@ from cogen.coordinator.config import MergeConfig
 from cogen.core import models
 from cogen.core.checkpoint import AdapterMetadata, save_adapter
 from cogen.core.config import ModelConfig
+from cogen.core.corpora import get_corpus
+from cogen.core.data import TrainStream
 from cogen.core.settings import build_config
 
 CPU = torch.device("cpu")
@@ -44,3 +47,30 @@ def make_expert(
     )
     save_adapter(model, out_dir, meta)
     return out_dir
+
+
+def trained_expert(
+    tiny_path: str,
+    out: Path,
+    domain: str,
+    steps: int = 30,
+    targets: tuple[str, ...] = ("q_proj", "v_proj", "down_proj"),
+) -> Path:
+    """A LoRA expert really trained on ``domain`` (AdamW, a few dozen steps of the tiny model)."""
+    torch.manual_seed(0)
+    model = models.add_lora(
+        models.load_base(tiny_path, "fp32", CPU), ModelConfig(lora_rank=4, lora_targets=targets), seed=0
+    )
+    tokenizer = models.load_tokenizer(tiny_path)
+    stream = TrainStream(get_corpus(domain), tokenizer, block_size=64, batch_size=8, shard=0, num_shards=1)
+    optimizer = torch.optim.AdamW(models.trainable_parameters(model), lr=2e-2)
+    model.train()
+    for batch in itertools.islice(iter(stream), steps):
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    meta = AdapterMetadata(expert=domain, base_model="tiny", precision="fp32", steps=steps, samples=8 * steps,
+                           tokens=512 * steps)  # fmt: skip
+    save_adapter(model, out, meta)
+    return out

@@ -3,14 +3,12 @@ and a real coordinator shows the decision and its evidence (API, alert, the dash
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 
 import pytest
-import torch
 from browser_helpers import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, require_chromium
 from conftest import Peers
-from merging_helpers import CPU, make_expert, merge_config
+from merging_helpers import make_expert, merge_config, trained_expert
 from playwright.sync_api import sync_playwright
 
 from cogen.coordinator.generations import record_refusal
@@ -20,35 +18,9 @@ from cogen.coordinator.merging.merge import merge_experts
 from cogen.coordinator.merging.publish import generation_dir
 from cogen.coordinator.merging.recompute import recompute
 from cogen.coordinator.schemas import AlertList, GateStatus
-from cogen.core import models
-from cogen.core.checkpoint import AdapterMetadata, save_adapter
-from cogen.core.config import ModelConfig
-from cogen.core.corpora import get_corpus
-from cogen.core.data import TrainStream
 from cogen.core.procs import wait_for
 
 TARGETS = ("q_proj", "v_proj", "down_proj")
-
-
-def trained_expert(tiny_path: str, out: Path, domain: str, steps: int = 30) -> Path:
-    """A LoRA expert really trained on ``domain`` (AdamW, a few dozen steps of the tiny model)."""
-    torch.manual_seed(0)
-    model = models.add_lora(
-        models.load_base(tiny_path, "fp32", CPU), ModelConfig(lora_rank=4, lora_targets=TARGETS), seed=0
-    )
-    tokenizer = models.load_tokenizer(tiny_path)
-    stream = TrainStream(get_corpus(domain), tokenizer, block_size=64, batch_size=8, shard=0, num_shards=1)
-    optimizer = torch.optim.AdamW(models.trainable_parameters(model), lr=2e-2)
-    model.train()
-    for batch in itertools.islice(iter(stream), steps):
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    meta = AdapterMetadata(expert=domain, base_model="tiny", precision="fp32", steps=steps, samples=8 * steps,
-                           tokens=512 * steps)  # fmt: skip
-    save_adapter(model, out, meta)
-    return out
 
 
 @pytest.fixture(scope="module")

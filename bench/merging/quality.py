@@ -31,6 +31,7 @@ import torch
 
 from cogen.coordinator.merging.evaluate import domain_blocks, evaluate_experts, losses
 from cogen.coordinator.merging.experts import load_experts
+from cogen.coordinator.merging.fusion.fuse import FUSE
 from cogen.coordinator.merging.merge import load_base_fp32
 from cogen.coordinator.merging.weights import format_matrix
 from cogen.core import models
@@ -43,6 +44,7 @@ from .quality_train import CPU, train
 
 logger = logging.getLogger("cogen.bench.merge_quality")
 WITHIN = 0.05  # the best merge's loss may be at most 5% above the domain's expert
+FUSE_WITHIN = 0.02  # fuse, as the dense next base: at most 2% above each domain's expert (issue 15)
 TAU_TARGET = 0.8
 
 
@@ -131,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     base, matrix = evaluate_experts(load_base_fp32(path, CPU), experts, blocks)
     central_losses = finite(losses(load_adapter(base, central), blocks))
     print(format_matrix(matrix), flush=True)
-    merged, routing = merged_losses(args, path, experts, matrix, blocks, tokenizer, work)
+    merged, routing, fuse_cost = merged_losses(args, path, experts, matrix, blocks, tokenizer, work)
     methods = list(merged)
     result: dict[str, Any] = {"domains": {}}
     for d in domains:
@@ -148,6 +150,14 @@ def run(args: argparse.Namespace) -> int:
         **verdict(result["domains"], best),
         "kendall_tau_at_least_0.8": result["kendall_tau"] >= TAU_TARGET,
     }
+    fused = {d: row["merged"][FUSE] for d, row in result["domains"].items()}
+    result["targets"].update({
+        "fuse_within_2pct_of_expert": all(fused[d] <= (1 + FUSE_WITHIN) * row["expert"]
+                                          for d, row in result["domains"].items()),
+        "fuse_below_base": all(fused[d] < row["base"] for d, row in result["domains"].items()),
+        "fuse_mean_at_most_centralized": verdict(result["domains"], FUSE)["mean_at_most_centralized"],
+    })  # fmt: skip
+    result["fuse_cost"] = fuse_cost
     result["routing"] = routing
     result["cheap_scores"] = drops
     result["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
@@ -158,6 +168,12 @@ def run(args: argparse.Namespace) -> int:
         f"\nbest method: {best}; kendall_tau {result['kendall_tau']:.3f} (target >= {TAU_TARGET}); "
         f"moe routing accuracy {routing['accuracy']:.3f}"
     )
+    cost = fuse_cost
+    print(
+        f"fuse cost: {cost['seconds']:.0f} s ({cost['seconds_ratio_to_linear']:.0f}x the linear merge's "
+        f"{cost['linear_seconds']:.1f} s), {cost['teacher_tokens']} teacher + {cost['student_tokens']} "
+        f"student tokens, peak RSS {cost['peak_rss_bytes'] / 2**30:.2f} GiB"
+    )
     for target, ok in result["targets"].items():
         print(f"  {'PASS' if ok else 'MISS'} {target}")
     print(f"done in {result['seconds']:.0f} s", flush=True)
@@ -166,7 +182,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 #: what ``--quick`` sets (flags given explicitly still win)
-QUICK = {"steps": 6, "eval_blocks": 4, "block_size": 64, "router_blocks": 8, "route_tokens": 32}
+QUICK = {"steps": 6, "eval_blocks": 4, "block_size": 64, "router_blocks": 8, "route_tokens": 32,
+         "fuse_sequences": 8, "fuse_steps": 6}  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -190,14 +207,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--router-blocks", type=int, default=32, help="training blocks per domain the router learns from")
     add("--route-tokens", type=int, default=64, help="tokens at the start of a sequence the router reads")
     add("--density", type=float, default=0.5, help="ties / dare density")
+    add("--fuse-sequences", type=int, default=32, help="fuse: fusion texts per domain (training split)")
+    add("--fuse-steps", type=int, default=60, help="fuse: student steps")
+    add("--fuse-batch-size", type=int, default=8, help="fuse: fusion texts per student step")
+    add("--fuse-lr", type=float, default=2e-3, help="fuse: the student LoRA's learning rate")
     add("--threads", type=int, default=2, help="torch CPU threads")
     add("--seed", type=int, default=0)
     add("--work-dir", type=Path, default=None, help="where checkpoints go (default: a new temp dir)")
     args = parse(parser, argv)
     if len(args.domains) < 2 or len(set(args.domains)) != len(args.domains):
         parser.error("--domains needs at least 2 different domains")
-    if min(args.steps, args.eval_blocks, args.router_blocks, args.route_tokens) < 1:
-        parser.error("--steps, --eval-blocks, --router-blocks and --route-tokens must be positive")
+    if min(args.steps, args.eval_blocks, args.router_blocks, args.route_tokens, args.fuse_sequences,
+           args.fuse_steps, args.fuse_batch_size) < 1:  # fmt: skip
+        parser.error("--steps, --eval-blocks, --router-blocks, --route-tokens and --fuse-* must be positive")
     return args
 
 

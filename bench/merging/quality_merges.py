@@ -1,8 +1,11 @@
-"""The quality benchmark's merges: every registered dense method and the routed mixture, per domain.
+"""The quality benchmark's merges: every registered dense method, the routed mixture and ``fuse``, per domain.
 
 Weights come from the evaluation, as ``cogen-coordinator merge --eval-domains`` chooses them
 (:func:`cogen.coordinator.merging.weights.ranking_weights`); the mixture is
-:mod:`cogen.coordinator.merging.moe` with its router trained here.
+:mod:`cogen.coordinator.merging.moe` with its router trained here; ``fuse`` is
+:mod:`cogen.coordinator.merging.fusion` with the experts as its teachers (the linear merge as the
+student's start), and its cost (teacher and student tokens, seconds, peak memory) is reported against
+the linear merge's.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import torch
 
 from cogen.coordinator.merging import moe, registry
 from cogen.coordinator.merging.evaluate import losses
+from cogen.coordinator.merging.fusion.fuse import FUSE, FuseOptions, Fusion
+from cogen.coordinator.merging.fusion.student import StudentOptions
 from cogen.coordinator.merging.merge import load_base_fp32, merge_into
 from cogen.coordinator.merging.weights import ranking_weights
 from cogen.protocols.manifest import EvalMatrix
@@ -32,18 +37,23 @@ def merged_losses(
     blocks: dict[str, torch.Tensor],
     tokenizer: Any,
     work: Path,
-) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
-    """Each method's loss per domain; and what the mixture's router did."""
+) -> tuple[dict[str, dict[str, float]], dict[str, Any], dict[str, Any]]:
+    """Each method's loss per domain; what the mixture's router did; what fusion cost."""
     weights = ranking_weights(matrix)
     kept = [e for e in experts if weights[e.label] > 0] or experts
     w = [weights[e.label] or 1.0 for e in kept]
     results: dict[str, dict[str, float]] = {}
+    seconds: dict[str, float] = {}
     for name in registry.known():
         started = time.monotonic()
         model = load_base_fp32(path, CPU)
         merge_into(model, kept, w, registry.create(name, registry.MergeParams(density=args.density)))
+        seconds[name] = time.monotonic() - started
         results[name] = finite(losses(model, blocks))
         print(f"  {name}: {fmt(results[name])} ({time.monotonic() - started:.0f} s)", flush=True)
+    results[FUSE], fusion = fused_losses(args, path, kept, w, blocks, tokenizer)
+    fusion["linear_seconds"] = seconds["linear"]
+    fusion["seconds_ratio_to_linear"] = fusion["seconds"] / max(1e-9, seconds["linear"])
     started = time.monotonic()
     base = load_base_fp32(path, CPU)
     train_blocks = moe.training_blocks(
@@ -59,7 +69,33 @@ def merged_losses(
         f"({time.monotonic() - started:.0f} s; saved at {saved})",
         flush=True,
     )
-    return results, {"accuracy": report.accuracy, "confusion": report.confusion}
+    return results, {"accuracy": report.accuracy, "confusion": report.confusion}, fusion
+
+
+def fused_losses(
+    args: argparse.Namespace, path: str, kept: list[Any], w: list[float], blocks: dict[str, torch.Tensor],
+    tokenizer: Any,
+) -> tuple[dict[str, float], dict[str, Any]]:  # fmt: skip
+    """``fuse``'s loss per domain, and its cost."""
+    started = time.monotonic()
+    parent = load_base_fp32(path, CPU)
+    student = StudentOptions(steps=args.fuse_steps, lr=args.fuse_lr, batch_size=args.fuse_batch_size,
+                             rank=args.lora_rank, seed=args.seed)  # fmt: skip
+    options = FuseOptions(length=args.block_size, sequences=args.fuse_sequences, student=student)
+    fusion = Fusion(parent, tokenizer, kept, [], list(blocks), options)
+    report = fusion.apply(parent, {e.label: weight for e, weight in zip(kept, w, strict=True)})
+    elapsed = time.monotonic() - started
+    result = finite(losses(parent, blocks))
+    print(
+        f"  {FUSE}: {fmt(result)} ({elapsed:.0f} s; {report.teacher_tokens} teacher and "
+        f"{report.student_tokens} student tokens, peak RSS {report.peak_rss_bytes / 2**30:.2f} GiB)",
+        flush=True,
+    )
+    cost = {"seconds": elapsed, "teacher_tokens": report.teacher_tokens,
+            "student_tokens": report.student_tokens, "peak_rss_bytes": report.peak_rss_bytes,
+            "steps": report.steps,
+            "fusion_weights": {s.name: s.fusion_weight for s in report.sources}}  # fmt: skip
+    return result, cost
 
 
 def finite(values: dict[str, float | None]) -> dict[str, float]:

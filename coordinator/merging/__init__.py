@@ -11,11 +11,14 @@
 - ``spotcheck.py`` — recompute a random few claimed batch losses on the collected expert (and the base)
 - ``moe/`` — ``moe``: the experts' adapters behind a learned per-sequence router (router, its
   training, the mixture, its on-disk format: one module each)
-- ``fusion/`` — ``fuse``: teachers of any tokenizer distilled into the dense next base (cross-tokenizer
-  alignment, top-k teacher streaming, the student's training)
+- ``fusion/`` — ``fuse``: the experts and teachers of any tokenizer distilled into the dense next base
+  (cross-tokenizer alignment, the teachers, top-k target streaming, the student's training)
 - ``screening.py`` — the cheap ranking every generation, the full evaluation as an audit
 - ``weights.py`` — per-expert weights and per-domain ranking from an :class:`EvalMatrix`
 - ``gate.py`` — the publishing gate's rule: is a candidate worse than its parent beyond the bootstrap noise
+- ``gating.py`` — :func:`gated_merge`: build a candidate, judge it, leave out the most harmful expert or
+  halve the delta, or keep the parent (:class:`GateRefused`)
+- ``apply.py`` — add a weighted merged delta into a dense model (untying a tied output layer first)
 - ``evaluate.py`` — validation losses of the base, each expert and the merge on each domain
 - ``manifest.py`` — the coordinator's :class:`Identity` key that signs manifests (their schema and
   :func:`verify_manifest` are in :mod:`cogen.protocols.manifest`)

@@ -65,6 +65,8 @@ class GateRefused(MergeError):
 
 #: harm(expert label, failing domains) -> how much worse than the parent the expert alone is there
 Harm = Callable[[str, list[str]], float]
+#: build(candidate) -> None: the candidate's base built into the (restored) parent model, in place
+Build = Callable[[Candidate], None]
 
 
 def _finite(value: float) -> float | None:
@@ -106,12 +108,13 @@ def _restore(model: nn.Module, saved: Mapping[str, torch.Tensor]) -> None:
 def gated_merge(
     model: nn.Module, experts: list[Expert], weights: Mapping[str, float], method: MergeMethod,
     parent: Mapping[str, list[float]], blocks: Mapping[str, torch.Tensor], general: set[str],
-    generation: int, options: GateOptions, matrix_harm: Harm | None = None,
+    generation: int, options: GateOptions, matrix_harm: Harm | None = None, build: Build | None = None,
 ) -> tuple[Candidate, GateReport]:  # fmt: skip
     """Merge into ``model`` (the parent) the first candidate that passes the gate (see the module).
 
     ``parent``: the parent's per-block losses on every domain of ``blocks``; ``matrix_harm``: the
-    experts' harm from a full evaluation, when there was one. Raises :class:`GateRefused`."""
+    experts' harm from a full evaluation, when there was one; ``build``: how a candidate is made (default:
+    ``method``'s weight merge; fusion trains one). Raises :class:`GateRefused`."""
     by_label = {e.label: e for e in experts}
     modules = experts[0].modules
     untie_output(model, modules)
@@ -133,8 +136,11 @@ def gated_merge(
     while queue and len(attempts) < options.attempts:
         candidate = queue.pop(0)
         _restore(model, saved)
-        kept = [(by_label[label], w) for label, w in candidate.weights.items() if w > 0]
-        merge_into(model, [e for e, _ in kept], [w for _, w in kept], method, scale=candidate.scale)
+        if build is not None:
+            build(candidate)
+        else:
+            kept = [(by_label[label], w) for label, w in candidate.weights.items() if w > 0]
+            merge_into(model, [e for e, _ in kept], [w for _, w in kept], method, scale=candidate.scale)
         decision = judge(parent, block_losses(model, dict(blocks)), bootstrap=options.bootstrap,
                          level=options.level, seed=options.seed)  # fmt: skip
         attempts.append(GateAttempt(

@@ -38,7 +38,8 @@ from cogen.coordinator.merging import (  # noqa: F401 - register the built-in me
 from cogen.coordinator.merging.apply import merge_into, untie_output  # noqa: F401 - re-exported
 from cogen.coordinator.merging.evaluate import BlockLosses, block_losses, domain_blocks, losses
 from cogen.coordinator.merging.experts import Expert, load_experts
-from cogen.coordinator.merging.gating import GateOptions, gated_merge
+from cogen.coordinator.merging.fusion.fuse import FUSE, fusion_for
+from cogen.coordinator.merging.gating import Build, Candidate, GateOptions, gated_merge
 from cogen.coordinator.merging.manifest import signing_identity
 from cogen.coordinator.merging.prequential import cheap_weights
 from cogen.coordinator.merging.publish import newest_generation, parent_info, publish
@@ -173,8 +174,9 @@ def merge_experts(cfg: MergeConfig) -> Path:
     """Merge ``cfg.experts`` into their base with ``cfg.merge.method``, publish it; returns its directory."""
     started = time.monotonic()
     options = cfg.merge
+    fusing = options.method == FUSE  # the experts merged linearly, then the student trained on them
     method = create(
-        options.method,
+        "linear" if fusing else options.method,
         MergeParams(density=options.density, seed=options.seed, majority_sign=options.majority_sign),
     )
     experts = load_experts(cfg.experts)
@@ -214,11 +216,20 @@ def merge_experts(cfg: MergeConfig) -> Path:
     mixture = None
     if cfg.moe.mixture and blocks:
         model, mixture = build_routed(cfg, model, tokenizer, [e for e, _ in kept], blocks)
-    gate_report = None
+    gate_report, fused = None, []
+    build = None
+    if fusing:
+        fusion = fusion_for(cfg, model, tokenizer, experts)
+
+        def build(candidate: Candidate) -> None:
+            fused.append(fusion.apply(model, candidate.weights, candidate.scale))
+
     if cfg.gating.gate and screened.base_blocks is not None:
         weights, gate_report = _gate(cfg, model, tokenizer, experts, weights, method, blocks,
-                                     screened.base_blocks, generation)  # fmt: skip
+                                     screened.base_blocks, generation, build)  # fmt: skip
         kept = [(e, w) for e, w in zip(experts, weights, strict=True) if w > 0]
+    elif build is not None:
+        build(Candidate({e.label: w for e, w in zip(experts, weights, strict=True)}))
     else:
         merge_into(model, [e for e, _ in kept], [w for _, w in kept], method)
     best = None
@@ -243,6 +254,7 @@ def merge_experts(cfg: MergeConfig) -> Path:
         agreement=agreed,
         best=best,
         gate=gate_report,
+        fusion=fused[-1] if fused else None,
         reproduction=reproduction(device),
         files={},
     )
@@ -263,6 +275,7 @@ def merge_experts(cfg: MergeConfig) -> Path:
 def _gate(
     cfg: MergeConfig, model: nn.Module, tokenizer: Any, experts: list[Expert], weights: list[float],
     method: MergeMethod, blocks: dict[str, torch.Tensor], parent: dict[str, list[float]], generation: int,
+    build: Build | None = None,
 ) -> tuple[list[float], GateReport]:  # fmt: skip
     """Merge into ``model`` the first candidate the publishing gate passes (:mod:`.gating`): judged on the
     evaluated domains and on general text no expert trains on. Raises :class:`.gating.GateRefused`."""
@@ -276,7 +289,7 @@ def _gate(
         model, experts, {e.label: w for e, w in zip(experts, weights, strict=True)}, method,
         {**parent, **block_losses(model, general_blocks)}, {**blocks, **general_blocks}, set(general),
         generation, GateOptions(attempts=options.gate_attempts, level=options.gate_level,
-                                budget_s=options.gate_budget_s, seed=cfg.merge.seed),
+                                budget_s=options.gate_budget_s, seed=cfg.merge.seed), build=build,
     )  # fmt: skip
     return [candidate.weights[e.label] for e in experts], report
 

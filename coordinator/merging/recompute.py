@@ -24,6 +24,7 @@ import torch
 from safetensors import safe_open
 
 from cogen.coordinator.merging.experts import Expert, load_expert
+from cogen.coordinator.merging.fusion.fuse import FUSE
 from cogen.coordinator.merging.merge import load_base_fp32, merge_into
 from cogen.coordinator.merging.registry import MergeError, MergeParams, create
 from cogen.coordinator.merging.reproduce import platform_of
@@ -163,6 +164,11 @@ def recompute(
         raise RecomputeError(
             f"{gen_dir} is a version {manifest.manifest_version} manifest: it does not say how its merge "
             "can be recomputed (version 3 does)"
+        )
+    if manifest.method == FUSE:
+        raise RecomputeError(
+            f"generation {manifest.generation} was fused: its weights are a student trained on its teachers' "
+            "targets, not a merge that can be recomputed; the signed manifest names each teacher and its hash"
         )
     try:
         method = create(manifest.method, _params(manifest))
