@@ -67,6 +67,12 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
         "--generations", type=int, default=2, help="how many times the experts are merged into a new base"
     )
     demo.add_argument("--merge-method", default="linear", help="how the coordinator merges the experts")
+    demo.add_argument(
+        "--fuse",
+        action="store_true",
+        help="merge with fuse, and add a node on another model (tiny; tiny-smol in a tiny swarm) that trains "
+        "a foreign expert on the last domain: each generation is fused from it too",
+    )
     demo.add_argument("--batch-size", type=int, default=None)
     demo.add_argument("--lr", type=float, default=None)
     demo.add_argument("--out-dir", type=Path, default=Path("runs/demo"), help="logs and expert checkpoints")
@@ -137,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
                 extra_lora_targets=preset.extra_lora_targets,
                 eval_blocks=preset.eval_blocks,
                 generations=args.generations,
-                merge_method=args.merge_method,
+                merge_method="fuse" if args.fuse else args.merge_method,
+                fuse=args.fuse,
             )
         )
         return ExitCode.OK

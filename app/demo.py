@@ -25,12 +25,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cogen.app.demo_results import DomainResult, evaluate, format_table, published_manifests, results_json
+from cogen.app.demo_results import (
+    DomainResult,
+    evaluate,
+    format_table,
+    fusion_lines,
+    published_manifests,
+    results_json,
+)
 from cogen.coordinator.config import (
     ApiConfig,
     CoordinatorConfig,
     CoordinatorKeys,
     EvalConfig,
+    FuseConfig,
     HistoryConfig,
     MergeOptions,
     MixtureConfig,
@@ -78,6 +86,17 @@ class DemoOptions:
     warmup_steps: int = 2
     generations: int = 2
     merge_method: str = "linear"
+    fuse: bool = False  #: a node on another model trains a foreign expert; the coordinator fuses
+
+    @property
+    def foreign_model(self) -> str:
+        """The foreign node's model: another vocabulary than the swarm's base."""
+        return "tiny-smol" if self.model == "tiny" else "tiny"
+
+    @property
+    def foreign_node(self) -> tuple[str, str]:
+        """(node name, domain) of the foreign node: the last domain's."""
+        return f"{self.domains[-1]}-foreign", self.domains[-1]
 
     @property
     def generation_s(self) -> float:
@@ -113,6 +132,10 @@ def coordinator_config(opts: DemoOptions) -> CoordinatorConfig:
         history=HistoryConfig(history_path=out / "history.sqlite3"),  # this run's, not an earlier demo's
         schedule=ScheduleConfig(generation_s=opts.generation_s, max_generations=opts.generations),
         merge=MergeOptions(method=opts.merge_method),
+        # few short fusion texts and steps: fusing takes about as long as the merge's evaluation
+        fusion=FuseConfig(
+            fuse_sequences=8, fuse_length=min(64, opts.block_size), fuse_steps=16, fuse_batch_size=4
+        ),
         eval=EvalConfig(eval_blocks=opts.eval_blocks, eval_block_size=opts.block_size),
         moe=MixtureConfig(router_blocks=opts.eval_blocks),
         keys=CoordinatorKeys(identity=out / "coordinator-identity.pem"),
@@ -121,11 +144,14 @@ def coordinator_config(opts: DemoOptions) -> CoordinatorConfig:
     )
 
 
-def node_config(opts: DemoOptions, name: str, domain: str, initial_peers: list[str]) -> NodeConfig:
-    """One demo node: ``domain``'s expert, joining the coordinator's swarm on loopback."""
+def node_config(
+    opts: DemoOptions, name: str, domain: str, initial_peers: list[str], model: str | None = None
+) -> NodeConfig:
+    """One demo node: ``domain``'s expert on ``model`` (default: the swarm's), joining the coordinator's
+    swarm on loopback."""
     return NodeConfig(
         model=ModelConfig(
-            model=opts.model,  # the name (already resolved and cached), so checkpoints record it
+            model=model or opts.model,  # the name (already resolved and cached), so checkpoints record it
             precision=opts.precision,
             lora_targets=(*ModelConfig().lora_targets, *opts.extra_lora_targets),
         ),
@@ -174,11 +200,16 @@ def train_swarm(opts: DemoOptions) -> dict[str, list[Path]]:
     try:
         info = wait_for(lambda: read_json(ready), 120, "coordinator start", alive=[coordinator])
         print(f"coordinator up: API {info['api_url']}/api/swarm", flush=True)
-        for name, domain in _node_names(opts.domains):
-            node_cfg = node_config(opts, name, domain, info["initial_peers"])
+        foreign = [(*opts.foreign_node, opts.foreign_model)] if opts.fuse else []
+        for name, domain, model in [*((n, d, None) for n, d in _node_names(opts.domains)), *foreign]:
+            node_cfg = node_config(opts, name, domain, info["initial_peers"], model)
             config = write_config(out / f"node-{name}-config.json", node_cfg)
             log = out / f"node-{name}.log"
             nodes[name] = spawn("cogen.node.cli", ["--config", str(config)], log, environ=environ)
+        if foreign:
+            print(
+                f"a foreign node {foreign[0][0]} trains {foreign[0][1]} on {opts.foreign_model}", flush=True
+            )
         _run_generations(opts, info["api_url"], [coordinator, *nodes.values()])
         codes = {d: stop(p, grace_s=120) for d, p in nodes.items()}  # SIGTERM: each saves its expert
         failed = {d: c for d, c in codes.items() if c != 0}
@@ -220,18 +251,19 @@ def _run_generations(opts: DemoOptions, api_url: str, alive: list[Any]) -> None:
                           f"ranking: {', '.join(g['ranking'])}", flush=True)  # fmt: skip
                 published = len(generations)
             last_print = time.monotonic()
-        if end is None and published >= opts.generations and _all_on(api_url, opts.generations):
+        if end is None and published >= opts.generations and _all_on(api_url, opts.generations, opts):
             end = time.monotonic() + opts.generation_s  # the experts' time on the last base
         time.sleep(0.5)
 
 
-def _all_on(api_url: str, generation: int) -> bool:
-    """Whether every online node trains on ``generation``'s base (they move at an outer step)."""
+def _all_on(api_url: str, generation: int, opts: DemoOptions) -> bool:
+    """Whether every online node on the swarm's base trains on ``generation``'s (they move at an outer
+    step); a foreign node stays on its own model."""
     try:
         peers = _get_json(api_url + "/api/peers")
     except (OSError, ValueError):
         return False
-    nodes = [p for p in peers if p["online"]]
+    nodes = [p for p in peers if p["online"] and not (opts.fuse and p.get("model") == opts.foreign_model)]
     return bool(nodes) and all(p["generation"] == generation for p in nodes)
 
 
@@ -257,9 +289,12 @@ def run_demo(opts: DemoOptions) -> list[DomainResult]:
     checkpoints = train_swarm(opts)
     print("training done; evaluating base and experts on each domain's validation split", flush=True)
     results = evaluate(opts, model_path, checkpoints)
-    methods = [m.method for m in published_manifests(opts)]
+    manifests = published_manifests(opts)
+    methods = [m.method for m in manifests]
     print(format_table(opts.model, results, methods))
+    for line in fusion_lines(manifests):
+        print(line)
     print(f"demo finished in {time.monotonic() - started:.0f} s", flush=True)
     if opts.json_path is not None:
-        write_json_atomic(opts.json_path, results_json(opts.model, results, methods))
+        write_json_atomic(opts.json_path, results_json(opts.model, results, methods, manifests))
     return results

@@ -8,6 +8,7 @@ expert (evaluated here, on the base it ended on); printed as a table (:func:`for
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -105,8 +106,32 @@ def format_table(model: str, results: list[DomainResult], methods: list[str]) ->
     return "\n".join(rows)
 
 
-def results_json(model: str, results: list[DomainResult], methods: list[str]) -> dict[str, Any]:
+def fusion_lines(manifests: list[Any]) -> list[str]:
+    """Per fused generation, its teachers: each one's kind and share of the fused targets."""
+    lines = []
+    for m in manifests:
+        if m.fusion is None:
+            continue
+        teachers = ", ".join(
+            f"{s.name} ({'foreign, ' if s.kind == 'source' else ''}{s.architecture}, {s.fusion_weight:.0%})"
+            for s in m.fusion.sources
+        )
+        lines.append(f"generation {m.generation} fused from {teachers}")
+    return lines
+
+
+def results_json(
+    model: str,
+    results: list[DomainResult],
+    methods: list[str],
+    manifests: Sequence[Any] = (),
+) -> dict[str, Any]:
     """The demo's results as the JSON ``--json`` writes."""
+    fused = {
+        str(m.generation): [s.model_dump(mode="json") for s in m.fusion.sources]
+        for m in manifests
+        if m.fusion is not None
+    }
     return {
         "model": model,
         "domains": {
@@ -122,4 +147,5 @@ def results_json(model: str, results: list[DomainResult], methods: list[str]) ->
             for r in results
         },
         "merge_methods": methods,
+        "fusion_sources": fused,
     }

@@ -16,6 +16,7 @@
 - ``config.py``    — the coordinator's and the offline merge's config models, one per concern
 - ``schedule.py``  — :class:`GenerationSchedule`: when a generation is due, from claims it can check
 - ``collect.py``   — a group's state downloaded, checked and saved as an expert checkpoint
+- ``foreign.py``   — foreign experts (nodes on another model): found, collected on their model, fused
 - ``claims.py``    — the experts' prequential claims, gathered from their members' signed progress records
 - ``generations.py`` — :class:`GenerationLoop`: collect each due group's expert, rank, merge, publish
 - ``merging/``     — merge methods, ranking weights, signed manifests, published generations

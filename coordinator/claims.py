@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+from cogen.coordinator.foreign import is_foreign
 from cogen.core.swarm import SwarmClient
 from cogen.protocols import NodeInfo, TrainingProgress
 from cogen.protocols.prequential import MAX_MEMBERS, Claims, Prequential
@@ -20,13 +21,18 @@ from cogen.protocols.prequential import MAX_MEMBERS, Claims, Prequential
 __all__ = ["gather_claims", "read_claims", "write_claims"]
 
 
-def gather_claims(client: SwarmClient, experts: Iterable[str], generation: int) -> Claims:
-    """Each member's latest claim on ``generation`` for each of ``experts``, from the DHT."""
+def gather_claims(
+    client: SwarmClient, experts: Iterable[str], generation: int, model_sha256: str | None = None
+) -> Claims:
+    """Each member's latest claim on ``generation`` for each of ``experts``, from the DHT (a node on a
+    foreign model, another one than ``model_sha256``, is no member)."""
     wanted = set(experts)
     announced = {  # only a node announcing that it trains the expert on the generation speaks for it
         (entry.record.expert, entry.owner)
         for entry in client.fetch(NodeInfo)
-        if isinstance(entry.record, NodeInfo) and entry.record.generation == generation
+        if isinstance(entry.record, NodeInfo)
+        and entry.record.generation == generation
+        and not is_foreign(entry.record, model_sha256)
     }
     latest: dict[tuple[str, bytes], tuple[float, Prequential]] = {}
     for entry in client.fetch(TrainingProgress):

@@ -28,11 +28,12 @@ class CollectError(RuntimeError):
 
 
 def download_state(
-    client: SwarmClient, expert: str, generation: int, timeout_s: float
+    client: SwarmClient, expert: str, generation: int, timeout_s: float, group: str | None = None
 ) -> tuple[GroupStateInfo, list[torch.Tensor]]:
-    """Load ``expert``'s group state on ``generation`` from its members; raises :class:`CollectError`
-    when nobody answers or what arrives is not that group's state. Call it from the main thread."""
-    prefix = state_prefix(group_prefix(client.cfg.swarm, expert, generation))
+    """Load ``expert``'s group state on ``generation`` from its members (the group at ``group``, by
+    default the expert's on that generation); raises :class:`CollectError` when nobody answers or what
+    arrives is not that group's state. Call it from the main thread."""
+    prefix = state_prefix(group or group_prefix(client.cfg.swarm, expert, generation))
     averager = GroupStateAverager(
         [torch.zeros(1)], client.dht, prefix=prefix, target_group_size=2, min_matchmaking_time=1.0,
         client_mode=True, allow_state_sharing=False, start=True,

@@ -38,7 +38,9 @@ from hivemind.utils import get_dht_time
 from cogen.coordinator.claims import gather_claims, write_claims
 from cogen.coordinator.collect import download_state, save_state
 from cogen.coordinator.config import CoordinatorConfig, MergeConfig
+from cogen.coordinator.foreign import collect_foreign, foreign_groups
 from cogen.coordinator.merging import MergeError, merge_experts
+from cogen.coordinator.merging.fusion.fuse import FUSE
 from cogen.coordinator.merging.gating import GateRefused
 from cogen.coordinator.merging.manifest import signing_identity
 from cogen.coordinator.merging.publish import published_generations, remove_stale_temps
@@ -48,6 +50,7 @@ from cogen.core import models
 from cogen.core.atomic import write_json_atomic
 from cogen.core.backoff import Backoff
 from cogen.core.corpora import known_domains
+from cogen.core.model_identity import model_identity
 from cogen.core.swarm import SwarmClient
 from cogen.protocols import CheckpointSource
 from cogen.protocols.gate import GateReport
@@ -155,7 +158,9 @@ class GenerationLoop:
         self.out_dir = Path(cfg.out_dir)
         self.identity = signing_identity(cfg.keys, cfg.cache)
         self.base = models.resolve_model(cfg.model, cfg.cache.cache_dir)
-        self.schedule = GenerationSchedule(client, cfg.schedule)
+        self.model_sha256 = model_identity(self.base).model_sha256  # generation 0's: announced in SwarmInfo
+        self.schedule = GenerationSchedule(client, cfg.schedule, model_sha256=self.model_sha256)
+        self._foreign: list[tuple[str, Path]] = []  # the foreign experts collected for the merge under way
         self.published: list[tuple[Manifest, str, Path]] = []
         self._merging: threading.Thread | None = None
         self._merged: Path | None = None
@@ -256,8 +261,23 @@ class GenerationLoop:
             except Exception as e:  # one group's failure must not stop the rest
                 logger.warning("could not collect expert %r: %s", expert, e)
         if paths:  # what the experts' nodes claimed, for the cheap ranking (cogen.coordinator.claims)
-            write_claims(gather_claims(self.client, due.experts, self.generation), collected / CLAIMS_FILE)
+            claims = gather_claims(self.client, due.experts, self.generation, self.model_sha256)
+            write_claims(claims, collected / CLAIMS_FILE)
+        self._foreign = self._collect_foreign(collected) if paths else []
         return paths
+
+    def _collect_foreign(self, collected: Path) -> list[tuple[str, Path]]:
+        """The foreign experts' checkpoints (cogen.coordinator.foreign), when the merge can fuse them."""
+        groups = foreign_groups(self.client, self.model_sha256)
+        if not groups:
+            return []
+        if self.cfg.merge.method != FUSE:
+            logger.info("%d foreign experts (%s) are not merged: --merge-method %s cannot use them, fuse can",
+                        len(groups), ", ".join(f"{g.expert} on {g.model}" for g in groups),
+                        self.cfg.merge.method)  # fmt: skip
+            return []
+        return collect_foreign(self.client, groups, collected, self.cfg.schedule.collect_timeout_s,
+                               self.cfg.cache.cache_dir)  # fmt: skip
 
     def _failed(self) -> float:
         """Count a failed attempt; the next one waits for the backoff's delay."""
@@ -268,11 +288,16 @@ class GenerationLoop:
     def merge_config(self, paths: list[Path], experts: list[str]) -> MergeConfig:
         """The merge of the next generation: the coordinator's own merge, eval, mixture, key and cache."""
         cfg = self.cfg
+        fusion = cfg.fusion
+        if self._foreign:  # foreign experts teach the fused base; their domains are evaluated too
+            sources = (*fusion.fuse_sources, *(path for _, path in self._foreign))
+            fusion = fusion.model_copy(update={"fuse_sources": sources})
+            experts = [*experts, *(expert for expert, _ in self._foreign)]
+        domains = tuple(dict.fromkeys(e for e in experts if e in known_domains()))
         return MergeConfig(
             experts=tuple(paths), merge=cfg.merge, model=self.base, out=self.out_dir,
-            generation=self.generation + 1, eval_domains=tuple(e for e in experts if e in known_domains()),
-            eval=cfg.eval, moe=cfg.moe, gating=cfg.gating, fusion=cfg.fusion, keys=cfg.keys, cache=cfg.cache,
-            claims=self._claims(),
+            generation=self.generation + 1, eval_domains=domains, eval=cfg.eval, moe=cfg.moe,
+            gating=cfg.gating, fusion=fusion, keys=cfg.keys, cache=cfg.cache, claims=self._claims(),
         )  # fmt: skip
 
     def _claims(self) -> Path | None:

@@ -58,6 +58,8 @@ def peer_summaries(
                 memory_bytes=info.hardware.memory_bytes,
                 precision=info.precision,
                 generation=info.generation,
+                model=info.model,
+                model_sha256=info.model_sha256,
                 software_version=info.software_version,
                 protocol_version=info.protocol_version,
                 shard=info.shard,

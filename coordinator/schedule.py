@@ -6,7 +6,8 @@ their outer steps in :class:`GroupProgress` records, and any peer can write reco
 :class:`GenerationSchedule` believes a claim only when
 
 - it is **consistent with its group**: its owner also announces itself (:class:`NodeInfo`, same owner
-  key, same peer id) as a member of that expert on this generation, not stopping;
+  key, same peer id) as a member of that expert on this generation, not stopping, on the swarm's base
+  (a node on a foreign model, :mod:`cogen.node.foreign`, is not a member);
 - it is **possible**: an outer step takes at least ``min_outer_step_s``, so a claim of more outer
   steps than the generation's age allows is refused (a huge ``outer_step`` cannot end a generation);
 
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 
 from cogen.coordinator.collect import CollectError, download_state
 from cogen.coordinator.config import ScheduleConfig
+from cogen.coordinator.foreign import is_foreign
 from cogen.core.backoff import Backoff
 from cogen.core.swarm import SwarmClient, owner_fingerprint
 from cogen.protocols import GroupProgress, GroupStateInfo, NodeInfo
@@ -69,9 +71,16 @@ class GenerationSchedule:
     PROBE_KEEP_S = 60.0  #: how long the outer step a group's state showed is trusted before a new probe
     PROBES_TO_LEAVE_OUT = 2  #: failed probes in a row after which a group no longer holds the generation
 
-    def __init__(self, client: SwarmClient, cfg: ScheduleConfig, probe: Probe | None = None):
+    def __init__(
+        self,
+        client: SwarmClient,
+        cfg: ScheduleConfig,
+        probe: Probe | None = None,
+        model_sha256: str | None = None,
+    ):
         self.client = client
         self.cfg = cfg
+        self.model_sha256 = model_sha256  # the swarm's base: nodes on another model are foreign, not members
         self.probe = probe or self._download
         self.generation = 0
         self.started = time.monotonic()
@@ -93,7 +102,11 @@ class GenerationSchedule:
         out: dict[str, dict[bytes, str]] = {}
         for entry in self.client.fetch(NodeInfo):
             r = entry.record
-            if r.generation == self.generation and r.state != "stopping":
+            if (
+                r.generation == self.generation
+                and r.state != "stopping"
+                and not is_foreign(r, self.model_sha256)
+            ):
                 out.setdefault(r.expert, {})[entry.owner] = r.peer_id
         return out
 

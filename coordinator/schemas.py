@@ -127,6 +127,11 @@ class PeerSummary(_Frozen):
     )
     precision: str
     generation: int = Field(default=0, description="the generation of the base the peer trains on")
+    model: str = Field(default="", description="the model the peer trains on, as it names it")
+    model_sha256: str | None = Field(
+        default=None,
+        description="fingerprint of the peer's --model (another than the swarm's: a foreign expert)",
+    )
     software_version: str
     protocol_version: int
     shard: int

@@ -219,6 +219,7 @@ class Coordinator:
                 if self.generations is not None
                 else None,
                 software_version=software_version(),
+                model_sha256=self.generations.model_sha256 if self.generations is not None else None,
                 started_at=self.started_at,
                 updated_at=time.time(),
             ),

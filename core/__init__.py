@@ -1,7 +1,9 @@
 """The shared core: what nodes and the coordinator both need (it imports neither side).
 
 - ``config.py``     — one frozen config model per concern; ``settings.py`` fills them from flags/env/files
-- ``models.py``     — model names -> weights (SmolLM2 from GGUF, tiny), 8-bit loading, LoRA, 8-bit optimizer
+- ``models.py``     — model names -> weights (SmolLM2 from GGUF, tiny, tiny-smol), 8-bit loading, LoRA,
+  8-bit optimizer
+- ``model_identity.py`` — a model's fingerprint, architecture and tokenizer hash (announced by nodes)
 - ``corpora.py``    — the domain registry (medical, legal, code, literature, or a directory);
   ``documents.py`` — what a corpus and its documents are; ``builtin_corpora.py`` — the built-in
   domains, read from installed packages; ``directory_corpus.py`` — a local directory as a corpus

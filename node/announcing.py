@@ -44,7 +44,8 @@ class NodeAnnouncing(NodeState):
             precision=self.cfg.model.precision, shard=self.shard, num_shards=self.cfg.data.num_shards,
             state=state,  # type: ignore[arg-type]
             started_at=self.started_at, updated_at=time.time(), metrics_url=self.metrics_url,
-            generation=self.generation,
+            generation=self.generation, model_sha256=self.identity.model_sha256,
+            architecture=self.identity.architecture, tokenizer_sha256=self.identity.tokenizer_sha256,
         )  # fmt: skip
 
     def _announce(self, state: str) -> None:

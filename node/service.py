@@ -31,6 +31,7 @@ from cogen.core.config import NodeConfig
 from cogen.core.corpora import get_corpus
 from cogen.core.data import TrainStream
 from cogen.core.exit_codes import CommandError, ExitCode
+from cogen.core.model_identity import ModelIdentity
 from cogen.core.swarm import SwarmClient
 from cogen.node.follow import generation_of
 from cogen.node.hardware import detect_hardware
@@ -84,6 +85,8 @@ class ExpertNode(TrainingLoop):
         self._saved_outer = None  # the outer step of the last saved training state
         self._saved_at = (-1, None)  # (inner, outer step) of the last save
         self.follower = None
+        self.identity = ModelIdentity()
+        self.foreign = False
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -121,6 +124,7 @@ class ExpertNode(TrainingLoop):
                 " ".join(client.visible_maddrs()),
             )
             self.hardware = detect_hardware(device)
+            self.foreign = self._foreign_base(model_path)
             self.follower = self._start_follower()
             model_path = self._newest_base(model_path)
             self._set_base(generation_of(model_path), model_path)

@@ -17,6 +17,7 @@ from cogen.core.swarm import SwarmClient
 from cogen.node.reporting import LossWindow
 
 if TYPE_CHECKING:
+    from cogen.core.model_identity import ModelIdentity
     from cogen.node.follow import BaseFollower
     from cogen.node.group import GroupAverager
     from cogen.node.metrics import NodeMetrics
@@ -46,6 +47,8 @@ class NodeState:
     base_name: str  # the base's path (or ``--model``)
     base_id: str  # its identity, for resuming
     base_label: str  # its announced name
+    identity: ModelIdentity  # the --model's fingerprints (announced)
+    foreign: bool  # trains on another model than the swarm's (cogen.node.foreign)
     _data_fingerprint: str  # what the data stream depends on besides the shard (for resuming)
     _saved_outer: int | None  # the outer step of the last saved training state
     _saved_at: tuple[int, int | None]  # (inner, outer step) of the last save

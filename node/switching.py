@@ -20,14 +20,16 @@ from typing import Any
 import torch
 
 from cogen.core import models
+from cogen.core.model_identity import model_identity
 from cogen.node.announcing import NodeAnnouncing
 from cogen.node.follow import Base, BaseFollower, MirrorServer
+from cogen.node.foreign import swarm_model
 from cogen.node.group import GroupAverager
 from cogen.node.resume import base_identity, find_state, restore
 from cogen.node.trainer import ExpertTrainer
 from cogen.node.training_state import SavedState
 from cogen.protocols import GroupStateInfo
-from cogen.protocols.keys import group_prefix
+from cogen.protocols.keys import foreign_group_prefix, group_prefix
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ class BaseSwitching(NodeAnnouncing):
 
     def _start_follower(self) -> BaseFollower | None:
         cfg = self.cfg
-        if not cfg.follow:
+        if not cfg.follow or self.foreign:
             return None
         assert self.client is not None
         bases_dir = (
@@ -114,6 +116,29 @@ class BaseSwitching(NodeAnnouncing):
         self.base_id = base_identity(path, self.cfg.model.model)
         self.base_label = self.cfg.model.model if generation == 0 else Path(path).name  # gen-N-<manifest sha>
 
+    def _group_prefix(self) -> str:
+        """The group this node averages in: its expert's on its generation, or on its foreign model."""
+        swarm = self.cfg.network.swarm
+        if self.foreign and self.identity.model_sha256 is not None:
+            return foreign_group_prefix(swarm, self.expert, self.identity.model_sha256)
+        return group_prefix(swarm, self.expert, self.generation)
+
+    def _foreign_base(self, model_path: str) -> bool:
+        """Whether ``model_path`` is another model than the swarm's base (see :mod:`cogen.node.foreign`)."""
+        assert self.client is not None
+        self.identity = model_identity(model_path)
+        if self.identity.model_sha256 is None:
+            return False
+        swarm = swarm_model(self.client, self.trust)
+        if swarm is None or swarm == self.identity.model_sha256:
+            return False
+        logger.info(
+            "%s: %s (%s) is not the swarm's base: training a foreign expert on it, in a group of its own, "
+            "not following the swarm's generations; the coordinator fuses it as a teacher",
+            self.expert, self.cfg.model.model, self.identity.architecture or "unknown architecture",
+        )  # fmt: skip
+        return True
+
     def _join_group(
         self,
         model: torch.nn.Module,
@@ -128,7 +153,7 @@ class BaseSwitching(NodeAnnouncing):
         if not self.cfg.group.solo:
             assert self.client is not None
             group = GroupAverager(
-                self.client.dht, group_prefix(self.cfg.network.swarm, self.expert, self.generation),
+                self.client.dht, self._group_prefix(),
                 models.trainable_parameters(model), self.cfg.group, stop=self.stop_event,
             )  # fmt: skip
             group.state_info = self._state_info(model)

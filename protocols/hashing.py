@@ -34,3 +34,28 @@ def sha256_tree(directory: Path, exclude: Collection[str] = ()) -> dict[str, str
         if p.is_file() and name not in exclude:
             found[name] = sha256_file(p)
     return found
+
+
+#: the files of a Hugging Face model directory that make it the model it is (weights, config, tokenizer)
+MODEL_FILES = ("*.safetensors", "*.bin", "config.json", "tokenizer*", "vocab*", "merges.txt", "*.model")
+TOKENIZER_FILES = ("tokenizer*", "vocab*", "merges.txt", "*.model", "special_tokens_map.json")
+
+
+def _fingerprint(directory: Path, patterns: Collection[str]) -> str:
+    directory = Path(directory)
+    files = sorted({p for pattern in patterns for p in directory.glob(pattern) if p.is_file()})
+    digest = hashlib.sha256()
+    for p in files:
+        digest.update(f"{p.name}\0{sha256_file(p)}\n".encode())
+    return digest.hexdigest()
+
+
+def model_fingerprint(directory: Path) -> str:
+    """A model directory's identity: the sha256 over its weight, config and tokenizer files' names and
+    sha256 (so two copies of one model, on two machines, have one fingerprint)."""
+    return _fingerprint(directory, MODEL_FILES)
+
+
+def tokenizer_fingerprint(directory: Path) -> str:
+    """The sha256 over a model directory's tokenizer files' names and sha256."""
+    return _fingerprint(directory, TOKENIZER_FILES)

@@ -4,6 +4,8 @@ one DHT:
 - ``<swarm>_<kind>``: the records of one kind (``NodeInfo.KIND`` etc.), one subkey per owner
 - ``<swarm>_<expert>_g<generation>``: an expert group's averagers on one generation's base, the
   pseudo-gradients' under ``<group>_delta``, the exactly averaged and shared state under ``<group>_state``
+- ``<swarm>_<expert>_m<model>``: the same for a group on a foreign base (the first 16 hex digits of
+  its model fingerprint), which trains on its own model and is fused as a teacher
 """
 
 from __future__ import annotations
@@ -38,6 +40,16 @@ def group_prefix(swarm: str, expert: str, generation: int) -> str:
     if not is_name(expert):
         raise ValueError(f"invalid expert name {expert!r}: use {NAME_RULE}")
     return f"{check_swarm_name(swarm)}_{expert}_g{generation}"
+
+
+def foreign_group_prefix(swarm: str, expert: str, model_sha256: str) -> str:
+    """The DHT prefix of an expert group on a foreign base (another model than the swarm's, which does not
+    follow the swarm's generations): members average only with members on the same model."""
+    if not is_name(expert):
+        raise ValueError(f"invalid expert name {expert!r}: use {NAME_RULE}")
+    if len(model_sha256) != 64 or any(c not in "0123456789abcdef" for c in model_sha256):
+        raise ValueError("a foreign group's model fingerprint is a sha256 in hex")
+    return f"{check_swarm_name(swarm)}_{expert}_m{model_sha256[:16]}"
 
 
 def delta_prefix(group: str) -> str:

@@ -105,6 +105,16 @@ class NodeInfo(Record):
         description="the node's own Prometheus /metrics, if served",
     )
     generation: Generation = Field(default=0, description="the generation of the base it trains on")
+    model_sha256: str | None = Field(
+        default=None, pattern=r"^[0-9a-f]{64}$",
+        description="fingerprint (:func:`cogen.protocols.hashing.model_fingerprint`) of the model given as "
+        "--model: the generation-0 base this node's line of bases starts from; another one than the swarm's "
+        "makes the node a foreign expert, trained on its own base and fused as a teacher",
+    )  # fmt: skip
+    architecture: str | None = Field(default=None, max_length=128, description="the model's architecture")
+    tokenizer_sha256: str | None = Field(
+        default=None, pattern=r"^[0-9a-f]{64}$", description="sha256 of the model's tokenizer files"
+    )
     started_at: Time
     updated_at: Time
 
@@ -153,6 +163,10 @@ class SwarmInfo(Record):
         "(:func:`cogen.protocols.manifest.owner_statement`): without it the record steers no node",
     )
     software_version: str = Field(max_length=64)
+    model_sha256: str | None = Field(
+        default=None, pattern=r"^[0-9a-f]{64}$",
+        description="fingerprint of the swarm's generation-0 base (a node on another model is foreign)",
+    )  # fmt: skip
     started_at: Time
     updated_at: Time
 

@@ -40,6 +40,26 @@ def test_tiny_demo_trains_experts_that_beat_the_base(tmp_path: Path) -> None:
     assert "merged g2" in table and all(d in table for d in ("medical", "legal", "code"))
 
 
+@pytest.mark.timeout(600)
+def test_tiny_demo_with_fuse_fuses_a_foreign_expert_into_each_generation(tmp_path: Path) -> None:
+    result_path = tmp_path / "result.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "cogen.app.cli", "demo", "--model", "tiny", "--fuse", "--generations", "1",
+         "--seconds", "60", "--domains", "medical", "legal", "--out-dir", str(tmp_path / "run"),
+         "--json", str(result_path)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(result_path.read_text())
+    assert result["merge_methods"] == ["fuse"] and set(result["domains"]) == {"medical", "legal"}
+    sources = {s["name"]: s for s in result["fusion_sources"]["1"]}
+    foreign = sources["legal@tiny-smol"]  # the foreign node's expert, on the other vocabulary
+    assert foreign["kind"] == "source" and not foreign["same_tokenizer"] and foreign["domain"] == "legal"
+    assert any(s["kind"] == "expert" and s["same_tokenizer"] for s in sources.values())  # the swarm's own too
+    assert "generation 1 fused from" in proc.stdout and "legal@tiny-smol (foreign" in proc.stdout
+    assert "a foreign node legal-foreign trains legal on tiny-smol" in proc.stdout
+
+
 def test_the_demo_children_take_their_settings_from_their_config_files(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -31,7 +31,7 @@ from cogen.protocols import (
     check_swarm_name,
     swarm_key,
 )
-from cogen.protocols.keys import delta_prefix, group_prefix, state_prefix
+from cogen.protocols.keys import delta_prefix, foreign_group_prefix, group_prefix, state_prefix
 from cogen.protocols.manifest import signs_owner
 from cogen.protocols.names import is_name, slug
 from cogen.protocols.records import MAX_CLOCK_SKEW_S, MAX_COUNT, MAX_GENERATION, MAX_TIME, from_the_future
@@ -236,6 +236,22 @@ def test_each_record_class_names_its_kind_and_each_key_format_is_written_once() 
     )  # fmt: skip
     with pytest.raises(ValueError, match="invalid expert name"):
         group_prefix("lab-1", "Medical!", 3)
+    # a group on a foreign model: its own prefix, never one of the swarm's generations
+    sha = "ab" * 32
+    assert foreign_group_prefix("lab-1", "legal", sha) == "lab-1_legal_mabababababababab"
+    for bad in ("AB" * 32, "ab" * 31, "zz" * 32):
+        with pytest.raises(ValueError, match="sha256 in hex"):
+            foreign_group_prefix("lab-1", "legal", bad)
+
+
+def test_a_node_announces_its_model_by_fingerprint_and_a_bad_one_is_refused() -> None:
+    info = NodeInfo.model_validate(node_info(model_sha256="0f" * 32, architecture="LlamaForCausalLM",
+                                             tokenizer_sha256="1e" * 32))  # fmt: skip
+    assert info.model_sha256 == "0f" * 32 and info.architecture == "LlamaForCausalLM"
+    assert NodeInfo.model_validate(node_info()).model_sha256 is None  # an older node's record still reads
+    for field, value in (("model_sha256", "0F" * 32), ("tokenizer_sha256", "x"), ("architecture", "A" * 129)):
+        with pytest.raises(ValueError):
+            NodeInfo.model_validate(node_info(**{field: value}))
 
 
 @pytest.mark.parametrize(
