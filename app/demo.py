@@ -201,7 +201,8 @@ def train_swarm(opts: DemoOptions) -> dict[str, list[Path]]:
         info = wait_for(lambda: read_json(ready), 120, "coordinator start", alive=[coordinator])
         print(f"coordinator up: API {info['api_url']}/api/swarm", flush=True)
         foreign = [(*opts.foreign_node, opts.foreign_model)] if opts.fuse else []
-        for name, domain, model in [*((n, d, None) for n, d in _node_names(opts.domains)), *foreign]:
+        # the foreign node first: its model loads while the swarm's nodes start, so it is in the first fusion
+        for name, domain, model in [*foreign, *((n, d, None) for n, d in _node_names(opts.domains))]:
             node_cfg = node_config(opts, name, domain, info["initial_peers"], model)
             config = write_config(out / f"node-{name}-config.json", node_cfg)
             log = out / f"node-{name}.log"

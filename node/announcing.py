@@ -63,11 +63,18 @@ class NodeAnnouncing(NodeState):
         ))  # fmt: skip
 
     def _groupmates_online(self) -> bool:
-        """Whether another node announces itself on this expert (a cheap DHT read, no matchmaking)."""
+        """Whether another node announces itself in this node's group: the expert on this generation, on
+        the same model (a foreign node's group is its own; a cheap DHT read, no matchmaking)."""
         assert self.client is not None
         return any(
             entry.owner != self.client.owner and isinstance(entry.record, NodeInfo)
             and entry.record.expert == self.expert and entry.record.state != "stopping"
             and entry.record.generation == self.generation
+            and _same_model(self.identity.model_sha256, entry.record.model_sha256)
             for entry in self.client.fetch(NodeInfo)
         )  # fmt: skip
+
+
+def _same_model(mine: str | None, theirs: str | None) -> bool:
+    """Whether two nodes' models are the same, as far as they say (a record without one: assumed)."""
+    return mine is None or theirs is None or mine == theirs

@@ -45,7 +45,7 @@ def test_tiny_demo_with_fuse_fuses_a_foreign_expert_into_each_generation(tmp_pat
     result_path = tmp_path / "result.json"
     proc = subprocess.run(
         [sys.executable, "-m", "cogen.app.cli", "demo", "--model", "tiny", "--fuse", "--generations", "1",
-         "--seconds", "60", "--domains", "medical", "legal", "--out-dir", str(tmp_path / "run"),
+         "--seconds", "150", "--domains", "medical", "legal", "--out-dir", str(tmp_path / "run"),
          "--json", str(result_path)],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
