@@ -9,7 +9,8 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 from typing import ClassVar
 
-PROTOCOL_VERSION = 4  # 3: SwarmInfo bound to the manifest key (owner_signature); 4: prequential progress
+PROTOCOL_VERSION = 5  # 3: SwarmInfo bound to the manifest key (owner_signature); 4: prequential progress;
+# 5: NodeInfo and SwarmInfo name their model by fingerprint (foreign experts)
 
 
 def software_version() -> str:
