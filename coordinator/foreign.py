@@ -5,13 +5,15 @@ its model's fingerprint, architecture and tokenizer hash. When a generation ends
 ``fuse``, the coordinator also collects each foreign group (by its :func:`foreign_group_prefix`), on
 the model the nodes name, which it must have itself with the same fingerprint (a built-in model, or a
 directory at the same path): a foreign expert it cannot load is left out and said so. The collected
-checkpoints become fusion sources (:func:`cogen.coordinator.merging.fusion.teachers.load_source`), and
+checkpoints (of at most :data:`MAX_FOREIGN_GROUPS` groups, the most populous: any peer can announce
+one) become fusion sources (:func:`cogen.coordinator.merging.fusion.teachers.load_source`), and
 the signed manifest names each one's architecture, tokenizer and weights hashes and its share of the
 fused targets. Any other merge method cannot use them, which is logged once per generation.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -25,6 +27,8 @@ from cogen.protocols import NodeInfo
 from cogen.protocols.keys import foreign_group_prefix
 
 logger = logging.getLogger(__name__)
+
+MAX_FOREIGN_GROUPS = 8  #: foreign expert groups collected per generation at most
 
 __all__ = ["ForeignGroup", "collect_foreign", "foreign_groups", "is_foreign"]
 
@@ -49,10 +53,20 @@ def foreign_groups(client: SwarmClient, model_sha256: str | None) -> list[Foreig
         r = entry.record
         if is_foreign(r, model_sha256) and r.state != "stopping" and r.model_sha256 is not None:
             names.setdefault((r.expert, r.model_sha256), Counter())[r.model] += 1
-    return [
+    groups = [
         ForeignGroup(expert, sha, count.most_common(1)[0][0], sum(count.values()))
         for (expert, sha), count in sorted(names.items())
     ]
+    if len(groups) > MAX_FOREIGN_GROUPS:  # any peer can announce groups: the most populous are collected
+        logger.warning("%d foreign expert groups announced; collecting the %d with the most nodes",
+                       len(groups), MAX_FOREIGN_GROUPS)  # fmt: skip
+        groups = sorted(groups, key=lambda g: -g.members)[:MAX_FOREIGN_GROUPS]
+    return groups
+
+
+@functools.lru_cache(maxsize=32)
+def _fingerprint(path: str, mtime_ns: int) -> str | None:
+    return model_identity(path).model_sha256
 
 
 def _local_model(group: ForeignGroup, cache_dir: Path | None) -> str:
@@ -60,7 +74,8 @@ def _local_model(group: ForeignGroup, cache_dir: Path | None) -> str:
         path = models.resolve_model(group.model, cache_dir)
     except models.ModelError as e:
         raise CollectError(f"foreign expert {group.expert!r} is on {group.model}: {e}") from None
-    found = model_identity(path).model_sha256
+    config = Path(path) / "config.json"  # a model directory is hashed once, not once per announcement
+    found = _fingerprint(path, config.stat().st_mtime_ns) if config.is_file() else None
     if found != group.model_sha256:
         raise CollectError(
             f"foreign expert {group.expert!r} is on {group.model}, whose copy here is another model "
