@@ -161,6 +161,19 @@ class Peers:
         assert not problems, "\n".join(problems)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """When a test that started peer processes fails, its report ends with each process's last log lines
+    (CI shows the end of the output: what each peer was doing is there, not only the deadline it missed)."""
+    outcome = yield
+    report = outcome.get_result()
+    group = getattr(item, "funcargs", {}).get("peers")
+    if report.when == "call" and report.failed and isinstance(group, Peers):
+        tails = [f"--- {name} (pid {proc.pid}, exit {proc.poll()}):\n{tail(group.log(name), 8)}"
+                 for name, proc in group.procs.items()]  # fmt: skip
+        report.sections.append(("peer process logs (last lines)", "\n".join(tails)))
+
+
 @pytest.fixture
 def peers(tmp_path: Path) -> Iterator[Peers]:
     group = Peers(tmp_path)

@@ -7,6 +7,10 @@ member behind NAT (every inbound connection dropped), joined as a client-mode pe
 average across hosts, the coordinator collects, merges and publishes generation 1, and every node
 fetches it, verifies it and trains on it (each host keeps its bases on its own disk, as separate
 machines would). No announced address is a wildcard or a loopback one.
+
+The publishing gate is off: this test is about the network, and the gate's verdict on two 32-token
+blocks of a randomly initialised model is noise that can keep the parent for the whole deadline (the
+gate has its own tests, ``tests/test_gating.py``).
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ def test_a_generation_across_hosts_with_a_mirror_and_a_volunteer_behind_nat(
         "--api-host", "0.0.0.0", "--api-port", "8765", "--ready-file", str(ready), "--poll-interval-s", "0.5",
         "--record-ttl-s", "10", "--model", "tiny", "--generation-outer-steps", "4", "--max-generations", "1",
         "--out-dir", str(tmp_path / "out"), "--eval-blocks", "2", "--eval-block-size", "32",
-        "--router-blocks", "2", "--collect-timeout-s", "40",
+        "--router-blocks", "2", "--collect-timeout-s", "40", "--no-gate",
     ], prefix=net.exec_prefix(0))  # fmt: skip
     info = wait_for(lambda: read_json(ready), 90, "coordinator ready", alive=[coordinator])
     assert info["public_api_url"] == f"http://{coordinator_host}:8765"
