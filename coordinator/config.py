@@ -73,6 +73,17 @@ class MixtureConfig(_Frozen):
     router_blocks: int = Field(
         default=16, ge=1, le=10_000, description="training blocks per domain the mixture's router learns from"
     )
+    mixture_routing: Literal["sequence", "arrow"] = Field(
+        default="sequence",
+        description="sequence: a router trained on the domains picks one expert per sequence; arrow: PEFT's "
+        "zero-shot per-token router over the adapters' top singular vectors (no router training)",
+    )
+    arrow_top_k: int = Field(
+        default=2, ge=1, le=64, description="arrow: experts mixed per token in each layer"
+    )
+    arrow_temperature: float = Field(
+        default=1.0, gt=0, le=1000, description="arrow: temperature of the softmax over the top-k scores"
+    )
 
 
 class GateConfig(_Frozen):

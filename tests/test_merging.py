@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -211,8 +212,9 @@ def test_evaluation_goes_into_the_manifest(tmp_path: Path, experts: list[Path]) 
     assert sorted(verify_manifest(final).ranking["medical"]) == ["legal", "medical"]
 
 
+@pytest.mark.parametrize("routing", ["sequence", "arrow"])
 def test_the_routed_mixture_is_published_beside_the_dense_base(
-    tmp_path: Path, experts: list[Path], tiny_path: str
+    tmp_path: Path, experts: list[Path], tiny_path: str, routing: str
 ) -> None:
     from cogen.coordinator.merging.evaluate import domain_blocks, losses
     from cogen.coordinator.merging.merge import MIXTURE_DIR, load_base_fp32
@@ -221,9 +223,14 @@ def test_the_routed_mixture_is_published_beside_the_dense_base(
 
     final = merge_experts(
         cfg(tmp_path, experts, method="ties", eval_domains=("medical", "legal"), eval_blocks=2, gate=False,
-            eval_block_size=32, router_blocks=4, weights=(1.0, 1.0))
+            eval_block_size=32, router_blocks=4, weights=(1.0, 1.0), mixture_routing=routing)
     )  # fmt: skip
     manifest = verify_manifest(final)  # the mixture's files are hashed and signed with the rest
+    spec = json.loads((final / MIXTURE_DIR / "mixture.json").read_text())
+    assert spec["routing"] == routing and (f"{MIXTURE_DIR}/router.safetensors" in manifest.files) == (
+        routing == "sequence"
+    )
+    assert (manifest.best.routing_accuracy is None) == (routing == "arrow")  # type: ignore[union-attr]
     assert manifest.best is not None and manifest.best.kind in ("moe", "dense")
     assert manifest.best.dense_losses == manifest.evaluation.merged  # type: ignore[union-attr]
     assert any(name.startswith(f"{MIXTURE_DIR}/") for name in manifest.files)

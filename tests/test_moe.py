@@ -1,7 +1,8 @@
 """The routed mixture ``moe`` on the tiny model: experts really trained on three domains, a real router.
 
 Each expert is trained with cogen's own trainer on its domain's training split, saved as a cogen
-checkpoint; the router learns from training windows and is checked on the validation blocks.
+checkpoint; the router learns from training windows and is checked on the validation blocks. The same
+experts behind PEFT's zero-shot Arrow router (no router training) close the second half.
 """
 
 from __future__ import annotations
@@ -21,10 +22,13 @@ from cogen.coordinator.merging.experts import Expert, load_experts
 from cogen.coordinator.merging.moe import (
     ROUTER_FILE,
     SPEC_FILE,
+    ArrowMixture,
+    ArrowOptions,
     MixtureError,
     RoutedMixture,
     Router,
     RoutingReport,
+    build_arrow,
     build_mixture,
     load_mixture,
     route,
@@ -203,3 +207,76 @@ def test_router_needs_two_experts(tiny_path: str) -> None:
         train_router(
             models.load_base(tiny_path, "fp32", CPU), {"medical": torch.zeros(2, 8, dtype=torch.long)}
         )
+
+
+# ----------------------------------------------------------------------------- Arrow
+
+
+def arrow(tiny_path: str, experts: list[Expert], top_k: int = 2) -> ArrowMixture:
+    return build_arrow(models.load_base(tiny_path, "fp32", CPU), experts, ArrowOptions(top_k=top_k))
+
+
+def test_arrow_over_one_expert_is_that_expert(tiny_path: str, setup: Trained) -> None:
+    val = first_blocks(setup, 4)
+    expert = setup.experts[0]
+    alone = losses(load_adapter(models.load_base(tiny_path, "fp32", CPU), expert.path), val)
+    mixed = losses(arrow(tiny_path, [expert], top_k=3), val)  # top_k above the experts: all of them (one)
+    assert mixed == pytest.approx(alone, abs=1e-5)
+    assert mixed != pytest.approx(losses(models.load_base(tiny_path, "fp32", CPU), val), abs=1e-3)
+
+
+def test_arrow_routes_tokens_to_experts_with_no_training(tiny_path: str, setup: Trained) -> None:
+    val = first_blocks(setup, 8)
+    base = {d: value(v) for d, v in losses(models.load_base(tiny_path, "fp32", CPU), val).items()}
+    top1 = {d: value(v) for d, v in losses(arrow(tiny_path, setup.experts, top_k=1), val).items()}
+    top2 = {d: value(v) for d, v in losses(arrow(tiny_path, setup.experts, top_k=2), val).items()}
+    # every domain gains on the base: each token reaches some expert's delta where it is aligned
+    assert all(top1[d] < base[d] and top2[d] < base[d] for d in DOMAINS), (base, top1, top2)
+    assert top1 != pytest.approx(top2, abs=1e-4)  # top_k changes the mixture: the routing is real
+    # the same experts, the same seed: the same prototypes and losses
+    assert losses(arrow(tiny_path, setup.experts, top_k=2), val) == pytest.approx(top2, abs=1e-6)
+
+
+def test_arrow_comes_off_the_base_and_round_trips(tiny_path: str, setup: Trained, tmp_path: Path) -> None:
+    val = first_blocks(setup, 4)
+    base = models.load_base(tiny_path, "fp32", CPU)
+    before = losses(base, val)
+    mixture = build_arrow(base, setup.experts, ArrowOptions(top_k=2))
+    mixed = losses(mixture, val)
+    with pytest.raises(MixtureError, match="eval mode"):
+        mixture.train()(val["code"][:1])
+    plain: Any = mixture.model
+    assert losses(plain.unload(), val) == before  # what the coordinator merges into afterwards
+    out = save_mixture(tmp_path / "arrow", setup.experts, ArrowOptions(top_k=2), hidden_size=64)
+    spec = json.loads((out / SPEC_FILE).read_text())
+    assert spec["routing"] == "arrow" and spec["arrow"]["top_k"] == 2 and ROUTER_FILE not in spec["files"]
+    loaded = load_mixture(models.load_base(tiny_path, "fp32", CPU), out)
+    assert isinstance(loaded, ArrowMixture) and losses(loaded, val) == pytest.approx(mixed, abs=1e-6)
+
+    both = tmp_path / "both"  # arrow settings and a route_tokens: which router? refused
+    shutil.copytree(out, both)
+    spec["route_tokens"] = 8
+    (both / SPEC_FILE).write_text(json.dumps(spec))
+    one_line_error(tiny_path, both, "arrow routing needs arrow settings and no route_tokens")
+    from transformers import AutoModelForCausalLM
+
+    narrow = models.tiny_config()
+    narrow.hidden_size = 32
+    with pytest.raises(MixtureError, match="built on hidden size 64, the base model has 32"):
+        load_mixture(AutoModelForCausalLM.from_config(narrow), out)
+
+
+def test_arrow_refuses_experts_of_different_ranks(tiny_path: str, setup: Trained, tmp_path: Path) -> None:
+    other = models.add_lora(
+        models.load_base(tiny_path, "fp32", CPU),
+        ModelConfig(lora_rank=4, lora_targets=("o_proj", "down_proj")),
+    )
+    meta = AdapterMetadata(expert="legal", base_model="tiny", precision="fp32", steps=1, samples=1, tokens=1)
+    save_adapter(other, tmp_path / "r4", meta)
+    ckpt = latest_checkpoint(tmp_path / "r4")
+    assert ckpt is not None
+    with pytest.raises(MixtureError, match=r"cannot build an Arrow mixture.*rank mismatch") as info:
+        arrow(tiny_path, [setup.experts[0], *load_experts([ckpt])])
+    assert "\n" not in str(info.value)
+    with pytest.raises(MixtureError, match="top_k must be at least 1"):
+        ArrowOptions(top_k=0)

@@ -5,7 +5,8 @@ Model over data: one LoRA expert per domain, each trained with cogen's own train
 *centralised* LoRA of the same rank trained on the union of the domains with the same total number of
 tokens (its batches cycle through the domains). The experts are then merged with every registered
 dense method (weights from the evaluation, as ``cogen-coordinator merge --eval-domains`` chooses them)
-and as the routed mixture ``moe`` (:mod:`cogen.coordinator.merging.moe`); every model is evaluated on
+and as the routed mixture ``moe`` (:mod:`cogen.coordinator.merging.moe`), behind its trained router and
+behind PEFT's zero-shot Arrow router (``arrow``); every model is evaluated on
 each domain's validation blocks with :func:`cogen.core.evaluation.validation_loss`.
 
 Targets (from issue 5): with the best method, on every domain the merged loss is within 5% of that
@@ -29,6 +30,7 @@ from typing import Any
 
 import torch
 
+from cogen.coordinator.merging import moe
 from cogen.coordinator.merging.evaluate import domain_blocks, evaluate_experts, losses
 from cogen.coordinator.merging.experts import load_experts
 from cogen.coordinator.merging.fusion.fuse import FUSE
@@ -168,6 +170,14 @@ def run(args: argparse.Namespace) -> int:
         f"\nbest method: {best}; kendall_tau {result['kendall_tau']:.3f} (target >= {TAU_TARGET}); "
         f"moe routing accuracy {routing['accuracy']:.3f}"
     )
+    mean = {m: sum(merged[m].values()) / len(merged[m]) for m in (moe.NAME, moe.ARROW)}
+    print(
+        f"arrow (zero-shot, top-{min(args.arrow_top_k, len(domains))}) against the trained router: mean loss "
+        f"{mean[moe.ARROW]:.4f} vs {mean[moe.NAME]:.4f} (ratio {mean[moe.ARROW] / mean[moe.NAME]:.4f}); "
+        f"built and evaluated in {routing['arrow_seconds']:.0f} s vs {routing['seconds']:.0f} s; "
+        "every top-k: "
+        + ", ".join(f"{k}: {sum(v.values()) / len(v):.4f}" for k, v in routing["arrow_top_k"].items())
+    )
     cost = fuse_cost
     print(
         f"fuse cost: {cost['seconds']:.0f} s ({cost['seconds_ratio_to_linear']:.0f}x the linear merge's "
@@ -206,6 +216,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--eval-blocks", type=int, default=16, help="validation blocks per domain")
     add("--router-blocks", type=int, default=32, help="training blocks per domain the router learns from")
     add("--route-tokens", type=int, default=64, help="tokens at the start of a sequence the router reads")
+    add("--arrow-top-k", type=int, default=2, help="arrow: experts mixed per token (every top-k is measured)")
     add("--density", type=float, default=0.5, help="ties / dare density")
     add("--fuse-sequences", type=int, default=32, help="fuse: fusion texts per domain (training split)")
     add("--fuse-steps", type=int, default=60, help="fuse: student steps")
@@ -218,8 +229,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if len(args.domains) < 2 or len(set(args.domains)) != len(args.domains):
         parser.error("--domains needs at least 2 different domains")
     if min(args.steps, args.eval_blocks, args.router_blocks, args.route_tokens, args.fuse_sequences,
-           args.fuse_steps, args.fuse_batch_size) < 1:  # fmt: skip
-        parser.error("--steps, --eval-blocks, --router-blocks, --route-tokens and --fuse-* must be positive")
+           args.fuse_steps, args.fuse_batch_size, args.arrow_top_k) < 1:  # fmt: skip
+        parser.error(
+            "--steps, --eval-blocks, --router-blocks, --route-tokens, --arrow-top-k and --fuse-* "
+            "must be positive"
+        )
     return args
 
 

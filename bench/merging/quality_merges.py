@@ -1,8 +1,10 @@
-"""The quality benchmark's merges: every registered dense method, the routed mixture and ``fuse``, per domain.
+"""The quality benchmark's merges: every registered dense method, the routed mixture, Arrow and ``fuse``.
 
 Weights come from the evaluation, as ``cogen-coordinator merge --eval-domains`` chooses them
 (:func:`cogen.coordinator.merging.weights.ranking_weights`); the mixture is
-:mod:`cogen.coordinator.merging.moe` with its router trained here; ``fuse`` is
+:mod:`cogen.coordinator.merging.moe` with its router trained here; ``arrow`` the same experts behind
+PEFT's zero-shot per-token router (``--arrow-top-k`` experts per token; every top-k from 1 to the
+number of experts is measured too, ``arrow_top_k`` in the JSON); ``fuse`` is
 :mod:`cogen.coordinator.merging.fusion` with the experts as its teachers (the linear merge as the
 student's start), and its cost (teacher and student tokens, seconds, peak memory) is reported against
 the linear merge's.
@@ -69,7 +71,34 @@ def merged_losses(
         f"({time.monotonic() - started:.0f} s; saved at {saved})",
         flush=True,
     )
-    return results, {"accuracy": report.accuracy, "confusion": report.confusion}, fusion
+    routing = {
+        "accuracy": report.accuracy,
+        "confusion": report.confusion,
+        "seconds": time.monotonic() - started,
+    }
+    results[moe.ARROW], routing["arrow_top_k"], routing["arrow_seconds"] = arrow_losses(
+        args, path, experts, blocks
+    )
+    return results, routing, fusion
+
+
+def arrow_losses(
+    args: argparse.Namespace, path: str, experts: list[Any], blocks: dict[str, torch.Tensor]
+) -> tuple[dict[str, float], dict[str, dict[str, float]], float]:
+    """Arrow's loss per domain at ``--arrow-top-k``, at every top-k, and the seconds of the first build
+    and evaluation (no router training: the prototypes come from the adapters)."""
+    sweep: dict[str, dict[str, float]] = {}
+    seconds = 0.0
+    for k in [args.arrow_top_k, *(k for k in range(1, len(experts) + 1) if k != args.arrow_top_k)]:
+        started = time.monotonic()
+        mixture = moe.build_arrow(
+            load_base_fp32(path, CPU), experts, moe.ArrowOptions(top_k=k, seed=args.seed)
+        )
+        sweep[str(mixture.top_k)] = finite(losses(mixture, blocks))
+        seconds = seconds or time.monotonic() - started
+        print(f"  {moe.ARROW} top-{mixture.top_k}: {fmt(sweep[str(mixture.top_k)])} "
+              f"({time.monotonic() - started:.0f} s)", flush=True)  # fmt: skip
+    return sweep[str(min(args.arrow_top_k, len(experts)))], sweep, seconds
 
 
 def fused_losses(

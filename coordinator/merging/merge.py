@@ -120,20 +120,22 @@ def rank(cfg: MergeConfig, experts: list[Expert], losses: BlockLosses) -> Rankin
 
 @dataclass(frozen=True)
 class Routed:
-    """The routed mixture of a merge: its experts, router, losses and routing accuracy."""
+    """The mixture of a merge: its experts, router (trained, or Arrow's options), losses and, for a
+    trained router, its routing accuracy."""
 
     experts: list[Expert]
-    router: moe.Router
+    router: moe.Router | moe.ArrowOptions
     losses: dict[str, float | None]
-    accuracy: float
+    accuracy: float | None
+    hidden_size: int
 
 
 def build_routed(
     cfg: MergeConfig, base: nn.Module, tokenizer: Any, experts: list[Expert], blocks: dict[str, torch.Tensor]
 ) -> tuple[nn.Module, Routed | None]:
-    """Train the router on each expert's domain (training split), evaluate the mixture on ``blocks``;
-    returns the base with the adapters taken off again. One expert per domain (the first); a mixture
-    needs two domains with data."""
+    """Build the mixture (``cfg.moe.mixture_routing``: train the router on each expert's domain, training
+    split, or Arrow's zero-shot one), evaluate it on ``blocks``; returns the base with the adapters taken
+    off again. One expert per domain (the first); a mixture needs two domains with data."""
     by_domain: dict[str, Expert] = {}
     for expert in experts:
         if expert.metadata.expert in known_domains():
@@ -142,17 +144,28 @@ def build_routed(
     if len(chosen) < 2:
         logger.info("no routed mixture: it needs experts of two or more known domains")
         return base, None
-    examples = moe.training_blocks(
-        list(by_domain), tokenizer, cfg.eval.eval_block_size, cfg.moe.router_blocks
-    )
-    router = moe.train_router(base, {e.label: examples[e.metadata.expert] for e in chosen})
-    mixture = moe.build_mixture(base, chosen, router)
-    mixture_losses = losses(mixture, blocks)
-    held_out = {by_domain[d].label: b for d, b in blocks.items() if d in by_domain}
-    accuracy = moe.route(mixture, held_out).accuracy
-    logger.info("routed mixture: routing accuracy %.2f, losses %s", accuracy, mixture_losses)
+    hidden = int(getattr(getattr(base, "config", None), "hidden_size", 0) or 0)
+    router: moe.Router | moe.ArrowOptions
+    mixture: moe.RoutedMixture | moe.ArrowMixture
+    accuracy = None
+    if cfg.moe.mixture_routing == moe.ARROW:
+        router = moe.ArrowOptions(cfg.moe.arrow_top_k, cfg.moe.arrow_temperature, cfg.merge.seed)
+        mixture = moe.build_arrow(base, chosen, router)
+        mixture_losses = losses(mixture, blocks)
+        logger.info("Arrow mixture (top %d of %d per token): losses %s", mixture.top_k, len(chosen),
+                    mixture_losses)  # fmt: skip
+    else:
+        examples = moe.training_blocks(
+            list(by_domain), tokenizer, cfg.eval.eval_block_size, cfg.moe.router_blocks
+        )
+        router = moe.train_router(base, {e.label: examples[e.metadata.expert] for e in chosen})
+        mixture = moe.build_mixture(base, chosen, router)
+        mixture_losses = losses(mixture, blocks)
+        held_out = {by_domain[d].label: b for d, b in blocks.items() if d in by_domain}
+        accuracy = moe.route(mixture, held_out).accuracy
+        logger.info("routed mixture: routing accuracy %.2f, losses %s", accuracy, mixture_losses)
     peft_model: Any = mixture.model
-    return peft_model.unload(), Routed(chosen, router, mixture_losses, accuracy)
+    return peft_model.unload(), Routed(chosen, router, mixture_losses, accuracy, hidden)
 
 
 def _best(mixture: Routed, matrix: EvalMatrix) -> BestModel:
@@ -262,7 +275,7 @@ def merge_experts(cfg: MergeConfig) -> Path:
 
     def extra(directory: Path) -> None:
         if routed is not None:
-            moe.save_mixture(directory / MIXTURE_DIR, routed.experts, routed.router)
+            moe.save_mixture(directory / MIXTURE_DIR, routed.experts, routed.router, routed.hidden_size)
 
     final = publish(model, tokenizer, cfg.out, manifest, identity, extra=extra)
     logger.info(

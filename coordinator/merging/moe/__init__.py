@@ -23,18 +23,24 @@ passes on a few hundred windows to train and runs one adapter per sequence.
 A mixture directory is self-contained, every file hashed in ``mixture.json``::
 
     mixture.json                      (MixtureSpec: experts by label and adapter sha256, file hashes)
-    router.safetensors                (weight [E, 2H], bias [E], mean [2H], std [2H]; H: hidden size)
+    router.safetensors                (weight [E, 2H], bias [E], mean [2H], std [2H]; H: hidden size;
+                                       an Arrow mixture has none: its spec names top_k and temperature)
     experts/<label>/adapter_model.safetensors, adapter_config.json, cogen.json
+
+Beside the trained router, PEFT's Arrow routes every token in every layer with no training at all
+(``arrow.py``; ``--mixture-routing arrow``); ``bench/merging/quality.py`` measures both.
 
 The package, by concern:
 
 - ``spec.py``     — the on-disk format (:class:`MixtureSpec`, file names) and :class:`MixtureError`
 - ``router.py``   — :class:`Router` (the linear gate) and :func:`sequence_features`
+- ``arrow.py``    — :class:`ArrowMixture`, :func:`build_arrow` (PEFT's zero-shot per-token router)
 - ``training.py`` — :func:`training_blocks` and :func:`train_router`
 - ``mixture.py``  — :class:`RoutedMixture`, :func:`build_mixture`, :func:`route` / :class:`RoutingReport`
 - ``store.py``    — :func:`save_mixture`, :func:`read_spec`, :func:`load_mixture` (atomic, verified)
 """
 
+from cogen.coordinator.merging.moe.arrow import ARROW, ArrowMixture, ArrowOptions, build_arrow, describe_arrow
 from cogen.coordinator.merging.moe.mixture import RoutedMixture, RoutingReport, build_mixture, describe, route
 from cogen.coordinator.merging.moe.router import Router, sequence_features
 from cogen.coordinator.merging.moe.spec import NAME, ROUTER_FILE, SPEC_FILE, MixtureError, MixtureSpec
@@ -42,16 +48,21 @@ from cogen.coordinator.merging.moe.store import load_mixture, read_spec, save_mi
 from cogen.coordinator.merging.moe.training import train_router, training_blocks
 
 __all__ = [
+    "ARROW",
     "NAME",
     "ROUTER_FILE",
     "SPEC_FILE",
+    "ArrowMixture",
+    "ArrowOptions",
     "MixtureError",
     "MixtureSpec",
     "RoutedMixture",
     "Router",
     "RoutingReport",
+    "build_arrow",
     "build_mixture",
     "describe",
+    "describe_arrow",
     "load_mixture",
     "read_spec",
     "route",
