@@ -180,7 +180,8 @@ class TrainStream:
 
     Progress, read by the trainer: ``epoch`` (of the document last handed to the tokenizer, which reads
     at most one chunk ahead of the batches), ``tokens_yielded``, ``batches_yielded``; ``documents`` is
-    the shard's training documents in corpus order.
+    the shard's training documents in corpus order. :meth:`repeats` tells whether the batch at a
+    position holds text of a second or later epoch (text the model has already trained on).
     """
 
     def __init__(
@@ -211,6 +212,8 @@ class TrainStream:
         self.epoch = 0
         self.tokens_yielded = 0
         self.batches_yielded = 0
+        self._first_epoch_tokens = 0  # tokens of epoch 0 packed so far (all of them once epoch 1 began)
+        self._first_epoch_done = False
         self._sources: OrderedDict[int, tuple[str, ...]] = OrderedDict()  # position -> row sources
         self._sources_lock = threading.Lock()  # a prefetching thread iterates, the trainer reads
         logger.info(
@@ -233,18 +236,38 @@ class TrainStream:
         with self._sources_lock:
             return self._sources.get(position)
 
-    def _documents(self) -> Iterator[Document]:
+    def repeats(self, position: int) -> bool:
+        """Whether the batch at stream ``position`` (0-based) holds any token of epoch 1 or later: text
+        that batches before it already held (blocks are packed contiguously, so epoch 0 fills exactly
+        its first tokens; a batch not yet read counts as new while epoch 0 runs on)."""
+        end = (position + 1) * self.batch_size * self.block_size
+        return self._first_epoch_done and end > self._first_epoch_tokens
+
+    def _documents(self) -> Iterator[tuple[int, Document]]:
         epoch = 0
         while True:
             self.epoch = epoch
-            yield from self.epoch_order(epoch)
+            for doc in self.epoch_order(epoch):
+                yield epoch, doc
             epoch += 1
+
+    def _counted(self, labels: Iterator[tuple[int, Document]], tokens: Iterator[list[int]]) -> Iterator[
+        tuple[str, list[int]]
+    ]:  # fmt: skip
+        """(source, token ids) of each document, counting epoch 0's tokens as they are packed."""
+        for (epoch, doc), ids in zip(labels, tokens, strict=False):
+            if epoch == 0:
+                self._first_epoch_tokens += len(ids)
+            else:
+                self._first_epoch_done = True
+            yield source_of(doc.id), ids
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         self.epoch, self.tokens_yielded, self.batches_yielded = 0, 0, 0
+        self._first_epoch_tokens, self._first_epoch_done = 0, False
         docs, labels = itertools.tee(self._documents())  # the tokenizer reads at most a chunk ahead
-        tokens = _token_stream((doc.text for doc in docs), self.tokenizer)
-        labelled = ((source_of(doc.id), ids) for doc, ids in zip(labels, tokens, strict=False))
+        tokens = _token_stream((doc.text for _, doc in docs), self.tokenizer)
+        labelled = self._counted(labels, tokens)
         rows: list[list[int]] = []
         sources: list[str] = []
         for block, source in _pack_labelled(labelled, self.block_size):

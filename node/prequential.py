@@ -1,8 +1,12 @@
 """Prequential losses: a node's free estimate of its expert's (and its base's) loss on unseen data.
 
-Every batch of the stream is seen once, and :class:`cogen.node.trainer.ExpertTrainer` computes its loss
-*before* stepping on it, so that loss is a fair sample of the current model's loss on unseen data of
-the domain. :class:`PrequentialTracker` (one per trainer, so one per generation) keeps
+Every batch of a shard's first epoch is seen once (the stream runs on across generations), and
+:class:`cogen.node.trainer.ExpertTrainer` computes its loss *before* stepping on it, so that loss is a
+fair sample of the current model's loss on unseen data of the domain. From a small shard's second
+epoch on the text repeats (:meth:`cogen.core.data.TrainStream.repeats`), its losses are biased low, and
+they are not claimed (counted in ``repeated``): the claims stay those of the first epoch, and an
+expert whose generation saw only repeats makes none (the coordinator then evaluates it in full).
+:class:`PrequentialTracker` (one per trainer, so one per generation) keeps
 
 - the most recent ``window`` batch losses (their stream positions are consecutive),
 - the first ``base_batches`` batch losses, if the trainer started from the base itself (every LoRA
@@ -81,6 +85,7 @@ class PrequentialTracker:
         self.base: list[tuple[int, float]] = []
         self.from_base: bool | None = None  # decided at the first batch
         self.batches = 0
+        self.repeated = 0  # batches of a second or later epoch, not claimed
         self.sources: dict[str, _Welford] = {}
 
     def observe(
@@ -91,11 +96,17 @@ class PrequentialTracker:
         row_sources: Sequence[str] | None,
         row_tokens: int,
         from_base: bool,
+        unseen: bool = True,
     ) -> None:
         """One batch at stream ``position``: its mean loss, each row's loss and source (None: unknown),
-        the tokens each row predicts, and whether the model was the base when the first batch came."""
+        the tokens each row predicts, whether the model was the base when the first batch came, and
+        whether the batch is text the model has not trained on (False from a small shard's second epoch
+        on: its loss is no longer a sample of unseen data, so it is not claimed)."""
         if self.from_base is None:
             self.from_base = from_base
+        if not unseen:
+            self.repeated += 1
+            return
         if not math.isfinite(loss) or not 0.0 <= loss <= 1e4:
             return
         if self.window and position != self.window[-1][0] + 1:

@@ -165,7 +165,7 @@ class ExpertNode(TrainingLoop):
             batches = BackgroundGenerator(itertools.islice(source, skip, None), max_prefetch=4)
             trainer = ExpertTrainer(
                 model, optimizer, scheduler, batches, max_grad_norm=cfg.optim.max_grad_norm,
-                row_sources=source.row_sources,
+                row_sources=source.row_sources, repeats=source.repeats,
             )  # fmt: skip
             self.group = self._join_group(model, trainer, saved)
             trainer.batches = skip

@@ -99,7 +99,7 @@ class BaseSwitching(NodeAnnouncing):
         model, optimizer, scheduler = self._build(str(base.path), device)
         trainer = ExpertTrainer(
             model, optimizer, scheduler, batches, max_grad_norm=self.cfg.optim.max_grad_norm,
-            row_sources=old.row_sources,
+            row_sources=old.row_sources, repeats=old.repeats,
         )  # fmt: skip
         trainer.steps, trainer.samples, trainer.tokens = old.steps, old.samples, old.tokens
         trainer.batches = old.batches

@@ -44,6 +44,7 @@ class ExpertTrainer:
         *,
         max_grad_norm: float = 1.0,
         row_sources: Callable[[int], tuple[str, ...] | None] | None = None,
+        repeats: Callable[[int], bool] | None = None,
     ):
         self.model = model
         self.optimizer = optimizer
@@ -58,6 +59,7 @@ class ExpertTrainer:
         self.skipped = 0
         self.batches = 0  # batches taken from the stream: the data position a resumed node skips to
         self.row_sources = row_sources  # the data source of each row of the batch at a stream position
+        self.repeats = repeats  # whether the batch at a stream position repeats text (a second epoch)
         self.prequential = PrequentialTracker()
         model.train()
 
@@ -75,7 +77,8 @@ class ExpertTrainer:
         value = float(loss.detach())
         sources = self.row_sources(position) if self.row_sources is not None else None
         per_row = rows.detach().float().tolist()
-        self.prequential.observe(position, value, per_row, sources, batch.shape[1] - 1, from_base)
+        unseen = self.repeats is None or not self.repeats(position)
+        self.prequential.observe(position, value, per_row, sources, batch.shape[1] - 1, from_base, unseen)
         applied = math.isfinite(value)
         if applied:
             loss.backward()

@@ -151,6 +151,28 @@ def test_epochs_reorder_the_same_documents(tmp_path: Path, tokenizer: PreTrained
     assert [d.id for d in other.epoch_order(0)] != [d.id for d in stream.epoch_order(0)]
 
 
+def test_a_batch_repeats_once_it_holds_text_of_a_second_epoch(
+    tmp_path: Path, tokenizer: PreTrainedTokenizerBase
+) -> None:
+    corpus = make_corpus(tmp_path, 30)
+    stream = TrainStream(corpus, tokenizer, block_size=16, batch_size=2, shard=0, num_shards=1)
+    it = iter(stream)
+    batches = [next(it)]
+    assert not stream.repeats(0) and not stream.repeats(5)  # epoch 0 runs on: nothing repeats yet
+    batches += [next(it) for _ in range(39)]  # 1280 tokens, more than two epochs
+    # epoch 0's tokens, counted independently: every document of its order, and an EOS after each
+    first_epoch = sum(len(tokenizer(d.text)["input_ids"]) + 1 for d in stream.epoch_order(0))
+    flags = [stream.repeats(p) for p in range(40)]
+    assert flags == [(p + 1) * 2 * 16 > first_epoch for p in range(40)]
+    assert not flags[0] and flags[-1]
+    seen: set[int] = set()  # a batch holding a document's marker for the second time repeats
+    for position, batch in enumerate(batches):
+        markers = decode_markers(tokenizer, [batch])
+        if any(m in seen for m in markers):
+            assert flags[position], position
+        seen.update(markers)
+
+
 def test_empty_shard_fails_at_once(tmp_path: Path, tokenizer: PreTrainedTokenizerBase) -> None:
     corpus = make_corpus(tmp_path, 1)
     empty = next(k for k in range(50) if k != shard_of("d000.txt", 50))

@@ -138,3 +138,24 @@ def test_trainer_loss_before_stepping_is_the_models_loss_and_reaches_the_record(
     )  # fmt: skip
     wire = MSGPackSerializer.loads(MSGPackSerializer.dumps(progress.to_wire()))
     assert TrainingProgress.model_validate(wire, strict=True) == progress
+
+
+def test_a_small_shards_second_epoch_is_not_claimed(tiny_path: str, tmp_path: Path) -> None:
+    for i in range(6):  # a shard of six short documents: a second epoch within a few batches
+        (tmp_path / f"d{i}.txt").write_text(f"Patient {i} was seen on day {i} and went home well.")
+    stream = TrainStream(DirectoryCorpus(tmp_path), gpt2_tokenizer(), block_size=16, batch_size=2, shard=0,
+                         num_shards=1, validation_fraction=0.0)  # fmt: skip
+    model = models.add_lora(models.load_base(tiny_path, "fp32", CPU), ModelConfig(lora_rank=4))
+    optimizer = models.build_optimizer(
+        models.trainable_parameters(model), OptimConfig(optimizer="adamw", lr=1e-2)
+    )
+    trainer = ExpertTrainer(model, optimizer, models.warmup_schedule(optimizer, 1), iter(stream),
+                            row_sources=stream.row_sources, repeats=stream.repeats)  # fmt: skip
+    for _ in range(12):
+        trainer.step()
+    fresh = [p for p in range(12) if not stream.repeats(p)]
+    assert 0 < len(fresh) < 12  # both kinds were streamed: the check is not vacuous
+    snap = trainer.prequential.snapshot(0, spec())
+    assert snap is not None and list(snap.window.positions()) == fresh  # the first epoch's batches only
+    assert snap.batches == len(fresh) and trainer.prequential.repeated == 12 - len(fresh)
+    assert sum(s.rows for s in snap.sources) == 2 * len(fresh)
