@@ -79,7 +79,11 @@ class MixtureConfig(_Frozen):
         "zero-shot per-token router over the adapters' top singular vectors (no router training)",
     )
     arrow_top_k: int = Field(
-        default=2, ge=1, le=64, description="arrow: experts mixed per token in each layer"
+        default=3,
+        ge=1,
+        le=64,
+        description="arrow: experts mixed per token in each layer (PEFT's default; "
+        "the best of 1, 2, 3 in bench/merging/quality.py)",
     )
     arrow_temperature: float = Field(
         default=1.0, gt=0, le=1000, description="arrow: temperature of the softmax over the top-k scores"

@@ -216,7 +216,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--eval-blocks", type=int, default=16, help="validation blocks per domain")
     add("--router-blocks", type=int, default=32, help="training blocks per domain the router learns from")
     add("--route-tokens", type=int, default=64, help="tokens at the start of a sequence the router reads")
-    add("--arrow-top-k", type=int, default=2, help="arrow: experts mixed per token (every top-k is measured)")
+    add("--arrow-top-k", type=int, default=3, help="arrow: experts mixed per token (every top-k is measured)")
     add("--density", type=float, default=0.5, help="ties / dare density")
     add("--fuse-sequences", type=int, default=32, help="fuse: fusion texts per domain (training split)")
     add("--fuse-steps", type=int, default=60, help="fuse: student steps")

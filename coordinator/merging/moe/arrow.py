@@ -32,7 +32,7 @@ ARROW = "arrow"  #: the routing a mixture spec records for an Arrow mixture
 class ArrowOptions:
     """How Arrow mixes: experts per token per layer, softmax temperature, power-iteration seed."""
 
-    top_k: int = 2
+    top_k: int = 3
     temperature: float = 1.0
     seed: int = 0
 
