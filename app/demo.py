@@ -292,9 +292,7 @@ def run_demo(opts: DemoOptions) -> list[DomainResult]:
     results = evaluate(opts, model_path, checkpoints)
     manifests = published_manifests(opts)
     methods = [m.method for m in manifests]
-    print(format_table(opts.model, results, methods))
-    for line in fusion_lines(manifests):
-        print(line)
+    print("\n".join([format_table(opts.model, results, methods), *fusion_lines(manifests)]))
     print(f"demo finished in {time.monotonic() - started:.0f} s", flush=True)
     if opts.json_path is not None:
         write_json_atomic(opts.json_path, results_json(opts.model, results, methods, manifests))

@@ -14,11 +14,13 @@
 - ``scraping.py``  — :class:`NodeScraper`: nodes' ``/metrics``, only at their own address, concurrent, bounded
 - ``dashboard.py`` — the page (``static/``) and plotly.js from the installed ``plotly`` package
 - ``config.py``    — the coordinator's and the offline merge's config models, one per concern
+- ``merge_options.py`` — how a merge is made (method, evaluation, mixture, gate, fusion), shared by both
 - ``schedule.py``  — :class:`GenerationSchedule`: when a generation is due, from claims it can check
 - ``collect.py``   — a group's state downloaded, checked and saved as an expert checkpoint
 - ``foreign.py``   — foreign experts (nodes on another model): found, collected on their model, fused
 - ``claims.py``    — the experts' prequential claims, gathered from their members' signed progress records
 - ``generations.py`` — :class:`GenerationLoop`: collect each due group's expert, rank, merge, publish
+- ``generation_files.py`` — what a generation leaves behind: its API summary, the gate's kept refusal
 - ``merging/``     — merge methods, ranking weights, signed manifests, published generations
 - ``cli.py``       — the ``cogen-coordinator`` and ``cogen dashboard`` commands
 """

@@ -9,136 +9,31 @@
 The generation loop hands its ``merge``, ``eval``, ``moe``, ``keys`` and ``cache`` to the
 :class:`MergeConfig` of each merge as they are: a merge option is declared once, here. Flags stay
 flat (:mod:`cogen.core.settings`): the coordinator's ``merge`` carries the prefix ``merge``
-(``--merge-method``, ``--merge-seed``), the offline merge's none (``--method``, ``--seed``).
+(``--merge-method``, ``--merge-seed``), the offline merge's none (``--method``, ``--seed``). The models
+of how a merge is made (options, evaluation, mixture, gate, fusion) are :mod:`.merge_options`.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
+from cogen.coordinator.merge_options import (
+    EvalConfig,
+    Frozen,
+    FuseConfig,
+    GateConfig,
+    MergeOptions,
+    MixtureConfig,
+)
 from cogen.core.config import CacheConfig, NetworkConfig
 from cogen.core.settings import FlagPrefix
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class MergeOptions(_Frozen):
-    """How experts are merged into the next base (the methods of :mod:`cogen.coordinator.merging`)."""
-
-    method: str = Field(
-        default="linear",
-        description="merge method: dare, dare_ties, fuse (distillation of the experts and --fuse-sources), "
-        "linear, ties (linear: the best dense merge in bench/merging/quality.py on SmolLM2)",
-    )
-    density: float = Field(
-        default=0.5, gt=0, le=1, description="fraction of each delta kept by ties / dare (1: keep all)"
-    )
-    seed: int = Field(default=0, ge=0, description="seed of DARE's random drops (per module, order-free)")
-    majority_sign: Literal["total", "frequency"] = Field(
-        default="total", description="how ties / dare_ties elect each parameter's sign"
-    )
-    rank_bootstrap: int = Field(
-        default=200, ge=0, le=100_000, description="bootstrap resamples behind the ranking's confidence"
-    )
-
-
-class EvalConfig(_Frozen):
-    """How base, experts and merge are evaluated on each domain's validation split."""
-
-    eval_blocks: int = Field(default=8, ge=1, le=100_000, description="validation blocks per domain")
-    eval_block_size: int = Field(default=128, ge=8, le=32768, description="tokens per validation block")
-    full_eval_every: int = Field(
-        default=4,
-        ge=1,
-        le=1_000_000,
-        description="evaluate every expert on every domain (the audit) on generations 1, 1+N, 1+2N, ...; "
-        "the others rank and weight experts by their nodes' spot-checked prequential claims alone",
-    )
-
-
-class MixtureConfig(_Frozen):
-    """The routed mixture of the experts (``moe``), built beside the dense merge."""
-
-    mixture: bool = Field(
-        default=True,
-        description="with an evaluation, also build the routed mixture of the experts (moe), publish it "
-        "beside the dense base and record the better of the two in the manifest",
-    )
-    router_blocks: int = Field(
-        default=16, ge=1, le=10_000, description="training blocks per domain the mixture's router learns from"
-    )
-    mixture_routing: Literal["sequence", "arrow"] = Field(
-        default="sequence",
-        description="sequence: a router trained on the domains picks one expert per sequence; arrow: PEFT's "
-        "zero-shot per-token router over the adapters' top singular vectors (no router training)",
-    )
-    arrow_top_k: int = Field(
-        default=3,
-        ge=1,
-        le=64,
-        description="arrow: experts mixed per token in each layer (PEFT's default; "
-        "the best of 1, 2, 3 in bench/merging/quality.py)",
-    )
-    arrow_temperature: float = Field(
-        default=1.0, gt=0, le=1000, description="arrow: temperature of the softmax over the top-k scores"
-    )
-
-
-class GateConfig(_Frozen):
-    """The publishing gate: a candidate base is published only when not worse than its parent."""
-
-    gate: bool = Field(
-        default=True,
-        description="with an evaluation, publish a candidate only when it is not worse than its parent on "
-        "any evaluated domain or on the general text (beyond the bootstrap noise); else re-weight, retry, "
-        "or keep the parent",
-    )
-    gate_attempts: int = Field(default=3, ge=1, le=20, description="candidates the gate judges per merge")
-    gate_level: float = Field(default=0.9, gt=0, lt=1, description="level of the gate's bootstrap interval")
-    gate_budget_s: float = Field(
-        default=900.0, gt=0, le=86400, description="no new candidate after this many seconds of judging"
-    )
-    gate_general: tuple[str, ...] | None = Field(
-        default=None,
-        description="general text sets no expert trains on (default: the known domains no expert of the "
-        "generation trains on)",
-    )
-
-
-class FuseConfig(_Frozen):
-    """Method ``fuse``: the next base distilled from the experts and other sources (see fusion/fuse.py)."""
-
-    fuse_sources: tuple[Path, ...] = Field(
-        default=(),
-        description="other teachers: cogen expert checkpoints on another base, or Hugging Face model dirs "
-        "(another architecture, size or tokenizer)",
-    )
-    fuse_domains: tuple[str, ...] | None = Field(
-        default=None,
-        description="domains of the fusion corpus (default: the experts' and the sources' domains)",
-    )
-    fuse_sequences: int = Field(default=32, ge=1, le=100_000, description="fusion texts per domain")
-    fuse_length: int = Field(default=128, ge=8, le=32768, description="student tokens per fusion text")
-    fuse_top_k: int = Field(default=32, ge=1, le=4096, description="teacher log-probabilities kept per token")
-    fuse_steps: int = Field(default=60, ge=0, le=1_000_000, description="student training steps")
-    fuse_batch_size: int = Field(default=8, ge=1, le=4096, description="fusion texts per student step")
-    fuse_lr: float = Field(default=2e-3, gt=0, le=1, description="the student LoRA's learning rate")
-    fuse_rank: int = Field(default=16, ge=1, le=1024, description="the student LoRA's rank")
-    fuse_kd_weight: float = Field(
-        default=0.8, ge=0, le=1, description="weight of the distillation loss (the rest: language modelling)"
-    )
-    fuse_budget_s: float = Field(
-        default=1800.0, gt=0, le=86400, description="the student stops training after this many seconds"
-    )
-
-
-class SigningConfig(_Frozen):
+class SigningConfig(Frozen):
     """The key that signs published manifests."""
 
     identity: Path | None = Field(
@@ -159,7 +54,7 @@ class CoordinatorKeys(SigningConfig):
     )
 
 
-class ApiConfig(_Frozen):
+class ApiConfig(Frozen):
     """Where the HTTP API (dashboard, JSON API, checkpoints, metrics) listens, and how it is announced."""
 
     api_host: str = Field(
@@ -190,7 +85,7 @@ class ApiConfig(_Frozen):
         return value
 
 
-class ViewConfig(_Frozen):
+class ViewConfig(Frozen):
     """How the coordinator watches the swarm."""
 
     poll_interval_s: float = Field(default=2.0, gt=0, le=600, description="seconds between DHT reads")
@@ -204,7 +99,7 @@ class ViewConfig(_Frozen):
     )
 
 
-class HistoryConfig(_Frozen):
+class HistoryConfig(Frozen):
     """The dashboard's history of losses and averaging rounds (SQLite)."""
 
     keep_history: bool = Field(
@@ -222,7 +117,7 @@ class HistoryConfig(_Frozen):
     )
 
 
-class ScheduleConfig(_Frozen):
+class ScheduleConfig(Frozen):
     """When a generation ends and how long its experts are waited for."""
 
     generation_s: float | None = Field(
@@ -252,7 +147,7 @@ class ScheduleConfig(_Frozen):
         return self.generation_s is not None or self.generation_outer_steps is not None
 
 
-class CoordinatorConfig(_Frozen):
+class CoordinatorConfig(Frozen):
     """Everything ``cogen-coordinator`` needs."""
 
     network: NetworkConfig = NetworkConfig()
@@ -273,7 +168,7 @@ class CoordinatorConfig(_Frozen):
     cache: CacheConfig = CacheConfig()
 
 
-class MergeConfig(_Frozen):
+class MergeConfig(Frozen):
     """``cogen-coordinator merge``: fuse expert checkpoints on disk into a new base, offline."""
 
     experts: tuple[Path, ...] = Field(

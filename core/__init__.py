@@ -7,7 +7,8 @@
 - ``corpora.py``    — the domain registry (medical, legal, code, literature, or a directory);
   ``documents.py`` — what a corpus and its documents are; ``builtin_corpora.py`` — the built-in
   domains, read from installed packages; ``directory_corpus.py`` — a local directory as a corpus
-- ``data.py``       — deterministic split, sharding, tokenising and packing into blocks
+- ``data.py``       — deterministic split, sharding, the training stream and validation blocks
+- ``packing.py``    — batched lazy tokenising and packing token lists into blocks
 - ``checkpoint.py`` — adapter checkpoints: safetensors + JSON metadata, atomic
 - ``atomic.py``     — atomic writes: a directory (staged, fsynced, renamed; leftovers of a kill removed),
   a JSON file, a symlink

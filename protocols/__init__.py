@@ -4,8 +4,9 @@
 - ``names.py``      — the rule for swarm and expert names (they end up in DHT keys)
 - ``keys.py``       — swarm-prefixed DHT keys, each format in one place (record kinds, group averagers)
 - ``records.py``    — strict pydantic v2 record schemas (:class:`NodeInfo`, :class:`TrainingProgress`, ...),
-  each naming its key kind (``NodeInfo.KIND``); a permissioned swarm's :class:`Credential`,
-  :class:`MemberInfo` and :class:`Revocations`
+  each naming its key kind (``NodeInfo.KIND``); a permissioned swarm's :class:`MemberInfo` and
+  :class:`Revocations`
+- ``credentials.py`` — :class:`Credential`: the swarm owner's signature on a member's public key
 - ``prequential.py`` — :class:`Prequential`: a node's losses on batches before it stepped on them (its
   recent window, the base's first batches, per data source) and the :class:`StreamSpec` that rebuilds them
 - ``group_state.py`` — :class:`GroupStateInfo`: what a group member sends with its shared state
@@ -20,12 +21,12 @@
   reads the records and keys without it)
 """
 
+from cogen.protocols.credentials import Credential
 from cogen.protocols.group_state import GroupStateInfo, GroupStateRejected, parse_group_state
 from cogen.protocols.keys import check_swarm_name, swarm_key
 from cogen.protocols.records import (
     RECORD_SCHEMAS,
     CheckpointSource,
-    Credential,
     GroupProgress,
     Hardware,
     MemberInfo,

@@ -24,8 +24,15 @@ class FusionSource(BaseModel):
     domain: str | None = Field(default=None, max_length=256, description="the domain it was trained on")
     architecture: str = Field(max_length=256)
     base_model: str = Field(max_length=1024, description="the base it is an adapter on, or its own weights")
-    tokenizer_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    tokenizer_sha256: str = Field(
+        pattern=r"^[0-9a-f]{64}$",
+        description="sha256 of its tokenizer's vocabulary (token -> id, sorted): equal vocabularies hash "
+        "equal whatever files hold them (NodeInfo's tokenizer_sha256 fingerprints the files instead)",
+    )
+    weights_sha256: str = Field(
+        pattern=r"^[0-9a-f]{64}$",
+        description="an expert's adapter_model.safetensors, or over a model directory's *.safetensors",
+    )
     same_tokenizer: bool = Field(description="it reads the student's tokens (no alignment needed)")
     fusion_weight: float = Field(ge=0, le=1, description="fraction of the corpus it was the target on")
     cross_entropy_per_byte: float = Field(ge=0, description="its mean cross-entropy on the corpus, nats/byte")

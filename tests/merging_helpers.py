@@ -74,3 +74,17 @@ def trained_expert(
                            tokens=512 * steps)  # fmt: skip
     save_adapter(model, out, meta)
     return out
+
+
+def two_experts(tiny_path: str, root: Path) -> list[Path]:
+    """A medical and a legal expert with seeded random adapters (:func:`make_expert`)."""
+    return [
+        make_expert(tiny_path, root / "medical", 1, expert="medical"),
+        make_expert(tiny_path, root / "legal", 2, expert="legal"),
+    ]
+
+
+def cfg(tmp_path: Path, experts: list[Path], **kw: object) -> MergeConfig:
+    """An offline merge of ``experts`` into ``tmp_path/out``, signed with ``tmp_path/id.pem``, on CPU."""
+    settings = {"experts": experts, "out": tmp_path / "out", "identity": tmp_path / "id.pem", "device": "cpu"}
+    return merge_config(**{**settings, **kw})

@@ -14,7 +14,7 @@ from conftest import Peers
 from merging_helpers import make_expert, merge_config
 from playwright.sync_api import sync_playwright
 
-from cogen.coordinator.generations import summarize
+from cogen.coordinator.generation_files import summarize
 from cogen.coordinator.merging import verify_manifest
 from cogen.coordinator.merging.merge import merge_experts
 from cogen.core.procs import wait_for

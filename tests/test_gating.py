@@ -11,7 +11,7 @@ from conftest import Peers
 from merging_helpers import make_expert, merge_config, trained_expert
 from playwright.sync_api import sync_playwright
 
-from cogen.coordinator.generations import record_refusal
+from cogen.coordinator.generation_files import record_refusal
 from cogen.coordinator.merging import verify_manifest
 from cogen.coordinator.merging.gating import GateRefused
 from cogen.coordinator.merging.merge import merge_experts

@@ -24,6 +24,7 @@
   :func:`verify_manifest` are in :mod:`cogen.protocols.manifest`)
 - ``publish.py`` — write a generation (HF checkpoint + manifest) atomically and swap ``OUT/latest``
 - ``merge.py`` — :func:`merge_experts`, the whole offline pipeline behind ``cogen-coordinator merge``
+- ``routed.py`` — the mixture built beside the dense base (trained router or Arrow), and the best of the two
 - ``reproduce.py`` — the platform a merge ran on and the tolerance a recomputation elsewhere must meet
 - ``recompute.py`` — re-run a published generation's merge from its manifest (``cogen verify --recompute``)
 """
