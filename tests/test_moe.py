@@ -158,6 +158,15 @@ def one_line_error(tiny_path: str, directory: Path, match: str) -> None:
     assert "\n" not in str(info.value)
 
 
+def narrow_base() -> Any:
+    """The tiny model's architecture at hidden size 32: a base no tiny-model mixture was built on."""
+    from transformers import AutoModelForCausalLM
+
+    narrow = models.tiny_config()
+    narrow.hidden_size = 32
+    return AutoModelForCausalLM.from_config(narrow)
+
+
 def test_tampered_or_mismatched_mixtures_are_refused(tiny_path: str, setup: Trained, tmp_path: Path) -> None:
     good = save_mixture(tmp_path / "good", setup.experts, setup.router)
     one_line_error(tiny_path, tmp_path / "absent", "does not exist")
@@ -194,12 +203,8 @@ def test_tampered_or_mismatched_mixtures_are_refused(tiny_path: str, setup: Trai
     (bad_spec / SPEC_FILE).write_text(json.dumps(spec))
     one_line_error(tiny_path, bad_spec, "route_tokens")
 
-    from transformers import AutoModelForCausalLM
-
-    narrow = models.tiny_config()
-    narrow.hidden_size = 32
     with pytest.raises(MixtureError, match="router reads hidden size 64, the base model has 32"):
-        load_mixture(AutoModelForCausalLM.from_config(narrow), good)
+        load_mixture(narrow_base(), good)
 
 
 def test_router_needs_two_experts(tiny_path: str) -> None:
@@ -258,12 +263,8 @@ def test_arrow_comes_off_the_base_and_round_trips(tiny_path: str, setup: Trained
     spec["route_tokens"] = 8
     (both / SPEC_FILE).write_text(json.dumps(spec))
     one_line_error(tiny_path, both, "arrow routing needs arrow settings and no route_tokens")
-    from transformers import AutoModelForCausalLM
-
-    narrow = models.tiny_config()
-    narrow.hidden_size = 32
     with pytest.raises(MixtureError, match="built on hidden size 64, the base model has 32"):
-        load_mixture(AutoModelForCausalLM.from_config(narrow), out)
+        load_mixture(narrow_base(), out)
 
 
 def test_arrow_refuses_experts_of_different_ranks(tiny_path: str, setup: Trained, tmp_path: Path) -> None:
