@@ -40,8 +40,8 @@ The package, by concern:
 - ``store.py``    — :func:`save_mixture`, :func:`read_spec`, :func:`load_mixture` (atomic, verified)
 """
 
-from cogen.coordinator.merging.moe.arrow import ARROW, ArrowMixture, ArrowOptions, build_arrow, describe_arrow
-from cogen.coordinator.merging.moe.mixture import RoutedMixture, RoutingReport, build_mixture, describe, route
+from cogen.coordinator.merging.moe.arrow import ARROW, ArrowMixture, ArrowOptions, build_arrow
+from cogen.coordinator.merging.moe.mixture import RoutedMixture, RoutingReport, build_mixture, route
 from cogen.coordinator.merging.moe.router import Router, sequence_features
 from cogen.coordinator.merging.moe.spec import NAME, ROUTER_FILE, SPEC_FILE, MixtureError, MixtureSpec
 from cogen.coordinator.merging.moe.store import load_mixture, read_spec, save_mixture
@@ -61,8 +61,6 @@ __all__ = [
     "RoutingReport",
     "build_arrow",
     "build_mixture",
-    "describe",
-    "describe_arrow",
     "load_mixture",
     "read_spec",
     "route",

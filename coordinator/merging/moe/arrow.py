@@ -49,17 +49,13 @@ class ArrowMixture(nn.Module):
     def __init__(self, model: nn.Module, labels: Sequence[str], options: ArrowOptions) -> None:
         super().__init__()
         self.model = model
-        self._labels = tuple(labels)
+        self.labels = tuple(labels)
         self.options = options
-
-    @property
-    def labels(self) -> tuple[str, ...]:
-        return self._labels
 
     @property
     def top_k(self) -> int:
         """Experts mixed per token: ``options.top_k``, at most the number of experts."""
-        return min(self.options.top_k, len(self._labels))
+        return min(self.options.top_k, len(self.labels))
 
     def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> Any:
         if self.training:
@@ -91,13 +87,3 @@ def build_arrow(base: nn.Module, experts: Sequence[Expert], options: ArrowOption
         raise MixtureError(f"cannot build an Arrow mixture of these experts: {first}") from None
     model.requires_grad_(False)
     return ArrowMixture(model, [e.label for e in experts], options).eval()
-
-
-def describe_arrow(mixture: ArrowMixture) -> dict[str, float | int | str]:
-    """The parameters that shaped an Arrow mixture, for a manifest's ``params``."""
-    return {
-        "routing": ARROW,
-        "top_k": mixture.top_k,
-        "temperature": mixture.options.temperature,
-        "experts": len(mixture.labels),
-    }

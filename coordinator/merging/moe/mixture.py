@@ -97,8 +97,3 @@ def route(mixture: RoutedMixture, blocks: Mapping[str, torch.Tensor]) -> Routing
             counts[chosen] += 1
         confusion[label] = counts
     return RoutingReport(confusion)
-
-
-def describe(router: Router) -> dict[str, float | int | str]:
-    """The parameters that shaped a mixture, for a manifest's ``params``."""
-    return {"routing": "sequence", "route_tokens": router.route_tokens, "experts": len(router.labels)}
