@@ -8,7 +8,8 @@ they are not claimed (counted in ``repeated``): the claims stay those of the fir
 expert whose generation saw only repeats makes none (the coordinator then evaluates it in full).
 :class:`PrequentialTracker` (one per trainer, so one per generation) keeps
 
-- the most recent ``window`` batch losses (their stream positions are consecutive),
+- the most recent ``window`` batches' per-row losses (their stream positions are consecutive; a batch's
+  loss is their mean, the first :data:`~cogen.protocols.prequential.MAX_ROWS` rows of a larger batch),
 - the first ``base_batches`` batch losses, if the trainer started from the base itself (every LoRA
   ``B`` matrix zero: a fresh adapter, nothing loaded from the group or from disk),
 - per data source, the count, mean and variance of per-row losses (Welford's update),
@@ -29,6 +30,8 @@ from torch import nn
 
 from cogen.protocols.prequential import (
     MAX_BASE,
+    MAX_ROW_LOSSES,
+    MAX_ROWS,
     MAX_SOURCES,
     MAX_WINDOW,
     LossRun,
@@ -80,9 +83,9 @@ class PrequentialTracker:
     def __init__(self, window: int = 64, base_batches: int = 8):
         if not 1 <= window <= MAX_WINDOW or not 1 <= base_batches <= MAX_BASE:
             raise ValueError(f"window must be in [1, {MAX_WINDOW}] and base_batches in [1, {MAX_BASE}]")
-        self.window: deque[tuple[int, float]] = deque(maxlen=window)
+        self.window: deque[tuple[int, list[float]]] = deque(maxlen=window)
         self.base_batches = base_batches
-        self.base: list[tuple[int, float]] = []
+        self.base: list[tuple[int, list[float]]] = []
         self.from_base: bool | None = None  # decided at the first batch
         self.batches = 0
         self.repeated = 0  # batches of a second or later epoch, not claimed
@@ -109,16 +112,19 @@ class PrequentialTracker:
             return
         if not math.isfinite(loss) or not 0.0 <= loss <= 1e4:
             return
+        rows = [float(r) for r in row_losses[:MAX_ROWS]]
+        if not rows or not all(math.isfinite(r) and 0.0 <= r <= 1e4 for r in rows):
+            return
         if self.window and position != self.window[-1][0] + 1:
             self.window.clear()  # positions in a run are consecutive (a stream restarted elsewhere)
-        self.window.append((position, loss))
+        self.window.append((position, rows))
         self.batches += 1
         if (
             self.from_base
             and len(self.base) < self.base_batches
             and (not self.base or position == self.base[-1][0] + 1)
         ):
-            self.base.append((position, loss))
+            self.base.append((position, rows))
         for row, source in zip(row_losses, row_sources or (), strict=False):
             if math.isfinite(row):
                 self._source(source[:MAX_SOURCE_NAME] or "?").add(row, row_tokens)
@@ -157,5 +163,14 @@ class PrequentialTracker:
         )
 
 
-def _run(pairs: list[tuple[int, float]]) -> LossRun:
-    return LossRun(start=pairs[0][0], losses=[loss for _, loss in pairs])
+def _run(pairs: list[tuple[int, list[float]]]) -> LossRun:
+    """The run of the latest batches whose rows fit a record (:data:`MAX_ROW_LOSSES` in all)."""
+    kept: list[tuple[int, list[float]]] = []
+    total = 0
+    for position, rows in reversed(pairs):
+        if kept and total + len(rows) > MAX_ROW_LOSSES:
+            break
+        kept.append((position, rows))
+        total += len(rows)
+    kept.reverse()
+    return LossRun.of_rows(kept[0][0], [rows for _, rows in kept])

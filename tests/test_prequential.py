@@ -20,7 +20,7 @@ from cogen.core.evaluation import validation_loss
 from cogen.node.prequential import PrequentialTracker, starts_from_base
 from cogen.node.trainer import ExpertTrainer, row_losses
 from cogen.protocols import TrainingProgress
-from cogen.protocols.prequential import MAX_WINDOW, LossRun, StreamSpec
+from cogen.protocols.prequential import MAX_ROW_LOSSES, MAX_ROWS, MAX_WINDOW, LossRun, StreamSpec
 
 CPU = torch.device("cpu")
 PEER = "12D3KooWabcdefghjkmnpqrstuv"
@@ -74,6 +74,7 @@ def test_tracker_keeps_window_base_and_sources_and_drops_non_finite() -> None:
     assert snap.window.mean == pytest.approx(2.25) and snap.window.variance == pytest.approx(
         0.41666, rel=1e-3
     )
+    assert snap.window.rows == [[2.5, 3.5], [2.0, 3.0], [1.5, 2.5], [1.0, 2.0]]  # each row's own loss
     assert snap.base is not None and snap.base.start == 10 and snap.base.losses == [5.0, 4.0]
     stats = {s.source: s for s in snap.sources}
     assert stats["a"].rows == 6 and stats["a"].tokens == 90
@@ -81,6 +82,18 @@ def test_tracker_keeps_window_base_and_sources_and_drops_non_finite() -> None:
     assert stats["b"].loss_var == pytest.approx(stats["a"].loss_var)
     wire = MSGPackSerializer.loads(MSGPackSerializer.dumps(snap.model_dump()))
     assert type(snap).model_validate(wire, strict=True) == snap
+
+
+def test_a_window_keeps_its_latest_batches_whose_rows_fit_a_record() -> None:
+    tracker = PrequentialTracker(window=MAX_WINDOW)
+    rows = 2 * MAX_ROWS  # a batch larger than a record carries: its first MAX_ROWS rows are claimed
+    for position in range(MAX_WINDOW):
+        tracker.observe(position, 1.0, [1.0 + position] * rows, None, 15, from_base=False)
+    snap = tracker.snapshot(0, spec())
+    assert snap is not None and all(len(r) == MAX_ROWS for r in snap.window.rows)
+    assert snap.window.count == MAX_ROW_LOSSES // MAX_ROWS
+    assert snap.window.start + snap.window.count == MAX_WINDOW  # the latest ones
+    assert snap.window.losses[-1] == float(MAX_WINDOW)  # a batch's loss is its claimed rows' mean
 
 
 def test_tracker_reports_no_base_when_the_first_batch_was_not_the_base() -> None:
@@ -94,11 +107,17 @@ def test_tracker_reports_no_base_when_the_first_batch_was_not_the_base() -> None
 
 def test_records_bound_sizes_and_refuse_non_finite_losses() -> None:
     with pytest.raises(ValidationError):
-        LossRun(start=0, losses=[1.0] * (MAX_WINDOW + 1))
+        LossRun.of_rows(0, [[1.0]] * (MAX_WINDOW + 1))
     with pytest.raises(ValidationError):
-        LossRun(start=0, losses=[math.nan])
+        LossRun.of_rows(0, [[math.nan]])
     with pytest.raises(ValidationError):
-        LossRun(start=0, losses=[-1.0])
+        LossRun.of_rows(0, [[-1.0]])
+    with pytest.raises(ValidationError, match="rows of every batch"):
+        LossRun(start=0, losses=[1.0, 2.0], rows=[[1.0]])
+    with pytest.raises(ValidationError, match="mean of its rows"):  # a batch mean its rows do not give
+        LossRun(start=0, losses=[1.0], rows=[[1.0, 2.0]])
+    with pytest.raises(ValidationError, match="row losses"):
+        LossRun.of_rows(0, [[1.0] * MAX_ROWS] * (MAX_ROW_LOSSES // MAX_ROWS + 1))
     with pytest.raises(ValidationError):
         StreamSpec(
             corpus="", shard=0, num_shards=1, seed=0, block_size=16, batch_size=4, validation_fraction=0.05

@@ -18,8 +18,9 @@ def claim(domain: str, base: list[float] | None, window: list[float], start: int
     stream = StreamSpec(corpus=domain, shard=0, num_shards=1, seed=0, block_size=16, batch_size=4,
                         validation_fraction=0.05)  # fmt: skip
     return Prequential(
-        generation=0, stream=stream, batches=start + len(window), window=LossRun(start=start, losses=window),
-        base=LossRun(start=0, losses=base) if base else None,
+        generation=0, stream=stream, batches=start + len(window),
+        window=LossRun.of_rows(start, [[w] for w in window]),
+        base=LossRun.of_rows(0, [[b] for b in base]) if base else None,
     )  # fmt: skip
 
 

@@ -55,10 +55,33 @@ def trained(tiny_path: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[P
 def forged(claim: Prequential, window: float | None = None, base: float | None = None) -> Prequential:
     update = {}
     if window is not None:
-        update["window"] = LossRun(start=claim.window.start, losses=[window] * claim.window.count)
+        update["window"] = LossRun.of_rows(claim.window.start, [[window] * len(r) for r in claim.window.rows])
     if base is not None and claim.base is not None:
-        update["base"] = LossRun(start=claim.base.start, losses=[base] * claim.base.count)
+        update["base"] = LossRun.of_rows(claim.base.start, [[base] * len(r) for r in claim.base.rows])
     return claim.model_copy(update=update)
+
+
+def scaled(claim: Prequential, factor: float) -> Prequential:
+    """A subtler liar: every window row's loss shaved by the same factor (batch means stay consistent)."""
+    rows = [[r * factor for r in batch] for batch in claim.window.rows]
+    return claim.model_copy(update={"window": LossRun.of_rows(claim.window.start, rows)})
+
+
+def test_a_liar_shaving_a_tenth_off_its_rows_is_caught_wherever_the_check_lands(
+    tiny_path: str, trained: tuple[Path, Prequential]
+) -> None:
+    """The check compares the very rows it recomputes, so the slack is the precision gap (5 %), not the
+    spread between a row and its batch's mean: a liar 10 % low is caught by every check."""
+    path, honest = trained
+    base = load_base_fp32(tiny_path, CPU)
+    tokenizer = models.load_tokenizer(tiny_path)
+    for seed in range(4):
+        for budget in (SPEC.block_size, 2 * SPEC.batch_size * SPEC.block_size):  # one row, or whole batches
+            base, result = check_expert(base, path, [scaled(honest, 0.9)], tokenizer, budget,
+                                        random.Random(seed))  # fmt: skip
+            assert result.failed is not None and "claimed a loss" in result.failed, (seed, budget, result)
+            base, fine = check_expert(base, path, [honest], tokenizer, budget, random.Random(seed))
+            assert fine.failed is None, (seed, budget, fine)
 
 
 def test_the_rebuilt_batch_is_the_one_the_node_read(tiny_path: str) -> None:

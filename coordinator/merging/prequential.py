@@ -89,21 +89,20 @@ def _pool(runs: Sequence[LossRun]) -> tuple[float, float, int]:
     return mean, variance / count, count
 
 
-def _recent(claim: Prequential) -> LossRun:
+def recent_run(claim: Prequential) -> LossRun:
     """The recent half of a claim's window after its base batches: the current model, not the base."""
     run = claim.window
     after = claim.base.start + claim.base.count if claim.base is not None else run.start
     losses = [loss for position, loss in zip(run.positions(), run.losses, strict=True) if position >= after]
     if not losses:
         return run
-    keep = losses[-max(RECENT_MIN, len(losses) // 2) :]
-    return LossRun(start=run.start + run.count - len(keep), losses=keep)
+    return run.tail(max(RECENT_MIN, len(losses) // 2))
 
 
 def _base(claim: Prequential) -> LossRun | None:
     if claim.base is None:
         return None
-    return LossRun(start=claim.base.start, losses=claim.base.losses[:BASE_BATCHES])
+    return claim.base.head(BASE_BATCHES)
 
 
 def estimate(expert: str, claims: Iterable[Prequential]) -> Estimate | None:
@@ -111,7 +110,7 @@ def estimate(expert: str, claims: Iterable[Prequential]) -> Estimate | None:
     claims = list(claims)
     if not claims:
         return None
-    window, window_var, count = _pool([_recent(c) for c in claims])
+    window, window_var, count = _pool([recent_run(c) for c in claims])
     bases = [b for b in map(_base, claims) if b is not None]
     base, base_var = (None, 0.0) if not bases else _pool(bases)[:2]
     return Estimate(expert, claims[0].stream.corpus, base, base_var, window, window_var, count)
