@@ -173,4 +173,4 @@ def _run(pairs: list[tuple[int, list[float]]]) -> LossRun:
         kept.append((position, rows))
         total += len(rows)
     kept.reverse()
-    return LossRun.of_rows(kept[0][0], [rows for _, rows in kept])
+    return LossRun(start=kept[0][0], rows=[rows for _, rows in kept])

@@ -4,9 +4,9 @@ Streaming training sees each batch once, so the loss a node computes on a batch 
 it is an unbiased estimate of its current model's loss on unseen data of its domain (prequential
 evaluation). A node reports, inside its signed :class:`cogen.protocols.records.TrainingProgress`:
 
-- ``window``: the losses of its most recent batches, one per batch, at consecutive stream positions,
-  each with its rows' own losses (so a check can recompute exactly the rows it affords, not a noisy
-  part of a batch mean); their mean estimates the expert's own-domain loss now (a little stale: each
+- ``window``: the losses of its most recent batches, at consecutive stream positions, row by row (so
+  a check can recompute exactly the rows it affords, not a noisy part of a batch mean); their mean
+  estimates the expert's own-domain loss now (a little stale: each
   was computed before the steps that followed it);
 - ``base``: the losses of the first batches of the generation, when the node started from the base
   itself (a fresh adapter, nothing loaded from a group or disk): the first is exactly the base's loss on
@@ -57,43 +57,36 @@ class StreamSpec(_Strict):
 
 
 class LossRun(_Strict):
-    """Per-batch mean losses at consecutive stream positions ``start``, ``start + 1``, ..., and each
-    batch's per-row losses (``losses[i]`` is the mean of ``rows[i]``)."""
+    """Per-row losses of the batches at consecutive stream positions ``start``, ``start + 1``, ...; a
+    batch's loss (``losses[i]``) is the mean of its rows' (``rows[i]``)."""
 
-    start: Count = Field(description="the stream position (0-based batch index) of the first loss")
-    losses: list[Loss] = Field(min_length=1, max_length=MAX_WINDOW)
+    start: Count = Field(description="the stream position (0-based batch index) of the first batch")
     rows: list[Annotated[list[Loss], Field(min_length=1, max_length=MAX_ROWS)]] = Field(
-        max_length=MAX_WINDOW, description="each batch's per-row losses, in the batch's row order"
+        min_length=1, max_length=MAX_WINDOW, description="each batch's per-row losses, in its row order"
     )
 
     @model_validator(mode="after")
-    def _rows_agree(self) -> LossRun:
-        if len(self.rows) != len(self.losses):
-            raise ValueError("a loss run needs the rows of every batch")
+    def _bounded(self) -> LossRun:
         if sum(len(r) for r in self.rows) > MAX_ROW_LOSSES:
             raise ValueError(f"a loss run carries at most {MAX_ROW_LOSSES} row losses")
-        for loss, rows in zip(self.losses, self.rows, strict=True):
-            if abs(statistics.fmean(rows) - loss) > 1e-4 * max(1.0, loss):
-                raise ValueError("a batch's loss is not the mean of its rows' losses")
         return self
 
-    @classmethod
-    def of_rows(cls, start: int, rows: list[list[float]]) -> LossRun:
-        """The run whose batch losses are the means of ``rows``."""
-        return cls(start=start, losses=[statistics.fmean(r) for r in rows], rows=rows)
+    @property
+    def losses(self) -> list[float]:
+        return [statistics.fmean(r) for r in self.rows]
 
     def head(self, count: int) -> LossRun:
         """The first ``count`` batches of the run."""
-        return LossRun(start=self.start, losses=self.losses[:count], rows=self.rows[:count])
+        return LossRun(start=self.start, rows=self.rows[:count])
 
     def tail(self, count: int) -> LossRun:
         """The last ``count`` batches of the run."""
-        cut = max(len(self.losses) - count, 0)
-        return LossRun(start=self.start + cut, losses=self.losses[cut:], rows=self.rows[cut:])
+        cut = max(len(self.rows) - count, 0)
+        return LossRun(start=self.start + cut, rows=self.rows[cut:])
 
     @property
     def count(self) -> int:
-        return len(self.losses)
+        return len(self.rows)
 
     @property
     def mean(self) -> float:
@@ -108,7 +101,7 @@ class LossRun(_Strict):
         return range(self.start, self.start + len(self.losses))
 
     def loss_at(self, position: int) -> float:
-        return self.losses[position - self.start]
+        return statistics.fmean(self.rows[position - self.start])
 
     def rows_at(self, position: int) -> list[float]:
         return self.rows[position - self.start]

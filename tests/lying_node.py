@@ -20,7 +20,9 @@ def forged_snapshot(self: PrequentialTracker, *args: Any, **kwargs: Any) -> Preq
     claim = honest_snapshot(self, *args, **kwargs)
     if claim is None:
         return None
-    window = LossRun.of_rows(claim.window.start, [[r * FACTOR for r in rows] for rows in claim.window.rows])
+    window = LossRun(
+        start=claim.window.start, rows=[[r * FACTOR for r in rows] for rows in claim.window.rows]
+    )
     return claim.model_copy(update={"window": window})
 
 

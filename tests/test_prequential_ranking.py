@@ -19,8 +19,8 @@ def claim(domain: str, base: list[float] | None, window: list[float], start: int
                         validation_fraction=0.05)  # fmt: skip
     return Prequential(
         generation=0, stream=stream, batches=start + len(window),
-        window=LossRun.of_rows(start, [[w] for w in window]),
-        base=LossRun.of_rows(0, [[b] for b in base]) if base else None,
+        window=LossRun(start=start, rows=[[w] for w in window]),
+        base=LossRun(start=0, rows=[[b] for b in base]) if base else None,
     )  # fmt: skip
 
 

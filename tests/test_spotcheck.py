@@ -55,16 +55,18 @@ def trained(tiny_path: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[P
 def forged(claim: Prequential, window: float | None = None, base: float | None = None) -> Prequential:
     update = {}
     if window is not None:
-        update["window"] = LossRun.of_rows(claim.window.start, [[window] * len(r) for r in claim.window.rows])
+        update["window"] = LossRun(
+            start=claim.window.start, rows=[[window] * len(r) for r in claim.window.rows]
+        )
     if base is not None and claim.base is not None:
-        update["base"] = LossRun.of_rows(claim.base.start, [[base] * len(r) for r in claim.base.rows])
+        update["base"] = LossRun(start=claim.base.start, rows=[[base] * len(r) for r in claim.base.rows])
     return claim.model_copy(update=update)
 
 
 def scaled(claim: Prequential, factor: float) -> Prequential:
     """A subtler liar: every window row's loss shaved by the same factor (batch means stay consistent)."""
     rows = [[r * factor for r in batch] for batch in claim.window.rows]
-    return claim.model_copy(update={"window": LossRun.of_rows(claim.window.start, rows)})
+    return claim.model_copy(update={"window": LossRun(start=claim.window.start, rows=rows)})
 
 
 def test_a_liar_shaving_a_tenth_off_its_rows_is_caught_wherever_the_check_lands(

@@ -100,7 +100,9 @@ def _stream(args: argparse.Namespace, tokenizer: Any, plan: Plan, seed: int) -> 
 
 def _forge(claim: Prequential, factor: float) -> Prequential:
     """The liar's claim: its window losses scaled down (its base claim left as it was)."""
-    window = LossRun.of_rows(claim.window.start, [[r * factor for r in rows] for rows in claim.window.rows])
+    window = LossRun(
+        start=claim.window.start, rows=[[r * factor for r in rows] for rows in claim.window.rows]
+    )
     return claim.model_copy(update={"window": window})
 
 
