@@ -4,6 +4,8 @@
 - ``loss_nan``: a peer of a group reports a NaN loss
 - ``loss_rising``: a group member's smoothed loss has stayed well above its typical earlier smoothed loss
 - ``averaging_failed``: a group's latest averaging round failed
+- ``member_excluded``: a group excluded a member whose updates it rejected repeatedly (a hostile or
+  broken peer: its deltas are ignored for a while)
 - ``version_mismatch``: a peer runs another cogen software or protocol version than the coordinator
 - ``claims_failed``: the latest generation's spot-check found an expert's prequential claims false
   (it was ranked last and left out of the merge)
@@ -28,6 +30,7 @@ AlertKind = Literal[
     "loss_nan",
     "loss_rising",
     "averaging_failed",
+    "member_excluded",
     "version_mismatch",
     "claims_failed",
     "generation_refused",
@@ -68,6 +71,8 @@ class RoundFacts(Protocol):
     def ok(self) -> bool: ...
     @property
     def error(self) -> str | None: ...
+    @property
+    def excluded(self) -> Sequence[str]: ...
 
 
 @dataclass(frozen=True)
@@ -188,6 +193,18 @@ def compute_alerts(
                     expert=expert,
                     message=f"group {expert}: averaging round {last.outer_step} failed"
                     + (f": {last.error}" if last.error else ""),
+                )
+            )
+        if last is not None and last.excluded:
+            alerts.append(
+                Alert(
+                    kind="member_excluded",
+                    severity="critical",
+                    subject=expert,
+                    expert=expert,
+                    message=f"group {expert} excluded {', '.join(last.excluded[:4])}"
+                    + (f" and {len(last.excluded) - 4} more" if len(last.excluded) > 4 else "")
+                    + ": repeatedly rejected updates (a hostile or broken member)",
                 )
             )
     for expert, reason in sorted((flagged or {}).items()):

@@ -61,7 +61,8 @@ class RoundBook:
         totals[0 if summary.ok else 1] += 1
         totals[2] += summary.bytes_sent
         if persist and self.history is not None:
-            self.history.add_round(RoundRow(expert=expert, **summary.model_dump()))
+            # the history keeps the round itself; who was excluded is the live view's (and its alert's)
+            self.history.add_round(RoundRow(expert=expert, **summary.model_dump(exclude={"excluded"})))
 
     def copy(self) -> tuple[dict[str, list[RoundSummary]], dict[str, list[int]]]:
         """The last rounds and the totals ([ok, failed, bytes sent]) of each expert, as copies."""
@@ -79,4 +80,5 @@ def _summary(generation: int, last: RoundReport) -> RoundSummary:
         bytes_sent=last.bytes_sent,
         ok=last.ok,
         error=last.reason or None,
+        excluded=[str(p) for p in last.excluded],
     )

@@ -27,6 +27,9 @@ class RoundSummary(_Frozen):
     bytes_sent: int = Field(description="bytes sent by the group's members in this round")
     ok: bool = Field(description="the round completed and its average was applied")
     error: str | None = None
+    excluded: list[str] = Field(
+        default_factory=list, description="peer ids the group excluded for repeated rejected updates"
+    )
 
 
 class LossSeries(_Frozen):

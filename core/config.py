@@ -158,6 +158,38 @@ class GroupConfig(_Frozen):
         default=20.0, gt=0, description="how long a joining node looks for the group's state"
     )
     solo: bool = Field(default=False, description="train alone: no outer steps, no averaging")
+    aggregator: Literal["mean", "trimmed_mean", "centered_clip"] = Field(
+        default="mean",
+        description="how the members' pseudo-gradients are combined: mean (hivemind's butterfly all-reduce) "
+        "or a robust rule over every member's whole delta, exchanged among the group (trimmed_mean, "
+        "centered_clip: one hostile member of 3 or more cannot steer the outer step)",
+    )
+    max_norm_ratio: float = Field(
+        default=4.0,
+        gt=1,
+        description="a member's update of more than this times the group's median norm is rejected",
+    )
+    max_weight_ratio: float = Field(
+        default=4.0,
+        ge=1,
+        description="a member's claimed weight counts at most this times the group's median",
+    )
+    max_samples_per_s: float = Field(
+        default=2000.0,
+        gt=0,
+        description="samples per second no member's hardware can beat: a weight beyond that many times the "
+        "group's median time since the last outer step is capped",
+    )
+    reject_limit: int = Field(
+        default=2,
+        ge=1,
+        description="rejected updates after which a member is excluded from the group's rounds",
+    )
+    exclude_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="seconds an excluded member's updates are ignored (and it is reported)",
+    )
     overlap: bool = Field(
         default=False,
         description="average in the background while the next inner steps run, applying each outer step "

@@ -10,6 +10,13 @@
 - ``group_state.py`` — :class:`GroupState`: the group's shared state: joining, resuming, copies, exact sync
 - ``wire.py``     — wire compression of pseudo-gradients and the check of each averaging round
 - ``sparse.py``   — :class:`SparseCompressor`: per-chunk top-k, low-bit values, error feedback
+- ``rounds.py``   — one averaging round: :class:`ButterflyRounds` (``mean``, hivemind's all-reduce) and
+  the claims, reveals and exclusions every kind shares
+- ``robust_rounds.py`` — :class:`ExchangeRounds`: whole deltas exchanged, one robust aggregate
+- ``aggregators.py`` — ``mean``, ``trimmed_mean``, ``centered_clip`` behind a registry
+- ``screening.py`` — what a member believes of its groupmates' claims (step, weight, norm); exclusions
+- ``exchange.py`` — :class:`RoundExchange`: round data served and fetched among a round's members (libp2p)
+- ``exchange_server.py`` — the exchange's side in the DHT's process: posts served, fetches bounded
 - ``trainer.py``  — :class:`ExpertTrainer`: inner steps on the expert's adapters
 - ``prequential.py`` — :class:`PrequentialTracker`: losses on batches before stepping on them
 - ``training_state.py`` — the node's full training state on disk (schema, atomic save, verified read)

@@ -6,9 +6,14 @@ group through a hivemind ``DecentralizedAverager`` (8-bit blockwise on the wire 
 weighted by the samples each member processed since its last outer step. Each member then applies
 the same outer step to its anchor (SGD with Nesterov momentum) and continues from the new anchor.
 
-hivemind's all-reduce can return a partial average without raising, so every round is checked
-(:mod:`cogen.node.wire`); a round that fails the check is not applied: the member keeps its weights
-and its next pseudo-gradient simply covers more inner steps.
+With ``--aggregator mean`` the average is hivemind's butterfly all-reduce; with ``trimmed_mean`` or
+``centered_clip`` the members exchange their whole deltas and each computes the same robust aggregate
+(:mod:`cogen.node.rounds`, :mod:`cogen.node.aggregators`). Either way every round is checked: a
+partial all-reduce or a missing delta, an update or a claim that the group's checks reject
+(:mod:`cogen.node.screening`: update norms against the group's median, capped weights, the median
+step), and a round that fails is not applied: the member keeps its weights and its next
+pseudo-gradient simply covers more inner steps. Members rejected repeatedly are excluded for a while
+and named in every round report.
 
 Every ``sync_every`` outer steps the members also average anchors and momenta exactly with a second
 averager, which serves a joining node the group's state: :mod:`cogen.node.group_state`.
@@ -17,6 +22,7 @@ averager, which serves a joining node the group's state: :mod:`cogen.node.group_
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import threading
 import time
@@ -27,23 +33,28 @@ from typing import Any
 import torch
 from hivemind import DHT
 from hivemind.compression import NoCompression
-from hivemind.utils import get_dht_time
 
-from cogen.core.averagers import GroupStateAverager, MemberAverager
+from cogen.core.averagers import GroupStateAverager
 from cogen.core.config import GroupConfig
+from cogen.node.aggregators import get_aggregator
+from cogen.node.exchange import RoundExchange
 from cogen.node.group_state import GroupState
-from cogen.node.wire import RoundVerifier, all_finite, estimate_bytes_sent, wire_compression
+from cogen.node.robust_rounds import ExchangeRounds
+from cogen.node.rounds import ButterflyRounds, Outcome, Started, averager_options, round_report
+from cogen.node.screening import Exclusions, group_step
+from cogen.node.wire import estimate_bytes_sent, wire_compression
 from cogen.protocols import RoundReport
-from cogen.protocols.keys import delta_prefix, state_prefix
+from cogen.protocols.keys import exchange_name, state_prefix
 
 logger = logging.getLogger(__name__)
+LINGER_S = 5.0  # how long a member that leaves keeps serving its last round to its groupmates, at most
 
 
 @dataclass
 class _Pending:
     """A round in flight."""
 
-    control: Any  # hivemind StepControl
+    started: Started
     start: float
     weight: float
     total_samples: int
@@ -76,31 +87,16 @@ class GroupAverager(GroupState):
         self.rounds_failed = 0
         self.last_round: RoundReport | None = None
         self._samples_at_anchor = 0
+        self._anchor_time = time.monotonic()
         self._pending: _Pending | None = None
         self.state_info = None
         self.compression = wire_compression(cfg.compression, cfg.compression_threshold)
         with torch.no_grad():
             self.anchor = [p.detach().float().cpu().clone() for p in self.params]
             self.momentum = [torch.zeros_like(a) for a in self.anchor]
-            delta = [torch.zeros_like(a) for a in self.anchor]
-        self.verifier = RoundVerifier(self.anchor, cfg.compression)
-        common: dict[str, Any] = dict(
-            target_group_size=cfg.group_size,
-            min_group_size=2,
-            min_matchmaking_time=cfg.matchmaking_s,
-            request_timeout=cfg.matchmaking_s / 2,
-            allreduce_timeout=cfg.averaging_timeout_s,
-            next_chunk_timeout=min(30.0, cfg.averaging_timeout_s),
-            start=True,
-        )
-        self.delta_averager = MemberAverager(  # admits members only in a permissioned swarm
-            delta,
-            dht,
-            prefix=delta_prefix(prefix),
-            compression=self.compression,
-            allow_state_sharing=False,
-            **common,
-        )
+        common = averager_options(cfg)
+        self.exclusions = Exclusions(cfg.reject_limit, cfg.exclude_s)
+        self.exchange, self.rounds = open_rounds(dht, prefix, self.anchor, cfg, self.exclusions, common)
         try:
             self.state_averager = GroupStateAverager(
                 [*self.anchor, *self.momentum], dht, prefix=state_prefix(prefix), compression=NoCompression(),
@@ -109,8 +105,14 @@ class GroupAverager(GroupState):
                 **common,
             )  # fmt: skip
         except BaseException:
-            self.delta_averager.shutdown()  # its process would keep this one from exiting
+            self.rounds.averager.shutdown()  # its process would keep this one from exiting
+            self.exchange.stop()
             raise
+
+    @property
+    def delta_averager(self) -> Any:
+        """The hivemind averager that forms this group's rounds (and, for ``mean``, averages)."""
+        return self.rounds.averager
 
     @torch.no_grad()
     def outer_step_now(self, total_samples: int) -> RoundReport:
@@ -139,31 +141,20 @@ class GroupAverager(GroupState):
         """
         start = time.monotonic()
         weight = float(total_samples - self._samples_at_anchor)
-        with self.delta_averager.get_tensors() as delta:
-            for d, a, p in zip(delta, self.anchor, self.params, strict=True):
-                torch.sub(a, p.detach().to("cpu", torch.float32), out=d)
-            finite = all_finite(delta)
-            checks = self.verifier.checks(delta) if finite else None
-        if checks is None:
-            self._reset_to_anchor()
-            self._samples_at_anchor = total_samples
-            self._report(False, "non-finite pseudo-gradient: left out of the round", 0, start, weight)
-            return False
-        gather = {
-            "step": self.outer_step,
-            "weight": weight,
-            "proj": checks.projections,
-            "sq": checks.sq_norms,
-        }
+
+        write = functools.partial(_pseudo_gradient, self.anchor, self.params)
+        fields = {"step": self.outer_step, "weight": weight, "elapsed_s": start - self._anchor_time}
         snapshot = None
         if keep_progress:
             snapshot = [p.detach().to("cpu", torch.float32, copy=True) for p in self.params]
+        started = self.rounds.start(write, fields, self._find_group_timeout)
+        if started is None:
+            self._reset_to_anchor()
+            self._samples_at_anchor, self._anchor_time = total_samples, time.monotonic()
+            self._report(False, "non-finite pseudo-gradient: left out of the round", 0, start, weight)
+            return False
         prepare_s = time.monotonic() - start
-        control = self.delta_averager.step(
-            gather=gather, weight=max(weight, 1e-6), timeout=self._find_group_timeout, allow_retries=False,
-            wait=False,
-        )  # fmt: skip
-        self._pending = _Pending(control, start, weight, total_samples, snapshot, prepare_s)
+        self._pending = _Pending(started, start, weight, total_samples, snapshot, prepare_s)
         return True
 
     @torch.no_grad()
@@ -174,7 +165,7 @@ class GroupAverager(GroupState):
             return None
         start, weight = pending.start, pending.weight
         try:
-            gathered = self._wait(pending.control, start + self._find_group_timeout)
+            gathered = self._wait(pending.started.control, start + self._find_group_timeout)
         except TimeoutError as e:
             return self._report(False, str(e), 0, start, weight)
         except Exception as e:  # hivemind raises its own exception types when a round breaks
@@ -182,32 +173,36 @@ class GroupAverager(GroupState):
         if not gathered:
             return self._report(False, "no group formed", 0, start, weight)
         averaged_at = time.monotonic()
-        with self.delta_averager.get_tensors() as delta:
-            problem = self.verifier.verify(delta, list(gathered.values()))
-            if problem is None:
-                progress = pending.snapshot
-                if progress is not None:  # the snapshot becomes the progress made since: weights - snapshot
-                    for s, p in zip(progress, self.params, strict=True):
-                        s.neg_().add_(p.detach().to("cpu", torch.float32))
-                self._apply(delta, progress)
-                self._samples_at_anchor = pending.total_samples
-        group_size = len(gathered)
+
+        def apply(delta: Sequence[torch.Tensor]) -> None:
+            progress = pending.snapshot
+            if progress is not None:  # the snapshot becomes the progress made since: weights - snapshot
+                for s, p in zip(progress, self.params, strict=True):
+                    s.neg_().add_(p.detach().to("cpu", torch.float32))
+            self._apply(delta, progress)
+            self._samples_at_anchor, self._anchor_time = pending.total_samples, time.monotonic()
+
+        outcome = self.rounds.finish(pending.started, gathered, apply)
         own_s = pending.prepare_s, time.monotonic() - averaged_at
         logger.debug(
             "round of %d: cogen's own work %.3f s before and %.3f s after hivemind's averaging (%.3f s)",
-            group_size, *own_s, averaged_at - start - own_s[0],
+            len(gathered), *own_s, averaged_at - start - own_s[0],
         )  # fmt: skip
-        if problem is not None:
-            return self._report(False, problem, group_size, start, weight)
-        steps = [
-            g["step"] for g in gathered.values() if isinstance(g, dict) and isinstance(g.get("step"), int)
-        ]
-        behind = bool(steps) and max(steps) > self.outer_step
-        self.outer_step = max([self.outer_step, *steps]) + 1
-        report = self._report(True, "", group_size, start, weight)
+        if outcome.problem is not None:
+            return self._report(False, outcome.problem, outcome.group_size, start, weight, outcome)
+        return self._advance(outcome, start, weight)
+
+    def _advance(self, outcome: Outcome, start: float, weight: float) -> RoundReport:
+        """After an applied round: the group's outer step (the median claim, see
+        :mod:`cogen.node.screening`), loading the group's state if this member was behind, the sync."""
+        claims = {p: c for p, c in outcome.screened.claims.items() if not self.exclusions.is_excluded(p)}
+        step = group_step(claims)
+        behind = step > self.outer_step
+        self.outer_step = step + 1
+        report = self._report(True, "", outcome.group_size, start, weight, outcome)
         if behind:
             logger.info("this member was behind the group; loading the group's state")
-            self.join()
+            self.join(max_step=self.outer_step)
         elif self.outer_step % self.cfg.sync_every == 0:
             drift = self._sync_state()
             if drift is not None:  # the report of the round that synced says how far apart members were
@@ -235,7 +230,8 @@ class GroupAverager(GroupState):
                 else:
                     p.copy_(progress[i].add_(a))  # ``progress`` is a temporary of this round: reused
 
-    def _report(self, ok: bool, reason: str, group_size: int, start: float, weight: float) -> RoundReport:
+    def _report(self, ok: bool, reason: str, group_size: int, start: float, weight: float,
+                outcome: Outcome | None = None) -> RoundReport:  # fmt: skip
         if ok:
             self.rounds_ok += 1
         else:
@@ -243,9 +239,9 @@ class GroupAverager(GroupState):
             logger.warning("outer step %d not applied: %s", self.outer_step, reason)
         # from the shapes alone: the averager may still hold its tensors' lock in a round just abandoned
         sent = estimate_bytes_sent(self.anchor, self.compression, group_size)
-        self.last_round = RoundReport(
-            outer_step=self.outer_step, ok=ok, reason=reason[:200], group_size=group_size,
-            duration_s=time.monotonic() - start, bytes_sent=sent, weight=float(weight), time=get_dht_time(),
+        self.last_round = round_report(
+            self.outer_step, ok, reason, group_size, time.monotonic() - start, sent, weight,
+            sorted(outcome.screened.rejected) if outcome is not None else [], self.exclusions.excluded(),
         )  # fmt: skip
         return self.last_round
 
@@ -258,14 +254,41 @@ class GroupAverager(GroupState):
         with self.state_averager.get_tensors() as shared:
             for a, p in zip(shared[: len(self.anchor)], self.params, strict=True):
                 a.copy_(p.detach().float().cpu())
-        self._samples_at_anchor = total_samples
+        self._samples_at_anchor, self._anchor_time = total_samples, time.monotonic()
         self.outer_step += 1
 
     def shutdown(self) -> None:
         if self._pending is not None:  # leave a round in flight: the others complete it without us
-            self._pending.control.cancel()
+            self._pending.started.control.cancel()
             self._pending = None
+        # the last round's groupmates may still fetch what this member served of it (not when stopping)
+        self.exchange.stop(linger_s=0.0 if self.stop.is_set() else LINGER_S)
         alive = [a for a in (self.delta_averager, self.state_averager) if a.is_alive()]
         if alive:  # side by side: each may wait out its shutdown timeout, and the grace period counts both
             with concurrent.futures.ThreadPoolExecutor(len(alive), thread_name_prefix="stop") as pool:
                 list(pool.map(lambda averager: averager.shutdown(), alive))
+
+
+def open_rounds(
+    dht: DHT, prefix: str, anchor: Sequence[torch.Tensor], cfg: GroupConfig, exclusions: Exclusions,
+    common: dict[str, Any],
+) -> tuple[RoundExchange, ButterflyRounds | ExchangeRounds]:  # fmt: skip
+    """The round exchange (started) and the rounds of ``cfg.aggregator``'s kind."""
+    limit = sum(4 * a.numel() + 4096 for a in anchor) + 65536  # a delta's fp32 size, plus headers
+    exchange = RoundExchange(dht, exchange_name(prefix), max_bytes=limit, wait_s=cfg.averaging_timeout_s)
+    exchange.start()
+    kind = ExchangeRounds if get_aggregator(cfg.aggregator).needs_all_deltas else ButterflyRounds
+    compression = wire_compression(cfg.compression, cfg.compression_threshold)
+    try:
+        return exchange, kind(dht, prefix, anchor, cfg, compression, exchange, exclusions, **common)
+    except BaseException:
+        exchange.stop()
+        raise
+
+
+def _pseudo_gradient(
+    anchor: Sequence[torch.Tensor], params: Sequence[torch.nn.Parameter], out: list[torch.Tensor]
+) -> None:
+    """``out = anchor - weights``, in place."""
+    for d, a, p in zip(out, anchor, params, strict=True):
+        torch.sub(a, p.detach().to("cpu", torch.float32), out=d)

@@ -30,6 +30,7 @@ from hivemind.averaging.control import AveragingStage
 
 from cogen.core.config import GroupConfig
 from cogen.core.swarm import GroupStateAverager
+from cogen.node.screening import STEP_SLACK
 from cogen.protocols import GroupStateInfo
 
 logger = logging.getLogger(__name__)
@@ -115,9 +116,13 @@ class GroupState:
 
     # ---- joining and resuming --------------------------------------------------------------------
 
-    def join(self) -> bool:
+    def join(self, max_step: int | None = None) -> bool:
         """Load the group's anchor, momentum and outer step from a member, if there is one (hivemind
-        tries the members in order of their outer step, and the next one if a download breaks off)."""
+        tries the members in order of their outer step, and the next one if a download breaks off).
+
+        ``max_step``: the group's outer step as its last round's members agreed on it; a state that
+        claims to be further ahead is not loaded (hivemind picks the donor by a priority each peer
+        declares for itself, so a state far ahead of the group is a peer's claim, not the group's)."""
         logger.info("looking for the group's state (up to %.0f s)", self.cfg.join_timeout_s)
         future = self.state_averager.load_state_from_peers(wait=False, timeout=self.cfg.join_timeout_s)
         deadline = time.monotonic() + self.cfg.join_timeout_s
@@ -146,9 +151,13 @@ class GroupState:
         if not all(torch.isfinite(t).all() for t in tensors):
             logger.warning("ignoring a group state with non-finite values")
             return False
-        self._set_state(tensors[:n], tensors[n:])
         step = metadata.get("outer_step")
-        self.outer_step = int(step) if isinstance(step, int) and step >= 0 else 0
+        step = int(step) if isinstance(step, int) and step >= 0 else 0
+        if max_step is not None and step > max_step + STEP_SLACK:
+            logger.warning("ignoring a group state at outer step %d: the group is at %d", step, max_step)
+            return False
+        self._set_state(tensors[:n], tensors[n:])
+        self.outer_step = step
         logger.info("loaded the group's state at outer step %d", self.outer_step)
         return True
 

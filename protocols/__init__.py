@@ -11,6 +11,8 @@
   recent window, the base's first batches, per data source) and the :class:`StreamSpec` that rebuilds them
 - ``group_state.py`` — :class:`GroupStateInfo`: what a group member sends with its shared state
   (parameter names, adapter config, outer step, training counters), and :func:`parse_group_state`
+- ``group_round.py`` — :class:`RoundClaim` and :class:`RoundReveal`: what the members of an averaging
+  round gather before it and reveal after it
 - ``manifest.py``   — the signed manifest of a published base and :func:`verify_manifest`
 - ``hashing.py``    — the sha256 of a file and of every file of a directory (one helper for all)
 - ``ranking.py``    — :class:`Ranking`: a generation's expert ranking as the manifest and the API carry it

@@ -3,7 +3,9 @@ one DHT:
 
 - ``<swarm>_<kind>``: the records of one kind (``NodeInfo.KIND`` etc.), one subkey per owner
 - ``<swarm>_<expert>_g<generation>``: an expert group's averagers on one generation's base, the
-  pseudo-gradients' under ``<group>_delta``, the exactly averaged and shared state under ``<group>_state``
+  pseudo-gradients' under ``<group>_delta``, the exactly averaged and shared state under ``<group>_state``,
+  the robust aggregators' roster under ``<group>_roster`` and the members' exchange handler
+  ``<group>_exchange`` (a libp2p protocol name, not a DHT key)
 - ``<swarm>_<expert>_m<model>``: the same for a group on a foreign base (the first 16 hex digits of
   its model fingerprint), which trains on its own model and is fused as a teacher
 """
@@ -18,6 +20,8 @@ from cogen.protocols.records import RECORD_SCHEMAS
 #: the suffixes of a group's two averagers (see :func:`delta_prefix`, :func:`state_prefix`)
 DELTA_SUFFIX: Final = "_delta"
 STATE_SUFFIX: Final = "_state"
+ROSTER_SUFFIX: Final = "_roster"
+EXCHANGE_SUFFIX: Final = "_exchange"
 
 
 def check_swarm_name(name: str) -> str:
@@ -61,3 +65,14 @@ def state_prefix(group: str) -> str:
     """The averager prefix of the group's shared state: what a joining node, or the coordinator
     collecting the expert, loads (with a :class:`cogen.protocols.group_state.GroupStateInfo`)."""
     return group + STATE_SUFFIX
+
+
+def roster_prefix(group: str) -> str:
+    """The averager prefix that forms the group's rounds when a robust aggregator exchanges whole deltas
+    (its all-reduce carries one number; the deltas travel over :func:`exchange_name`)."""
+    return group + ROSTER_SUFFIX
+
+
+def exchange_name(group: str) -> str:
+    """The libp2p protocol name under which the group's members serve their round data to each other."""
+    return group + EXCHANGE_SUFFIX

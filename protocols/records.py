@@ -204,6 +204,14 @@ class RoundReport(BaseModel):
     drift_relative: NonNegativeFinite | None = Field(
         default=None, description="the same sync: L2 norm of that difference over the mean anchor's norm"
     )
+    rejected: list[PeerId] = Field(
+        default_factory=list, max_length=32, description="members whose update this round refused"
+    )
+    excluded: list[PeerId] = Field(
+        default_factory=list,
+        max_length=32,
+        description="members excluded for repeated rejected updates: their deltas are ignored for a while",
+    )
 
 
 class GroupProgress(Record):

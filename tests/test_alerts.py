@@ -31,6 +31,7 @@ class Round:
     outer_step: int
     ok: bool
     error: str | None = None
+    excluded: tuple[str, ...] = ()
 
 
 def alerts(peers, losses=None, rounds=None):
@@ -168,6 +169,14 @@ def test_failed_averaging_round() -> None:
     )
     assert [(a.kind, a.subject) for a in found] == [("averaging_failed", "medical")]
     assert "round 7" in found[0].message and "timeout" in found[0].message
+
+
+def test_a_member_excluded_by_its_group() -> None:
+    found = alerts(
+        [Peer("a")], rounds={"medical": Round(7, True, excluded=("12D3KooWbad",)), "code": Round(3, True)}
+    )
+    assert [(a.kind, a.subject, a.severity) for a in found] == [("member_excluded", "medical", "critical")]
+    assert "12D3KooWbad" in found[0].message and "rejected" in found[0].message
 
 
 def test_critical_alerts_come_first() -> None:

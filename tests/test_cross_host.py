@@ -6,7 +6,10 @@ HTTP port (so it must fetch the new base from another node's mirror); host 4 a t
 member behind NAT (every inbound connection dropped), joined as a client-mode peer. The nodes join,
 average across hosts, the coordinator collects, merges and publishes generation 1, and every node
 fetches it, verifies it and trains on it (each host keeps its bases on its own disk, as separate
-machines would). No announced address is a wildcard or a loopback one.
+machines would). No announced address is a wildcard or a loopback one. The medical group averages
+with ``mean`` (hivemind's butterfly all-reduce, the default) and again with ``centered_clip``, whose
+members hand each other their whole deltas over the round exchange: across hosts and through the NAT,
+before and after the generation switch.
 
 The publishing gate is off: this test is about the network, and the gate's verdict on two 32-token
 blocks of a randomly initialised model is noise that can keep the parent for the whole deadline (the
@@ -48,8 +51,9 @@ def _log(peers: Peers, name: str) -> str:
     return peers.log(name).read_text(errors="replace")
 
 
+@pytest.mark.parametrize("aggregator", ["mean", "centered_clip"])
 def test_a_generation_across_hosts_with_a_mirror_and_a_volunteer_behind_nat(
-    net: Switch, peers: Peers, tmp_path: Path
+    net: Switch, peers: Peers, tmp_path: Path, aggregator: str
 ) -> None:
     coordinator_host = net.addresses[0]
     ready = tmp_path / "coordinator.json"
@@ -69,8 +73,9 @@ def test_a_generation_across_hosts_with_a_mirror_and_a_volunteer_behind_nat(
     net.block_inbound(4)  # a volunteer behind NAT
     api = f"http://{coordinator_host}:8765/api/swarm"
     assert net.reachable(1, api, timeout_s=10) and not net.reachable(3, api), "host 3 must not reach the API"
-    nodes = {"med-a": (1, "medical", []), "med-b": (2, "medical", []), "law": (3, "legal", []),
-             "med-nat": (4, "medical", ["--client-mode"])}  # fmt: skip
+    group = ["--aggregator", aggregator]
+    nodes = {"med-a": (1, "medical", group), "med-b": (2, "medical", group), "law": (3, "legal", []),
+             "med-nat": (4, "medical", ["--client-mode", *group])}  # fmt: skip
     for name, (host, expert, extra) in nodes.items():
         peers.start(name, "cogen.node.cli", [
             "--swarm", peers.swarm, "--initial-peers", *initial, "--expert", expert,

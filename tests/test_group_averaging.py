@@ -26,7 +26,14 @@ from group_members import (
 from hivemind.compression import CompressionInfo, deserialize_torch_tensor
 
 from cogen.core.config import GroupConfig
-from cogen.node.wire import SAMPLE_MAX, RoundVerifier, all_finite, estimate_bytes_sent, wire_compression
+from cogen.node.wire import (
+    SAMPLE_MAX,
+    RoundVerifier,
+    all_finite,
+    estimate_bytes_sent,
+    round_seed,
+    wire_compression,
+)
 from cogen.protocols import RoundReport
 
 
@@ -101,19 +108,19 @@ def test_a_member_with_nan_is_left_out_and_does_not_poison_the_group(make_group)
 
 def test_an_incomplete_average_is_detected_and_not_applied(make_group) -> None:
     (member,) = make_group(1, "verify", compression="8bit")
-    group = member.group
+    verifier = member.group.rounds.verifier
+    probe = verifier.probe(round_seed([b"a", b"b"]))
     mine, theirs = seeded_deltas(1), seeded_deltas(2)
     mean = [(a + b) / 2 for a, b in zip(mine, theirs, strict=True)]
-    gathered = [{"step": 0, "weight": 1.0, "proj": c.projections, "sq": c.sq_norms}
-                for c in (group.verifier.checks(mine), group.verifier.checks(theirs))]  # fmt: skip
-    assert group.verifier.verify(mean, gathered) is None
+    checks = [verifier.checks(mine, probe), verifier.checks(theirs, probe)]
+    assert verifier.verify(mean, [1.0, 1.0], checks, probe) is None
     # the failure mode of hivemind's all-reduce: part of the vector stays local, no exception
     partial = [t.clone() for t in mean]
     partial[0].view(-1)[: partial[0].numel() // 2] = mine[0].view(-1)[: partial[0].numel() // 2]
-    assert "incomplete round" in (group.verifier.verify(partial, gathered) or "")
+    assert "incomplete round" in (verifier.verify(partial, [1.0, 1.0], checks, probe) or "")
     nan = [t.clone() for t in mean]
     nan[2][0, 0] = float("inf")
-    assert "not finite" in (group.verifier.verify(nan, gathered) or "")
+    assert "not finite" in (verifier.verify(nan, [1.0, 1.0], checks, probe) or "")
 
 
 def test_sampled_checks_catch_a_part_left_local_and_any_nan() -> None:
@@ -123,28 +130,28 @@ def test_sampled_checks_catch_a_part_left_local_and_any_nan() -> None:
     g = torch.Generator().manual_seed(7)
     mine, theirs = ([torch.randn(s, generator=g) * 0.01 for s in shapes] for _ in range(2))
     verifier = RoundVerifier(mine, "8bit")
+    probe = verifier.probe(round_seed([b"x", b"y"]))
     total = sum(t.numel() for t in mine)
-    assert total > SAMPLE_MAX and verifier.sampled <= SAMPLE_MAX < total  # the sample is in use
+    assert total > SAMPLE_MAX and probe.sampled <= SAMPLE_MAX < total  # the sample is in use
     wire = wire_compression("8bit", 4096)
     mean = [  # what the round returns: the mean, through the real 8-bit wire format
         deserialize_torch_tensor(wire.compress((a + b) / 2, CompressionInfo.from_tensor(a)))
         for a, b in zip(mine, theirs, strict=True)
     ]
-    gathered = [{"step": 0, "weight": 1.0, "proj": c.projections, "sq": c.sq_norms}
-                for c in (verifier.checks(mine), verifier.checks(theirs))]  # fmt: skip
-    assert verifier.verify(mean, gathered) is None
+    checks = [verifier.checks(mine, probe), verifier.checks(theirs, probe)]
+    assert verifier.verify(mean, [1.0, 1.0], checks, probe) is None
     partial = [t.clone() for t in mean]
     part = slice(300_001, 300_001 + (1 << 17))
     partial[2].view(-1)[part] = mine[2].view(-1)[part]
-    assert "incomplete round" in (verifier.verify(partial, gathered) or "")
+    assert "incomplete round" in (verifier.verify(partial, [1.0, 1.0], checks, probe) or "")
     # a value outside the sample: the chunks' checks cannot see it, the finiteness pass does
-    sampled = set(verifier._index[1].tolist())
+    sampled = set(probe.index[1].tolist())
     unsampled = next(i for i in range(mine[1].numel()) if i not in sampled)
     poisoned = [t.clone() for t in mean]
     poisoned[1].view(-1)[unsampled] = float("nan")
-    assert all(math.isfinite(q) for q in verifier.checks(poisoned).sq_norms)
+    assert all(math.isfinite(q) for q in verifier.checks(poisoned, probe).sq_norms)
     assert not all_finite(poisoned) and all_finite(mean)
-    assert "not finite" in (verifier.verify(poisoned, gathered) or "")
+    assert "not finite" in (verifier.verify(poisoned, [1.0, 1.0], checks, probe) or "")
 
 
 def test_a_late_joiner_loads_the_group_state(make_group) -> None:
