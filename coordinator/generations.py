@@ -214,7 +214,11 @@ class GenerationLoop:
             sources = (*fusion.fuse_sources, *(path for _, path in self._foreign))
             fusion = fusion.model_copy(update={"fuse_sources": sources})
             experts = [*experts, *(expert for expert, _ in self._foreign)]
-        domains = tuple(dict.fromkeys(e for e in experts if e in known_domains()))
+        # every domain the parent was evaluated on stays evaluated (a group that has not reached its
+        # first outer step on this base is not collected, but the merged base is every group's next base)
+        evaluated = self.published[-1][0].evaluation if self.published else None
+        inherited = evaluated.domains if evaluated is not None else []
+        domains = tuple(dict.fromkeys(d for d in (*experts, *inherited) if d in known_domains()))
         return MergeConfig(
             experts=tuple(paths), merge=cfg.merge, model=self.base, out=self.out_dir,
             generation=self.generation + 1, eval_domains=domains, eval=cfg.eval, moe=cfg.moe,
