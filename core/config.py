@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cogen.core.access_config import AccessConfig
 from cogen.protocols.keys import check_swarm_name
@@ -140,9 +140,17 @@ class GroupConfig(_Frozen):
     averaging_timeout_s: float = Field(
         default=120.0, gt=0, description="deadline of one averaging round; a slower peer joins the next one"
     )
-    compression: Literal["8bit", "fp16", "none"] = Field(
+    compression: Literal["8bit", "fp16", "none", "sparse"] = Field(
         default="8bit",
-        description="wire format of the pseudo-gradients: blockwise 8-bit (fp16 for small tensors)",
+        description="wire format of the pseudo-gradients: blockwise 8-bit (fp16 for small tensors); sparse: "
+        "the sparse_k largest of every sparse_chunk values, sparse_bits bits each, with error feedback, "
+        "exchanged whole among the group",
+    )
+    sparse_k: int = Field(default=64, ge=1, le=32768, description="sparse: values kept per chunk")
+    sparse_chunk: int = Field(default=4096, ge=1, le=32768, description="sparse: values per chunk")
+    sparse_bits: int = Field(default=2, description="sparse: bits per kept value (2, 4 or 8)")
+    error_decay: float = Field(
+        default=1.0, gt=0, le=1, description="sparse: the error buffer is scaled by this before each round"
     )
     compression_threshold: int = Field(
         default=4096,
@@ -196,6 +204,19 @@ class GroupConfig(_Frozen):
         "one round late (off: bench/communication/ measures it 3.7-5.6 %% worse in loss, bench/swarm/wan.py "
         "0.92 -> 0.98 compute utilisation on a 100 Mbit/s link)",
     )
+
+    @field_validator("sparse_bits")
+    @classmethod
+    def _sparse_bits(cls, value: int) -> int:
+        if value not in (2, 4, 8):
+            raise ValueError(f"sparse_bits must be 2, 4 or 8, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _sparse_k_fits(self) -> GroupConfig:
+        if self.sparse_k > self.sparse_chunk:
+            raise ValueError(f"sparse_k ({self.sparse_k}) cannot exceed sparse_chunk ({self.sparse_chunk})")
+        return self
 
 
 class FetchConfig(_Frozen):

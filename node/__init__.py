@@ -13,6 +13,7 @@
 - ``rounds.py``   — one averaging round: :class:`ButterflyRounds` (``mean``, hivemind's all-reduce) and
   the claims, reveals and exclusions every kind shares
 - ``robust_rounds.py`` — :class:`ExchangeRounds`: whole deltas exchanged, one robust aggregate
+- ``codecs.py``   — how a whole delta travels: hivemind's compressions, or sparse with error feedback
 - ``aggregators.py`` — ``mean``, ``trimmed_mean``, ``centered_clip`` behind a registry
 - ``screening.py`` — what a member believes of its groupmates' claims (step, weight, norm); exclusions
 - ``exchange.py`` — :class:`RoundExchange`: round data served and fetched among a round's members (libp2p)

@@ -7,12 +7,13 @@ weighted by the samples each member processed since its last outer step. Each me
 the same outer step to its anchor (SGD with Nesterov momentum) and continues from the new anchor.
 
 With ``--aggregator mean`` the average is hivemind's butterfly all-reduce; with ``trimmed_mean`` or
-``centered_clip`` the members exchange their whole deltas and each computes the same robust aggregate
-(:mod:`cogen.node.rounds`, :mod:`cogen.node.aggregators`). Either way every round is checked: a
-partial all-reduce or a missing delta, an update or a claim that the group's checks reject
-(:mod:`cogen.node.screening`: update norms against the group's median, capped weights, the median
-step), and a round that fails is not applied: the member keeps its weights and its next
-pseudo-gradient simply covers more inner steps. Members rejected repeatedly are excluded for a while
+``centered_clip``, or with ``--compression sparse`` (whose members keep different positions), the
+members exchange their whole deltas and each computes the same aggregate
+(:mod:`cogen.node.rounds`, :mod:`cogen.node.aggregators`, :mod:`cogen.node.codecs`). Either way
+every round is checked: a partial all-reduce or a missing delta, an update or a claim that the
+group's checks reject (:mod:`cogen.node.screening`: update norms against the group's median, capped
+weights, the median step), and a round that fails is not applied: the member keeps its weights and
+its next pseudo-gradient simply covers more inner steps. Members rejected repeatedly are excluded for a while
 and named in every round report.
 
 Every ``sync_every`` outer steps the members also average anchors and momenta exactly with a second
@@ -42,7 +43,7 @@ from cogen.node.group_state import GroupState
 from cogen.node.robust_rounds import ExchangeRounds
 from cogen.node.rounds import ButterflyRounds, Outcome, Started, averager_options, round_report
 from cogen.node.screening import Exclusions, group_step
-from cogen.node.wire import estimate_bytes_sent, wire_compression
+from cogen.node.wire import wire_compression
 from cogen.protocols import RoundReport
 from cogen.protocols.keys import exchange_name, state_prefix
 
@@ -90,7 +91,6 @@ class GroupAverager(GroupState):
         self._anchor_time = time.monotonic()
         self._pending: _Pending | None = None
         self.state_info = None
-        self.compression = wire_compression(cfg.compression, cfg.compression_threshold)
         with torch.no_grad():
             self.anchor = [p.detach().float().cpu().clone() for p in self.params]
             self.momentum = [torch.zeros_like(a) for a in self.anchor]
@@ -238,7 +238,7 @@ class GroupAverager(GroupState):
             self.rounds_failed += 1
             logger.warning("outer step %d not applied: %s", self.outer_step, reason)
         # from the shapes alone: the averager may still hold its tensors' lock in a round just abandoned
-        sent = estimate_bytes_sent(self.anchor, self.compression, group_size)
+        sent = self.rounds.bytes_sent(group_size)
         self.last_round = round_report(
             self.outer_step, ok, reason, group_size, time.monotonic() - start, sent, weight,
             sorted(outcome.screened.rejected) if outcome is not None else [], self.exclusions.excluded(),
@@ -277,7 +277,8 @@ def open_rounds(
     limit = sum(4 * a.numel() + 4096 for a in anchor) + 65536  # a delta's fp32 size, plus headers
     exchange = RoundExchange(dht, exchange_name(prefix), max_bytes=limit, wait_s=cfg.averaging_timeout_s)
     exchange.start()
-    kind = ExchangeRounds if get_aggregator(cfg.aggregator).needs_all_deltas else ButterflyRounds
+    whole = get_aggregator(cfg.aggregator).needs_all_deltas or cfg.compression == "sparse"
+    kind = ExchangeRounds if whole else ButterflyRounds
     compression = wire_compression(cfg.compression, cfg.compression_threshold)
     try:
         return exchange, kind(dht, prefix, anchor, cfg, compression, exchange, exclusions, **common)

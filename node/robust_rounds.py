@@ -21,12 +21,13 @@ from typing import Any
 
 import torch
 from hivemind import DHT
-from hivemind.compression import CompressionBase, CompressionInfo, NoCompression, deserialize_torch_tensor
+from hivemind.compression import CompressionBase, NoCompression
 from hivemind.p2p import PeerID
 
 from cogen.core.averagers import MemberAverager
 from cogen.core.config import GroupConfig
 from cogen.node.aggregators import get_aggregator
+from cogen.node.codecs import Codec, codec_for
 from cogen.node.exchange import Post, Received, RoundExchange
 from cogen.node.rounds import Apply, Outcome, RoundsBase, Started, Write, tensors_digest
 from cogen.node.screening import (
@@ -49,7 +50,7 @@ class ExchangeRounds(RoundsBase):
                  **common: Any):  # fmt: skip
         super().__init__(dht, cfg, exchange, exclusions)
         self.aggregator = get_aggregator(cfg.aggregator)
-        self.compression = compression
+        self.codec = codec_for(cfg, anchor)  # ``compression`` is the dense one: the codec is built from cfg
         self.shapes = [a.shape for a in anchor]
         self.buffer = [torch.zeros_like(a) for a in anchor]
         self.max_bytes = exchange.max_bytes
@@ -62,8 +63,7 @@ class ExchangeRounds(RoundsBase):
         write(self.buffer)
         if not all_finite(self.buffer):
             return None
-        serialized = [self.compression.compress(d, CompressionInfo.from_tensor(d)) for d in self.buffer]
-        own = [deserialize_torch_tensor(s).float() for s in serialized]
+        serialized, own = self.codec.encode(self.buffer)
         size = sum(s.ByteSize() for s in serialized)
         fields = {**fields, "digest": tensors_digest(serialized), "nbytes": size}
         return self._start(fields, 1.0, own, timeout, serialized)
@@ -81,7 +81,7 @@ class ExchangeRounds(RoundsBase):
         deltas = {self.me: started.own}
         missing = None
         for peer, received in got.items():
-            delta = decode_delta(received, screened.claims[peer], self.shapes)
+            delta = decode_delta(received, screened.claims[peer], self.codec)
             if isinstance(delta, str):
                 screened.reject(peer, delta)
                 missing = missing or f"the delta of member {peer} is missing or invalid: {delta}"
@@ -96,25 +96,18 @@ class ExchangeRounds(RoundsBase):
         if not used:
             return self._finish(screened, "every member's update was rejected", len(members))
         apply(self.aggregator([deltas[p] for p in used], [max(caps[p], 1e-6) for p in used]))
+        self.codec.commit()  # the error feedback moves on only with an applied round
         return self._finish(screened, None, len(used))
 
+    def bytes_sent(self, group_size: int) -> int:
+        """What this member sends in a round: its delta to every other member."""
+        return self.codec.nbytes() * max(group_size - 1, 0)
 
-def decode_delta(
-    received: Received | str, claim: RoundClaim, shapes: Sequence[torch.Size]
-) -> list[torch.Tensor] | str:
+
+def decode_delta(received: Received | str, claim: RoundClaim, codec: Codec) -> list[torch.Tensor] | str:
     """A member's delta if it is the one it claimed, whole, of this model's shapes and finite."""
     if isinstance(received, str):
         return f"did not arrive ({received})"
     if tensors_digest(received.tensors) != claim.digest:
         return "does not match its claimed digest"
-    if [list(t.size) for t in received.tensors] != [list(s) for s in shapes] or any(
-        t.dtype != "float32" for t in received.tensors
-    ):
-        return "does not fit this model"  # checked before decoding: a decoder allocates what it says
-    try:
-        delta = [deserialize_torch_tensor(t).float() for t in received.tensors]
-    except Exception as e:  # a malformed encoding: hivemind's decoders raise several types
-        return f"cannot be decoded ({type(e).__name__})"
-    if [d.shape for d in delta] != shapes or not all_finite(delta):
-        return "is not finite, or not of this model's shapes"
-    return delta
+    return codec.decode(received.tensors)

@@ -43,7 +43,7 @@ from cogen.node.screening import (
     reject_steps_ahead,
     weight_caps,
 )
-from cogen.node.wire import RoundChecks, RoundVerifier, all_finite, round_seed
+from cogen.node.wire import RoundChecks, RoundVerifier, all_finite, estimate_bytes_sent, round_seed
 from cogen.protocols import RoundReport
 from cogen.protocols.group_round import RoundClaim, RoundRejected, RoundReveal, parse_reveal
 from cogen.protocols.keys import delta_prefix
@@ -134,6 +134,7 @@ class ButterflyRounds(RoundsBase):
                  **common: Any):  # fmt: skip
         super().__init__(dht, cfg, exchange, exclusions)
         self.verifier = RoundVerifier(anchor, cfg.compression)
+        self.anchor, self.compression = anchor, compression  # for the byte estimate (shapes only)
         self.averager = MemberAverager(  # admits members only, in a permissioned swarm
             [torch.zeros_like(a) for a in anchor], dht, prefix=delta_prefix(prefix), compression=compression,
             allow_state_sharing=False, **common,
@@ -190,6 +191,10 @@ class ButterflyRounds(RoundsBase):
             if problem is None:
                 apply(averaged)
         return self._finish(screened, problem, len(members))
+
+    def bytes_sent(self, group_size: int) -> int:
+        """What this member sends in a round: its parts out, the reduced parts back."""
+        return estimate_bytes_sent(self.anchor, self.compression, group_size)
 
     def _refusal(self, screened: Screened, caps: Mapping[str, float], members: Sequence[str]) -> str | None:
         """Why a verified average must not be applied: it holds an update that the checks refuse."""

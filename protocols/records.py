@@ -224,7 +224,7 @@ class GroupProgress(Record):
     outer_step: Count
     generation: Generation = Field(default=0, description="the generation of the base the group trains on")
     inner_steps: int = Field(ge=1, le=MAX_COUNT, description="H: inner steps per outer step")
-    compression: Literal["8bit", "fp16", "none"]
+    compression: Literal["8bit", "fp16", "none", "sparse"]
     rounds_ok: Count
     rounds_failed: Count
     last_round: RoundReport | None = None

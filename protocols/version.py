@@ -9,9 +9,9 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 from typing import ClassVar
 
-PROTOCOL_VERSION = 7  # 3: SwarmInfo bound to the manifest key (owner_signature); 4: prequential progress;
+PROTOCOL_VERSION = 8  # 3: SwarmInfo bound to the manifest key (owner_signature); 4: prequential progress;
 # 5: NodeInfo and SwarmInfo name their model by fingerprint (foreign experts); 6: prequential claims
-# carry per-row losses; 7: robust group rounds (claims, reveals)
+# carry per-row losses; 7: robust group rounds (claims, reveals); 8: sparse group rounds (GroupProgress)
 
 
 def software_version() -> str:

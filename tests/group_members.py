@@ -50,11 +50,17 @@ def start_members(
     return [Member(dht, cfg, prefix, shapes) for dht in dhts]
 
 
-Snapshot = tuple[list[torch.Tensor], list[torch.Tensor], int, int, list[torch.Tensor]]
+Snapshot = tuple[list[torch.Tensor], list[torch.Tensor], int, int, list[torch.Tensor], list[torch.Tensor]]
+
+
+def error_buffer(member: Member) -> list[torch.Tensor]:
+    """The member's sparse error feedback (what it did not send yet); empty for a dense wire format."""
+    compressor = getattr(getattr(member.group.rounds, "codec", None), "compressor", None)
+    return compressor.error if compressor is not None else []
 
 
 def snapshot(member: Member) -> Snapshot:
-    """What a member holds before a round: its group state and its weights."""
+    """What a member holds before a round: its group state, its weights and its error feedback."""
     g = member.group
     return (
         g.anchor_state(),
@@ -62,16 +68,19 @@ def snapshot(member: Member) -> Snapshot:
         g.outer_step,
         g.samples_at_anchor,
         [p.detach().clone() for p in member.params],
+        [e.clone() for e in error_buffer(member)],
     )
 
 
 def rewind(member: Member, snap: Snapshot) -> None:
     """Put a member back to a :func:`snapshot`."""
-    anchor, momentum, step, samples, params = snap
+    anchor, momentum, step, samples, params, error = snap
     member.group.restore(anchor, momentum, step, samples)
     with torch.no_grad():
         for p, saved in zip(member.params, params, strict=True):
             p.copy_(saved)
+        for e, saved in zip(error_buffer(member), error, strict=True):
+            e.copy_(saved)
 
 
 def retrying(

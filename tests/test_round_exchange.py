@@ -10,6 +10,7 @@ import pytest
 import torch
 from hivemind.compression import CompressionInfo, deserialize_torch_tensor
 
+from cogen.node.codecs import DenseCodec
 from cogen.node.exchange import Post, Received, RoundExchange
 from cogen.node.robust_rounds import decode_delta
 from cogen.node.rounds import tensors_digest
@@ -87,14 +88,14 @@ def test_an_answer_over_the_size_bound_is_cut_off(peers) -> None:
 
 def test_a_delta_that_does_not_match_its_claim_is_refused_before_decoding() -> None:
     """What ExchangeRounds accepts of a fetched delta: the claimed digest, this model's shapes, fp32."""
-    shapes = [torch.Size([300])]
+    codec = DenseCodec([torch.zeros(300)], wire_compression("none", 4096))
     good = _serialized(300)
     claim = RoundClaim(step=0, weight=1.0, elapsed_s=1.0, commit="0" * 64, digest=tensors_digest(good))
-    assert isinstance(decode_delta(Received({}, good), claim, shapes), list)
+    assert isinstance(decode_delta(Received({}, good), claim, codec), list)
     other = _serialized(301)
-    assert "digest" in str(decode_delta(Received({}, other), claim, shapes))
+    assert "digest" in str(decode_delta(Received({}, other), claim, codec))
     huge = _serialized(300)
     huge[0].size[:] = [1 << 30]  # a header that would make a decoder allocate 4 GB
     lying = claim.model_copy(update={"digest": tensors_digest(huge)})
-    assert decode_delta(Received({}, huge), lying, shapes) == "does not fit this model"
-    assert "did not arrive" in str(decode_delta("did not answer in time", claim, shapes))
+    assert decode_delta(Received({}, huge), lying, codec) == "does not fit this model"
+    assert "did not arrive" in str(decode_delta("did not answer in time", claim, codec))
